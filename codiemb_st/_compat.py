@@ -1,0 +1,24 @@
+"""The one place that imports sentence-transformers internals.
+
+sentence-transformers 6.x moved its modules (``sentence_transformers.sentence_transformer.losses``,
+``sentence_transformers.base.losses.gradcache``, ``sentence_transformers.base.sampler``); the old paths
+still import but warn. Everything in codiemb_st imports these names from here, so a future move is a
+one-file change.
+"""
+
+from __future__ import annotations
+
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
+from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
+from sentence_transformers.util import all_gather_with_grad, get_rank, get_world_size
+
+__all__ = [
+    "CachedLossMixin",
+    "MultiDatasetDefaultBatchSampler",
+    "SentenceTransformer",
+    "all_gather_with_grad",
+    "get_rank",
+    "get_world_size",
+    "has_static_embedding_input",
+]

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Two cores here: oversubscribing threads (torch intra-op x torchrun workers) makes tests crawl.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny_model, save_tiny_model  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh random tiny SentenceTransformer (hidden 32, 2 layers, mean pooling, no dropout)."""
+    return build_tiny_model(seed=0)
+
+
+@pytest.fixture
+def tiny_model_with_dropout():
+    return build_tiny_model(seed=0, dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A tiny model saved to disk once per session (for subprocesses and loading tests)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
