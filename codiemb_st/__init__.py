@@ -4,4 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-__all__: list[str] = []
+from codiemb_st.losses import MultiPositiveCachedInfoNCELoss
+
+__all__ = ["MultiPositiveCachedInfoNCELoss"]
