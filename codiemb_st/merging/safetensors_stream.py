@@ -1,0 +1,166 @@
+"""Read safetensors tensors slice by slice and write a safetensors file tensor by tensor, with bounded memory.
+
+Reading goes through ``safetensors.safe_open``, which memory-maps the file: every page it touches stays resident (and
+counts towards the process' memory) until the file is closed. :class:`SliceReader` therefore reopens its files after
+reading a set number of bytes, so reading K + 1 models costs a few slices of memory, not K + 1 models.
+
+``safetensors`` can only save a complete in-memory dict of tensors. :class:`SafetensorsStreamWriter` writes the same
+format (an 8-byte little-endian header length, a JSON header with dtype, shape and byte offsets of every tensor, padded
+with spaces to 8 bytes, then the raw little-endian data in header order) from slices as they are produced, so a merged
+model never has to be held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+#: safetensors dtype strings -> torch dtypes (the ones torch can hold).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def torch_dtype(safetensors_dtype: str) -> torch.dtype:
+    if safetensors_dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"Unsupported safetensors dtype {safetensors_dtype!r}.")
+    return SAFETENSORS_DTYPES[safetensors_dtype]
+
+
+class SliceReader:
+    """Reads row slices of tensors from one or more safetensors files, reopening them to release mapped pages.
+
+    Args:
+        tensor_files: Tensor name -> the safetensors file holding it.
+        reopen_bytes: Close and reopen the files after this many bytes were read since they were opened.
+    """
+
+    def __init__(self, tensor_files: dict[str, Path], reopen_bytes: int) -> None:
+        self.tensor_files = tensor_files
+        self.reopen_bytes = reopen_bytes
+        self._handles: dict[Path, object] = {}
+        self._stack = ExitStack()
+        self._bytes_since_open = 0
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (the whole tensor when both are None; 0-d tensors are read whole)."""
+        if self._bytes_since_open >= self.reopen_bytes:
+            self.close()
+        file = self.tensor_files[name]
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+        handle = self._handles[file]
+        if start is None and stop is None:
+            tensor = handle.get_tensor(name)
+        else:
+            tensor = handle.get_slice(name)[start:stop]
+        self._bytes_since_open += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+        self._bytes_since_open = 0
+
+    def __enter__(self) -> SliceReader:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class SafetensorsStreamWriter:
+    """Writes a safetensors file whose tensors are known in advance, slice by slice, in the order of ``specs``.
+
+    Args:
+        path: The file to create.
+        specs: Tensor name -> (safetensors dtype string, shape), in the order the tensors will be written.
+        metadata: The file's ``__metadata__`` (string to string), e.g. ``{"format": "pt"}``.
+    """
+
+    def __init__(
+        self, path: str | Path, specs: dict[str, tuple[str, list[int]]], metadata: dict[str, str] | None = None
+    ) -> None:
+        if sys.byteorder != "little":
+            raise RuntimeError("Writing safetensors needs a little-endian machine.")
+        header: dict[str, object] = {}
+        self._sizes: list[tuple[str, torch.dtype, int]] = []
+        offset = 0
+        for name, (dtype, shape) in specs.items():
+            nbytes = math.prod(shape) * torch_dtype(dtype).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._sizes.append((name, torch_dtype(dtype), nbytes))
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode("utf8")
+        blob += b" " * (-len(blob) % 8)
+        self.path = Path(path)
+        self._file = open(self.path, "xb")  # noqa: SIM115 - closed in close()
+        self._file.write(struct.pack("<Q", len(blob)))
+        self._file.write(blob)
+        self._index = 0
+        self._written = 0
+
+    def write(self, name: str, data: Tensor) -> None:
+        """Append the next slice of tensor ``name`` (rows in order; its dtype must match the spec)."""
+        if self._index >= len(self._sizes):
+            raise ValueError(f"All tensors were already written; got more data for {name!r}.")
+        expected_name, dtype, nbytes = self._sizes[self._index]
+        if name != expected_name:
+            raise ValueError(f"Expected data for tensor {expected_name!r}, got {name!r}.")
+        if data.dtype != dtype:
+            raise ValueError(f"Tensor {name!r} must be written as {dtype}, got {data.dtype}.")
+        raw = data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if self._written + raw.nbytes > nbytes:
+            raise ValueError(f"Too much data for tensor {name!r}: {self._written + raw.nbytes} > {nbytes} bytes.")
+        self._file.write(raw.data)
+        self._written += raw.nbytes
+        self._advance()
+
+    def _advance(self) -> None:
+        # Move past the current tensor once complete (and past empty tensors, which take no bytes).
+        while self._index < len(self._sizes) and self._written == self._sizes[self._index][2]:
+            self._index += 1
+            self._written = 0
+
+    def close(self) -> None:
+        """Close the file; raise ValueError if a tensor is incomplete (a writer bug, never a silent short file)."""
+        self._advance()
+        self._file.close()
+        if self._index != len(self._sizes):
+            name = self._sizes[self._index][0]
+            raise ValueError(f"{self.path} is incomplete: tensor {name!r} and the ones after it were not written.")
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        self._advance()
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
