@@ -127,6 +127,8 @@ class SafetensorsStreamWriter:
 
     def write(self, name: str, data: Tensor) -> None:
         """Append the next slice of tensor ``name`` (rows in order; its dtype must match the spec)."""
+        if data.numel() == 0:
+            return  # nothing to write (empty tensors take no bytes and are skipped automatically)
         if self._index >= len(self._sizes):
             raise ValueError(f"All tensors were already written; got more data for {name!r}.")
         expected_name, dtype, nbytes = self._sizes[self._index]
