@@ -19,7 +19,7 @@ from sentence_transformers.sentence_transformer.modules import Dense, Normalize,
 from tiny_model import build_tiny_model
 
 from codiemb_st.merging import DeltaSoup, ModelSoup, TaskArithmetic, streaming_merge
-from codiemb_st.merging.safetensors_stream import SafetensorsStreamWriter, SliceReader
+from codiemb_st.merging.safetensors_stream import RowReader, SafetensorsStreamWriter
 
 WEIGHT_FILES = ("model.safetensors", "2_Dense/model.safetensors")
 
@@ -229,14 +229,14 @@ def test_only_bounded_slices_are_read(folders, tmp_path, monkeypatch):
     budget = 8192
     monkeypatch.setattr(streaming_merge, "SLICE_BUDGET_BYTES", budget)
     sizes = []
-    original = SliceReader.read
+    original = RowReader.read
 
-    def recording_read(self, name, start=None, stop=None):
-        tensor = original(self, name, start, stop)
+    def recording_read(self, name, start=None, stop=None, out=None):
+        tensor = original(self, name, start, stop, out)
         sizes.append(tensor.numel() * 4)
         return tensor
 
-    monkeypatch.setattr(SliceReader, "read", recording_read)
+    monkeypatch.setattr(RowReader, "read", recording_read)
     DeltaSoup().merge_to_folder(
         checkpoint_paths(folders), tmp_path / "m", base=folders / "base", show_progress_bar=False
     )

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from codiemb_st.merging.safetensors_stream import SafetensorsStreamWriter, SliceReader
+from codiemb_st.merging.safetensors_stream import RowReader, SafetensorsStreamWriter
 
 TENSORS = {
     "weight": torch.randn(7, 5, generator=torch.Generator().manual_seed(0)),
@@ -61,10 +61,29 @@ def test_writer_refuses_wrong_order_dtype_size_and_short_files(tmp_path):
         SafetensorsStreamWriter(tmp_path / "4.safetensors", specs(tensors))
 
 
-def test_slice_reader_reads_rows_across_reopens(tmp_path):
-    tensors = {"x": torch.arange(40.0).reshape(10, 4), "s": torch.tensor(3.5)}
-    save_file(tensors, str(tmp_path / "f.safetensors"))
-    with SliceReader(dict.fromkeys(tensors, tmp_path / "f.safetensors"), reopen_bytes=20) as reader:
+def test_row_reader_reads_row_ranges_into_buffers(tmp_path):
+    tensors = {
+        "x": torch.arange(40.0).reshape(10, 4),
+        "h": torch.randn(3, 2).to(torch.bfloat16),
+        "s": torch.tensor(3.5),
+    }
+    save_file({"x": tensors["x"], "s": tensors["s"]}, str(tmp_path / "a.safetensors"))
+    save_file({"h": tensors["h"]}, str(tmp_path / "b.safetensors"))  # a second shard
+    files = {"x": tmp_path / "a.safetensors", "s": tmp_path / "a.safetensors", "h": tmp_path / "b.safetensors"}
+    with RowReader(files) as reader:
         rows = [reader.read("x", start, start + 3) for start in range(0, 10, 3)]
+        assert [r.shape[0] for r in rows] == [3, 3, 3, 1]
         assert torch.equal(torch.cat(rows), tensors["x"])
-        assert torch.equal(reader.read("s"), tensors["s"])
+        buffer = torch.empty(2, 4)
+        assert reader.read("x", 5, 7, out=buffer).data_ptr() == buffer.data_ptr()
+        assert torch.equal(buffer, tensors["x"][5:7])
+        assert torch.equal(reader.read("s"), tensors["s"]) and reader.read("s").shape == ()
+        assert reader.dtype("h") == torch.bfloat16 and torch.equal(reader.read("h", 1, 3), tensors["h"][1:3])
+        with pytest.raises(ValueError, match="out must be"):
+            reader.read("x", 0, 2, out=torch.empty(3, 4))
+
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-20])
+    with RowReader(dict.fromkeys(["x", "s"], tmp_path / "cut.safetensors")) as reader:
+        with pytest.raises(ValueError, match="truncated"):
+            reader.read("x")

@@ -345,24 +345,36 @@ class DeltaSoup(MergeMethod):
                 log_scores = torch.zeros_like(log_scores)
             scores = torch.softmax(log_scores, dim=0).to(deltas.dtype).reshape((k,) + (1,) * (deltas.dim() - 1))
         else:
-            magnitudes = deltas.abs()
-            # Row sums reduce over every dim after the row dim; 0-d/1-d tensors (dims (K,) or (K, n)) have none.
-            row_dims = tuple(range(2, deltas.dim())) if self.granularity == "row" else ()
-            if self.power != 1 or row_dims:
-                largest = magnitudes.amax(dim=(0, *row_dims), keepdim=True)
-                magnitudes = magnitudes / torch.where(largest > 0, largest, 1.0)
-                if self.power != 1:
-                    magnitudes = magnitudes.pow_(self.power)
-            scores = magnitudes.sum(dim=row_dims, keepdim=True) if row_dims else magnitudes
+            scores = self._local_scores(deltas)
         weights = _uniform_where_zero(scores)
         if self.temperature is not None:
             weights = torch.softmax(weights / self.temperature, dim=0)
         return weights
 
+    def _local_scores(self, deltas: Tensor) -> Tensor:
+        """Element- or row-wise scores proportional to |δ|^p (a fresh tensor), scaled by the largest |δ| of the group
+        so that large powers do not underflow."""
+        magnitudes = deltas.abs()
+        # Row sums reduce over every dim after the row dim; 0-d/1-d tensors (dims (K,) or (K, n)) have none.
+        row_dims = tuple(range(2, deltas.dim())) if self.granularity == "row" else ()
+        if self.power != 1 or row_dims:
+            largest = magnitudes.amax(dim=(0, *row_dims), keepdim=True)
+            magnitudes = magnitudes.div_(torch.where(largest > 0, largest, 1.0))
+            if self.power != 1:
+                magnitudes = magnitudes.pow_(self.power)
+        return magnitudes.sum(dim=row_dims, keepdim=True) if row_dims else magnitudes
+
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
         deltas = checkpoints - base
-        weights = self.merging_weights(deltas, statistics)
-        return base + deltas.mul_(weights).sum(dim=0)
+        if self.temperature is not None or self.power == 0 or self.granularity == "tensor":
+            weights = self.merging_weights(deltas, statistics)
+            return base + deltas.mul_(weights).sum(dim=0)
+        # Σ_c w_c δ_c with w_c = s_c / Σ s computed as Σ_c s_c δ_c / Σ s, without materialising the weights.
+        # Where Σ s = 0 every δ is 0, so the numerator is 0 and the result is the base.
+        scores = self._local_scores(deltas)
+        total = scores.sum(dim=0)
+        numerator = (scores.mul_(deltas) if scores.shape == deltas.shape else scores * deltas).sum(dim=0)
+        return numerator.div_(torch.where(total > 0, total, 1.0)).add_(base)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"power": self.power, "granularity": self.granularity, "temperature": self.temperature}

@@ -48,7 +48,7 @@ from codiemb_st.merging.model_folder import (
     check_compatible,
     is_float_dtype,
 )
-from codiemb_st.merging.safetensors_stream import SafetensorsStreamWriter, SliceReader, torch_dtype
+from codiemb_st.merging.safetensors_stream import RowReader, SafetensorsStreamWriter, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -209,44 +209,37 @@ def _merge_weight_file(
 ) -> None:
     """Merge one logical weight file of every input into ``target``; the base is ``inputs[-1]`` if the method uses it."""
     template: WeightFile = inputs[0].weight_files[key]
-    files = [folder.weight_files[key] for folder in inputs]
     num_checkpoints = len(inputs) - (1 if method.requires_base else 0)
     roles = [folder.role for folder in inputs]
-    # Each reader reopens its files after reading its share of a slice budget, so mapped pages do not accumulate.
-    reopen_bytes = max(SLICE_BUDGET_BYTES // len(inputs), 1)
     with ExitStack() as stack:
-        readers = [stack.enter_context(SliceReader(file.tensor_files, reopen_bytes)) for file in files]
+        readers = [stack.enter_context(RowReader(folder.weight_files[key].tensor_files)) for folder in inputs]
         writer = stack.enter_context(SafetensorsStreamWriter(target, template.specs, template.metadata))
         description = f"Merging {inputs[0].module_class(key[0])} ({key[1]})"
-        names = tqdm(template.specs, desc=description, unit="tensor", disable=not show_progress_bar)
-        for name in names:
+        for name in tqdm(template.specs, desc=description, unit="tensor", disable=not show_progress_bar):
             dtype_name, shape = template.specs[name]
             if not is_float_dtype(dtype_name):
                 _copy_tensor(name, shape, readers, roles, writer)
                 continue
-            out_dtype = torch_dtype(dtype_name)
+            statistics = None
             if method.needs_tensor_statistics:
-                statistics = None
-                for start, stop in _row_slices(shape, len(inputs), out_dtype):
-                    stacked, base, _ = _read_slice(name, start, stop, readers, roles, num_checkpoints)
+                for start, stop in _row_slices(shape, len(inputs)):
+                    stacked, base, _ = _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)
                     statistics = method.accumulate_statistics(statistics, stacked, base)
-            else:
-                statistics = None
-            for start, stop in _row_slices(shape, len(inputs), out_dtype):
-                stacked, base, raw = _read_slice(name, start, stop, readers, roles, num_checkpoints)
+            for start, stop in _row_slices(shape, len(inputs)):
+                stacked, base, raw = _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)
                 if _all_equal(raw[:num_checkpoints]) and (method.keeps_agreement or _all_equal(raw)):
                     merged = raw[0]  # every input that matters agrees: copy bit for bit
                 else:
                     merged = method.merge_rows(stacked, base, statistics)
-                writer.write(name, merged.to(out_dtype))
+                writer.write(name, merged.to(torch_dtype(dtype_name)))
 
 
-def _row_slices(shape: list[int], num_inputs: int, dtype: torch.dtype) -> Iterator[tuple[int | None, int | None]]:
-    """Row ranges of at most SLICE_BUDGET_BYTES for all inputs together; (None, None) for a 0-d tensor."""
+def _row_slices(shape: list[int], num_inputs: int) -> Iterator[tuple[int | None, int | None]]:
+    """Row ranges of at most SLICE_BUDGET_BYTES for all inputs together (float32); (None, None) for a 0-d tensor."""
     if not shape:
         yield None, None
         return
-    row_bytes = max(1, num_inputs * (4 if dtype.itemsize <= 4 else 8) * math.prod(shape[1:]))
+    row_bytes = max(1, num_inputs * 4 * math.prod(shape[1:]))
     rows_per_slice = max(1, SLICE_BUDGET_BYTES // row_bytes)
     for start in range(0, shape[0], rows_per_slice):
         yield start, min(start + rows_per_slice, shape[0])
@@ -258,29 +251,46 @@ def _all_equal(tensors: list[Tensor]) -> bool:
 
 def _read_slice(
     name: str,
+    shape: list[int],
     start: int | None,
     stop: int | None,
-    readers: list[SliceReader],
+    readers: list[RowReader],
     roles: list[str],
     num_checkpoints: int,
 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    """Read one row slice from every input: (checkpoints stacked in the compute dtype, base slice or None, raw)."""
-    raw = [reader.read(name, start, stop) for reader in readers]
-    dtype = compute_dtype(raw[0].dtype)
-    converted = [tensor.to(dtype).reshape(tensor.shape or (1,)) for tensor in raw]
-    for role, tensor in zip(roles, converted):
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"Tensor {name!r} of {role} holds NaN or infinite values; refusing to merge it.")
-    stacked = torch.stack(converted[:num_checkpoints])
+    """Read one row slice of every input.
+
+    Returns:
+        The checkpoints' rows stacked in the compute dtype, shape ``(K, rows, ...)`` (0-d tensors as one row of one
+        element); the base's rows in the compute dtype (or None); and every input's rows in its stored dtype.
+    """
+    dtype = compute_dtype(readers[0].dtype(name))
+    rows_shape = [stop - start, *shape[1:]] if shape else [1]
+    stacked = torch.empty((num_checkpoints, *rows_shape), dtype=dtype)
+    converted, raw = [], []
+    for index, reader in enumerate(readers):
+        target = stacked[index] if index < num_checkpoints else torch.empty(rows_shape, dtype=dtype)
+        if reader.dtype(name) == dtype:
+            values = reader.read(name, start, stop, out=target)  # straight into the stack: no conversion, no copy
+        else:
+            values = reader.read(name, start, stop)
+            target.copy_(values.reshape(rows_shape))
+        raw.append(values)
+        converted.append(target)
+    # A sum is finite unless an input is not (or the sum overflows): one cheap pass, a closer look only on alarm.
+    if not all(torch.isfinite(tensor.sum()) for tensor in (stacked, *converted[num_checkpoints:])):
+        for role, tensor in zip(roles, converted):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"Tensor {name!r} of {role} holds NaN or infinite values; refusing to merge it.")
     base = converted[num_checkpoints] if len(converted) > num_checkpoints else None
     return stacked, base, raw
 
 
 def _copy_tensor(
-    name: str, shape: list[int], readers: list[SliceReader], roles: list[str], writer: SafetensorsStreamWriter
+    name: str, shape: list[int], readers: list[RowReader], roles: list[str], writer: SafetensorsStreamWriter
 ) -> None:
     """Copy an integer/bool tensor from checkpoints[0]; warn if the checkpoints disagree on it."""
-    for start, stop in _row_slices(shape, 1, torch.float64):
+    for start, stop in _row_slices(shape, 2):
         values = readers[0].read(name, start, stop)
         for role, reader in zip(roles[1:], readers[1:]):
             if role != "base" and not torch.equal(reader.read(name, start, stop), values):
