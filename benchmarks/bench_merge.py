@@ -120,10 +120,13 @@ def main() -> None:
     parser.add_argument("--num-checkpoints", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*MODES, "build"), help=argparse.SUPPRESS)
     parser.add_argument("--models-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.child == "build":
+        build_models(args.models_dir, args.num_checkpoints)
+        return
     if args.child:
         print(json.dumps(run_child(args.child, args.models_dir, args.num_checkpoints)))
         return
@@ -132,14 +135,22 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_merge_", dir=args.workdir))
     try:
         print(f"Building a base and {args.num_checkpoints} checkpoints in {workdir} ...", flush=True)
-        build_models(workdir, args.num_checkpoints)
+        # Everything heavy runs in children: on Linux a child's ru_maxrss starts at its parent's RSS at fork time,
+        # so this parent process imports nothing but the standard library.
+        child = [
+            sys.executable,
+            __file__,
+            "--models-dir",
+            str(workdir),
+            "--num-checkpoints",
+            str(args.num_checkpoints),
+        ]
+        subprocess.run([*child, "--child", "build"], env=env, check=True, capture_output=True)
         model_mb = (workdir / "base" / "model.safetensors").stat().st_size / 2**20
         results: dict[str, list[dict]] = {mode: [] for mode in args.modes}
         for repeat in range(args.repeats):
             for mode in args.modes:
-                command = [sys.executable, __file__, "--child", mode, "--models-dir", str(workdir)]
-                command += ["--num-checkpoints", str(args.num_checkpoints)]
-                completed = subprocess.run(command, env=env, capture_output=True, text=True)
+                completed = subprocess.run([*child, "--child", mode], env=env, capture_output=True, text=True)
                 if completed.returncode != 0:
                     raise RuntimeError(f"{mode} failed:\n{completed.stderr[-3000:]}")
                 result = json.loads(completed.stdout.strip().splitlines()[-1])

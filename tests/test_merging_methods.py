@@ -187,9 +187,22 @@ def test_row_slices_give_the_whole_tensor_result(granularity, power):
     if method.needs_tensor_statistics:
         for start, stop in bounds:
             statistics = method.accumulate_statistics(statistics, stacked[:, start:stop], base[start:stop])
-    pieces = [method.merge_rows(stacked[:, start:stop], base[start:stop], statistics) for start, stop in bounds]
+    pieces = [
+        method.merge_rows(stacked[:, start:stop].clone(), base[start:stop], statistics) for start, stop in bounds
+    ]
     torch.testing.assert_close(torch.cat(pieces), method.merge_tensors(checkpoints, base), atol=1e-6, rtol=1e-6)
-    assert torch.equal(stacked, torch.stack(checkpoints))  # inputs not modified
+
+
+@pytest.mark.parametrize("method", [DeltaSoup(), DeltaSoup(granularity="tensor"), ModelSoup(), TaskArithmetic(0.5)])
+def test_merge_tensors_leaves_its_inputs_unchanged(method):
+    checkpoints, base = _random_case(k=3, seed=9)
+    copies, base_copy = [t.clone() for t in checkpoints], base.clone()
+    method.merge_tensors(checkpoints, base)
+    assert all(torch.equal(a, b) for a, b in zip(checkpoints, copies)) and torch.equal(base, base_copy)
+    # float32 input of shape (1, ...) must not be stacked as a view of the caller's tensor either
+    one = [t[:1] for t in checkpoints]
+    method.merge_tensors(one, base[:1])
+    assert all(torch.equal(a, b) for a, b in zip(checkpoints, copies))
 
 
 def test_baselines_on_random_tensors():

@@ -73,7 +73,8 @@ class MergeMethod(ABC):
 
         Args:
             checkpoints: The slice of every checkpoint stacked along a new dim 0, shape ``(K, rows, ...)``, in the
-                compute dtype (float32, or float64 for float64 inputs). Not modified.
+                compute dtype (float32, or float64 for float64 inputs). A scratch buffer: the method may overwrite it
+                (the subtraction of the base is done in place, which saves memory and time).
             base: The same slice of the base tensor, shape ``(rows, ...)``, or None when the method needs no base.
             statistics: The per-tensor statistics from :meth:`accumulate_statistics`, when the method uses them.
 
@@ -227,7 +228,7 @@ class TaskArithmetic(MergeMethod):
         self.scale = float(scale)
 
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
-        return base + self.scale * (checkpoints - base).sum(dim=0)
+        return checkpoints.sub_(base).sum(dim=0).mul_(self.scale).add_(base)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"scale": self.scale}
@@ -365,16 +366,16 @@ class DeltaSoup(MergeMethod):
         return magnitudes.sum(dim=row_dims, keepdim=True) if row_dims else magnitudes
 
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
-        deltas = checkpoints - base
+        deltas = checkpoints.sub_(base)  # the caller's scratch buffer becomes the deltas
         if self.temperature is not None or self.power == 0 or self.granularity == "tensor":
             weights = self.merging_weights(deltas, statistics)
-            return base + deltas.mul_(weights).sum(dim=0)
+            return deltas.mul_(weights).sum(dim=0).add_(base)
         # Σ_c w_c δ_c with w_c = s_c / Σ s computed as Σ_c s_c δ_c / Σ s, without materialising the weights.
         # Where Σ s = 0 every δ is 0, so the numerator is 0 and the result is the base.
         scores = self._local_scores(deltas)
         total = scores.sum(dim=0)
         numerator = (scores.mul_(deltas) if scores.shape == deltas.shape else scores * deltas).sum(dim=0)
-        return numerator.div_(torch.where(total > 0, total, 1.0)).add_(base)
+        return numerator.div_(total.clamp_min_(torch.finfo(total.dtype).tiny)).add_(base)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"power": self.power, "granularity": self.granularity, "temperature": self.temperature}

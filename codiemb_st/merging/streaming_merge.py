@@ -53,8 +53,10 @@ from codiemb_st.merging.safetensors_stream import RowReader, SafetensorsStreamWr
 logger = logging.getLogger(__name__)
 
 #: Upper bound on the bytes of one row slice of all inputs together, in the compute dtype. The merge math needs a few
-#: times this (deltas, weights), so the working memory stays around 100-200 MB for any model.
-SLICE_BUDGET_BYTES = 32 * 2**20
+#: times this (deltas, scores), so the working memory stays in the tens of MB for any model. Measured on an
+#: mpnet-base-sized merge (1 thread): 8 MiB was about 2x faster than 32 MiB (smaller buffers are reused by the
+#: allocator and stay in cache) and no slower than 2-4 MiB (fewer Python round trips).
+SLICE_BUDGET_BYTES = 8 * 2**20
 
 ModelInput = str | Path | SentenceTransformer
 
