@@ -114,7 +114,9 @@ class MergeMethod(ABC):
         if base is not None and base.shape != shape:
             raise ValueError(f"base has shape {tuple(base.shape)}, the checkpoint tensors have {tuple(shape)}.")
 
-        if self.keeps_agreement and all(torch.equal(tensor, tensors[0]) for tensor in tensors[1:]):
+        if self.keeps_agreement and all(
+            t.dtype == tensors[0].dtype and torch.equal(t, tensors[0]) for t in tensors[1:]
+        ):
             return tensors[0].clone()
         dtype = compute_dtype(tensors[0].dtype)
         # Row slices need a leading dim: a 0-d tensor is merged as one row of one element.
