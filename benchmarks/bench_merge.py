@@ -109,8 +109,9 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
             name: torch.stack([s[name] for s in states]).mean(0) if value.is_floating_point() else value
             for name, value in states[0].items()
         }
-        models[0].load_state_dict(averaged)
-        models[0].save(str(output))
+        model = models[0]
+        model.load_state_dict(averaged)
+        model.save(str(output))
     else:
         raise ValueError(f"unknown mode {mode!r}")
     if mode != "deltasoup-folder":
