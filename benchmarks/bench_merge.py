@@ -42,6 +42,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def build_models(workdir: Path, num_checkpoints: int) -> None:
     """Base: a random MPNet with all-mpnet-base-v2's config, the all-MiniLM-L6-v2 (BERT uncased) tokenizer, mean
     pooling and Normalize. Checkpoints: base + N(0, 0.002^2) noise on every float tensor (a different seed each)."""
@@ -86,7 +91,7 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
     base = workdir / "base"
     output = workdir / f"out-{mode}"
     imports_rss = peak_rss_mb()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     if mode == "load":
         model = SentenceTransformer(str(base), device="cpu")
     elif mode == "deltasoup":
@@ -118,8 +123,8 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
         # transformers maps safetensors weights lazily: read every parameter once so that the model is really in
         # memory (as it is after its first encode), for the reference and for every merge that returns a model.
         sum(float(p.detach().sum()) for p in model.parameters())
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "imports_rss_mb": imports_rss}
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb(), "imports_rss_mb": imports_rss}
 
 
 def main() -> None:
@@ -176,23 +181,30 @@ def report(results: dict[str, list[dict]], model_mb: float, args: argparse.Names
         if runs and "skipped" not in runs[0]:
             medians[mode] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     st_time = medians.get("st-linear", {}).get("seconds")
+    st_cpu = medians.get("st-linear", {}).get("cpu_seconds")
     load_rss = medians.get("load", {}).get("peak_rss_mb")
     print(
         f"\n{args.num_checkpoints} checkpoints of {model_mb:.0f} MB (float32 safetensors), medians of {args.repeats} "
         f"runs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {os.cpu_count()} CPUs\n"
     )
-    header = "| mode | time (s) | time / st-linear | peak RSS (MB) | peak RSS / load one model | RSS above imports / model size |"
-    print(header)
-    print("|" + "---|" * 6)
+    print(
+        "| mode | wall time (s) | wall / st-linear | CPU time (s) | CPU / st-linear | peak RSS (MB) "
+        "| peak RSS / load one model | RSS above imports / model size |"
+    )
+    print("|" + "---|" * 8)
     for mode in args.modes:
         if mode not in medians:
-            print(f"| {mode} | skipped: {results[mode][0].get('skipped')} | | | | |")
+            print(f"| {mode} | skipped: {results[mode][0].get('skipped')} | | | | | | |")
             continue
         m = medians[mode]
         time_ratio = f"{m['seconds'] / st_time:.2f}x" if st_time else "n/a"
+        cpu_ratio = f"{m['cpu_seconds'] / st_cpu:.2f}x" if st_cpu else "n/a"
         rss_ratio = f"{m['peak_rss_mb'] / load_rss:.2f}x" if load_rss else "n/a"
         above = (m["peak_rss_mb"] - m["imports_rss_mb"]) / model_mb
-        print(f"| {mode} | {m['seconds']:.2f} | {time_ratio} | {m['peak_rss_mb']:.0f} | {rss_ratio} | {above:.2f}x |")
+        print(
+            f"| {mode} | {m['seconds']:.2f} | {time_ratio} | {m['cpu_seconds']:.2f} | {cpu_ratio} "
+            f"| {m['peak_rss_mb']:.0f} | {rss_ratio} | {above:.2f}x |"
+        )
 
 
 if __name__ == "__main__":
