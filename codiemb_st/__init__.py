@@ -5,5 +5,12 @@ from __future__ import annotations
 __version__ = "0.1.0.dev0"
 
 from codiemb_st.losses import MultiPositiveCachedInfoNCELoss
+from codiemb_st.merging import DeltaSoup, MergeMethod, ModelSoup, TaskArithmetic
 
-__all__ = ["MultiPositiveCachedInfoNCELoss"]
+__all__ = [
+    "DeltaSoup",
+    "MergeMethod",
+    "ModelSoup",
+    "MultiPositiveCachedInfoNCELoss",
+    "TaskArithmetic",
+]
