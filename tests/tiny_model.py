@@ -30,7 +30,7 @@ _CORPUS = [
 ] + [" ".join(string.ascii_lowercase[i : i + 5]) for i in range(20)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_tokenizer(vocab_size: int) -> Tokenizer:
     # The WordPiece trainer breaks ties in no fixed order (two trainings gave 288 and 291 tokens), so train once per
     # process: every tiny model of a test run then shares one vocabulary and can be merged or compared.
@@ -46,7 +46,9 @@ def _trained_tokenizer(vocab_size: int) -> Tokenizer:
 
 def build_tokenizer(vocab_size: int = 400) -> BertTokenizerFast:
     """A small WordPiece tokenizer trained offline on a fixed corpus (the same one for the whole process)."""
-    return BertTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained_tokenizer(vocab_size).to_str()), model_max_length=64)
+    return BertTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer(vocab_size).to_str()), model_max_length=64
+    )
 
 
 def build_tiny_model(
