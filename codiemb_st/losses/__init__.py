@@ -1,0 +1,7 @@
+"""Task-specialised CoDiEmb losses for sentence-transformers."""
+
+from __future__ import annotations
+
+from codiemb_st.losses.pearson_spearman import PearsonSpearmanLoss
+
+__all__ = ["PearsonSpearmanLoss"]
