@@ -1,12 +1,12 @@
 """torchrun worker for tests/test_pearson_spearman.py: gathered 2-rank DDP loss == one process on the full batch.
 
-Usage: torchrun --nproc_per_node 2 tests/dist_pearson_spearman_worker.py MODEL_PATH  (a saved tiny model)
+Usage: torchrun --nproc_per_node 2 tests/dist_pearson_spearman_worker.py MODEL_PATH OUTPUT_DIR
 
 Each rank holds an identical float64 copy of the model and its slice of one global batch. With
 ``gather_across_devices=True`` every rank computes the loss of the global batch; ``torch.distributed.nn.all_gather``
 sums the gradient flowing back to each rank's slice over the ranks (W times the local share) and DDP divides by W when
 it averages, so the averaged parameter gradients must equal the gradients of a single process on the full batch.
-Prints one JSON line per rank and exits non-zero on any mismatch.
+Writes OUTPUT_DIR/rank{r}.json per rank and exits non-zero on any mismatch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,8 +39,9 @@ SENTENCES = [
 ]
 
 
-def main(model_path: str) -> None:
-    dist.init_process_group("gloo")
+def main(model_path: str, output_dir: str) -> None:
+    # A short timeout turns a stuck collective into an error instead of a 30-minute hang.
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     global_size = PAIRS_PER_RANK * world_size
 
@@ -88,7 +91,7 @@ def main(model_path: str) -> None:
         "max_grad_diff": grad_diff,
         "max_grad": grad_scale,
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
     ok = (
         sorted(terms) == sorted(reference_terms)
@@ -101,4 +104,4 @@ def main(model_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
