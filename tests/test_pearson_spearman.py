@@ -425,6 +425,11 @@ def test_trainer_steps_raise_spearman_on_training_pairs(tiny_model, tmp_path):
     after = _spearman(tiny_model, dataset)
     assert after > before + 0.3, (before, after)
 
+    # The model card records the loss through get_config_dict and citation.
+    tiny_model.save(str(tmp_path / "trained"))
+    card = (tmp_path / "trained" / "README.md").read_text()
+    assert "PearsonSpearmanLoss" in card and '"rank_kl_weight": 5.0' in card and "zhang2025codiemb" in card
+
 
 def test_trainer_with_loss_dict_logs_each_term(tiny_model, tmp_path):
     dataset = DatasetDict({"sts": _sts_pairs(), "sts_binary": _sts_pairs().map(lambda r: {"score": r["score"] > 2})})

