@@ -96,6 +96,7 @@ def pro_loss(
     temperature: float,
     eps: float = PRO_EPS,
     group_tied_labels: bool | None = None,
+    chunk_elements: int | None = None,
 ) -> Tensor:
     """PRO listwise loss with label-gap weights, as in the official CoDiEmb code.
 
@@ -105,18 +106,21 @@ def pro_loss(
     pairs, 0 when there are none (all labels equal). The weights are raw label gaps, so unlike the Pearson and
     rank-KL terms this term depends on the label scale.
 
-    Row k of the k x j logit matrix depends on k only through ``y_k`` (plus the own logit, handled apart), so pairs
-    with tied labels share one row: with ``group_tied_labels`` the matrix has one row per distinct label
-    (``torch.unique``), which makes graded labels (binary, 0-5) linear in the batch size. ``torch.unique`` needs a
-    device sync on accelerators, so by default rows are grouped on CPU only and the full n x n matrix is used
-    elsewhere.
+    Cost: the k x j logit matrix is inherently quadratic, but its row k depends on k only through ``y_k`` (the own
+    logit is handled apart), so pairs with tied labels share one row. With ``group_tied_labels`` the matrix has one
+    row per distinct label (``torch.unique``), which makes graded labels (binary, 0-5, STS-B's 70 values) close to
+    linear in the batch size; all-distinct labels stay quadratic. ``torch.unique`` needs a device sync on
+    accelerators, so by default rows are grouped on CPU only and accelerators use one row per pair. The matrix is
+    built ``chunk_elements`` entries at a time and only O(batch) values are kept for backward, so memory stays
+    bounded for large gathered batches.
 
     Args:
         scores: 1-D predicted similarities.
-        labels: 1-D gold scores, same shape and dtype.
+        labels: 1-D gold scores, same shape.
         temperature: logit temperature T.
         eps: label gaps at or below ``eps`` do not order two pairs.
         group_tied_labels: one logit row per distinct label (True), per pair (False), or decide by device (None).
+        chunk_elements: matrix entries computed at a time (default 2**20 on CPU, 2**26 elsewhere).
 
     Returns:
         Scalar tensor.
@@ -129,30 +133,82 @@ def pro_loss(
     has_lower = gap_to_lowest > eps
     own_logit = gap_to_lowest * logits
 
+    on_cpu = labels.device.type == "cpu"
     if group_tied_labels is None:
-        group_tied_labels = labels.device.type == "cpu"
+        group_tied_labels = on_cpu
     if group_tied_labels:
-        row_labels, row_of_pair = torch.unique(labels, return_inverse=True)
+        row_labels, row_of_pair = torch.unique(labels, return_inverse=True)  # ascending
     else:
         row_labels, row_of_pair = labels, None
-
-    gaps = row_labels[:, None] - labels[None, :]
-    is_lower = gaps > eps
-    lower_logits = gaps * logits[None, :]
-    # Row-wise logsumexp over the lower-labelled pairs, written out instead of masked_fill(-inf) + torch.logsumexp:
-    # on CPU, exp of inputs that underflow takes a slow path (10-30x slower per element), so the shifted logits are
-    # clamped to [-80, 0] (a term below e^-80 of the row maximum is far below float32 resolution; e^-80 is still a
-    # normal float) and masked by multiplication. Rows without lower pairs get a finite value and are dropped below.
-    row_max = lower_logits.masked_fill(~is_lower, -torch.inf).amax(dim=1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    lower_exp = (lower_logits - row_max).clamp(-80.0, 0.0).exp() * is_lower
-    lower_logsumexp = row_max.squeeze(1) + lower_exp.sum(dim=1).clamp_min(torch.finfo(logits.dtype).tiny).log()
+    if chunk_elements is None:
+        chunk_elements = 2**20 if on_cpu else 2**26
+    column_labels, order = labels.sort()
+    # With ascending rows and columns, a chunk of rows only reaches the columns below its last row's label; the
+    # bound is read on the host, so only where that costs no device sync.
+    trim_columns = group_tied_labels and on_cpu
+    lower_logsumexp = _LowerLogSumExp.apply(
+        row_labels, column_labels, logits[order], eps, trim_columns, chunk_elements
+    )
     if row_of_pair is not None:
         lower_logsumexp = lower_logsumexp[row_of_pair]
 
     per_pair = torch.logaddexp(own_logit, lower_logsumexp) - own_logit
     per_pair = torch.where(has_lower, per_pair, torch.zeros_like(per_pair))
     return per_pair.sum() / has_lower.sum().clamp_min(1)
+
+
+# exp of inputs that underflow takes a slow path on CPU (10-30x slower per element), so shifted logits are clamped
+# here: a term below e^-80 of its row's largest term is far below float32 resolution, and e^-80 is a normal float.
+_EXP_FLOOR = -80.0
+
+
+class _LowerLogSumExp(torch.autograd.Function):
+    """``out[r] = log sum_{j: row_labels[r] - labels[j] > eps} exp((row_labels[r] - labels[j]) * logits[j])``.
+
+    Computed in chunks of rows, keeping only ``out`` for backward (the gradient is recomputed chunk by chunk), so the
+    memory is O(chunk) instead of several full rows x columns matrices. Rows with no lower label get
+    ``log(tiny)``: finite, and without gradient. With ``trim_columns`` (``row_labels`` and ``labels`` ascending),
+    each chunk stops at the last column its largest row label reaches.
+    """
+
+    @staticmethod
+    def forward(ctx, row_labels, labels, logits, eps, trim_columns, chunk_elements):
+        empty_row = math.log(torch.finfo(logits.dtype).tiny)
+        chunk_rows = max(1, chunk_elements // max(1, labels.numel()))
+        chunks = []
+        out = logits.new_full(row_labels.shape, empty_row)
+        for start in range(0, row_labels.numel(), chunk_rows):
+            stop = min(start + chunk_rows, row_labels.numel())
+            width = int((row_labels[stop - 1] - labels > eps).sum()) if trim_columns else labels.numel()
+            chunks.append((start, stop, width))
+            if width == 0:
+                continue
+            gaps = row_labels[start:stop, None] - labels[None, :width]
+            is_lower = gaps > eps
+            lower_logits = gaps.mul_(logits[None, :width])
+            row_max = lower_logits.masked_fill(~is_lower, -torch.inf).amax(dim=1, keepdim=True)
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            total = lower_logits.sub_(row_max).clamp_(_EXP_FLOOR, 0.0).exp_().mul_(is_lower).sum(dim=1)
+            out[start:stop] = torch.where(total > 0, row_max.squeeze(1) + total.log(), out[start:stop])
+        ctx.save_for_backward(row_labels, labels, logits, out)
+        ctx.eps, ctx.chunks = eps, chunks
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        row_labels, labels, logits, out = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        for start, stop, width in ctx.chunks:
+            if width == 0:
+                continue
+            gaps = row_labels[start:stop, None] - labels[None, :width]
+            is_lower = gaps > ctx.eps
+            # d out[r] / d logits[j] = softmax weight of j in row r times the gap (row_labels[r] - labels[j]).
+            weights = (gaps * logits[None, :width]).sub_(out[start:stop, None]).clamp_(_EXP_FLOOR, 0.0).exp_()
+            weights.mul_(is_lower).mul_(gaps)
+            grad_logits[:width] += grad_out[start:stop] @ weights
+        return None, None, grad_logits, None, None, None
 
 
 class PearsonSpearmanLoss(nn.Module):
