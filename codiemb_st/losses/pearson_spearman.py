@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from sentence_transformers import util
 from torch import Tensor, nn
 
@@ -48,8 +47,8 @@ def average_ranks(values: Tensor) -> Tensor:
 def pearson_loss(scores: Tensor, labels: Tensor) -> Tensor:
     """``1 - r`` with ``r`` the population Pearson correlation of ``scores`` and ``labels``.
 
-    Returns 0 (no gradient signal) when all labels are equal, where ``r`` is undefined. Constant ``scores`` give a
-    finite value instead of NaN: the variance product is clamped away from 0.
+    Where ``r`` is undefined the term gives no gradient: 0 when all labels are equal (as the official code), and
+    ``1 - 0`` when all scores are equal (the official code gives NaN there).
 
     Args:
         scores: 1-D predicted similarities.
@@ -58,14 +57,33 @@ def pearson_loss(scores: Tensor, labels: Tensor) -> Tensor:
     Returns:
         Scalar tensor.
     """
-    scores_centered = scores - scores.mean()
-    labels_centered = labels - labels.mean()
-    covariance = (scores_centered * labels_centered).mean()
-    variance_product = scores_centered.square().mean() * labels_centered.square().mean()
-    # sqrt has an infinite derivative at 0; the clamp keeps gradients finite for constant inputs.
-    correlation = covariance / variance_product.clamp_min(torch.finfo(scores.dtype).tiny).sqrt()
-    labels_vary = labels.amax() > labels.amin()
-    return torch.where(labels_vary, 1 - correlation, torch.zeros_like(correlation))
+    return _PearsonLoss.apply(scores, labels)
+
+
+class _PearsonLoss(torch.autograd.Function):
+    # One autograd node with the closed-form gradient: d(1 - r)/ds = r * a / |a|^2 - b / (|a| |b|), with a and b the
+    # centred scores and labels (the 1/n factors of the population moments cancel).
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, labels: Tensor) -> Tensor:
+        centred_scores = scores - scores.mean()
+        centred_labels = labels - labels.mean()
+        scores_norm = centred_scores.norm()
+        labels_norm = centred_labels.norm()
+        labels_vary = labels.amax() > labels.amin()
+        defined = labels_vary & (scores.amax() > scores.amin())
+        denominator = (scores_norm * labels_norm).clamp_min(torch.finfo(scores.dtype).tiny)
+        correlation = torch.where(defined, (centred_scores @ centred_labels) / denominator, 0.0)
+        gradient = correlation * centred_scores / scores_norm.square().clamp_min(torch.finfo(scores.dtype).tiny)
+        gradient = torch.where(defined, gradient - centred_labels / denominator, 0.0)
+        ctx.save_for_backward(gradient)
+        return torch.where(labels_vary, 1 - correlation, 0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
+        (gradient,) = ctx.saved_tensors
+        return grad_output * gradient, None
 
 
 def rank_kl_loss(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
@@ -82,12 +100,27 @@ def rank_kl_loss(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
     Returns:
         Scalar tensor.
     """
-    n = labels.numel()
-    normalised_rank = (n - 1 - average_ranks(labels)) / (n - 1)
-    target = F.softmax(normalised_rank / temperature, dim=0)
-    log_predicted = F.log_softmax(scores / temperature, dim=0)
-    # On a 1-D input "batchmean" divides by n, exactly as the official code does.
-    return F.kl_div(log_predicted, target, reduction="batchmean")
+    return _RankKLLoss.apply(scores, labels, temperature)
+
+
+class _RankKLLoss(torch.autograd.Function):
+    # "batchmean" on a 1-D input divides by n, as in the official code; the gradient is (Q - P) / (n T).
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        n = labels.numel()
+        normalised_rank = (n - 1 - average_ranks(labels)) / (n - 1)
+        log_target = torch.log_softmax(normalised_rank.to(scores.dtype) / temperature, dim=0)
+        log_predicted = torch.log_softmax(scores / temperature, dim=0)
+        target = log_target.exp()
+        ctx.save_for_backward((log_predicted.exp() - target) / (n * temperature))
+        return (target * (log_target - log_predicted)).sum() / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (gradient,) = ctx.saved_tensors
+        return grad_output * gradient, None, None
 
 
 def pro_loss(
@@ -111,8 +144,8 @@ def pro_loss(
     row per distinct label (``torch.unique``), which makes graded labels (binary, 0-5, STS-B's 70 values) close to
     linear in the batch size; all-distinct labels stay quadratic. ``torch.unique`` needs a device sync on
     accelerators, so by default rows are grouped on CPU only and accelerators use one row per pair. The matrix is
-    built ``chunk_elements`` entries at a time and only O(batch) values are kept for backward, so memory stays
-    bounded for large gathered batches.
+    built ``chunk_elements`` entries at a time, and only O(batch) values are kept for backward (which recomputes the
+    matrix chunk by chunk), so memory stays bounded for large gathered batches.
 
     Args:
         scores: 1-D predicted similarities.
@@ -127,34 +160,12 @@ def pro_loss(
     """
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
-    labels = labels.to(scores.dtype)
-    logits = scores / temperature
-    gap_to_lowest = labels - labels.amin()
-    has_lower = gap_to_lowest > eps
-    own_logit = gap_to_lowest * logits
-
     on_cpu = labels.device.type == "cpu"
     if group_tied_labels is None:
         group_tied_labels = on_cpu
-    if group_tied_labels:
-        row_labels, row_of_pair = torch.unique(labels, return_inverse=True)  # ascending
-    else:
-        row_labels, row_of_pair = labels, None
     if chunk_elements is None:
         chunk_elements = 2**20 if on_cpu else 2**26
-    column_labels, order = labels.sort()
-    # With ascending rows and columns, a chunk of rows only reaches the columns below its last row's label; the
-    # bound is read on the host, so only where that costs no device sync.
-    trim_columns = group_tied_labels and on_cpu
-    lower_logsumexp = _LowerLogSumExp.apply(
-        row_labels, column_labels, logits[order], eps, trim_columns, chunk_elements
-    )
-    if row_of_pair is not None:
-        lower_logsumexp = lower_logsumexp[row_of_pair]
-
-    per_pair = torch.logaddexp(own_logit, lower_logsumexp) - own_logit
-    per_pair = torch.where(has_lower, per_pair, torch.zeros_like(per_pair))
-    return per_pair.sum() / has_lower.sum().clamp_min(1)
+    return _ProLoss.apply(scores, labels.to(scores.dtype), temperature, eps, group_tied_labels, chunk_elements)
 
 
 # exp of inputs that underflow takes a slow path on CPU (10-30x slower per element), so shifted logits are clamped
@@ -162,53 +173,80 @@ def pro_loss(
 _EXP_FLOOR = -80.0
 
 
-class _LowerLogSumExp(torch.autograd.Function):
-    """``out[r] = log sum_{j: row_labels[r] - labels[j] > eps} exp((row_labels[r] - labels[j]) * logits[j])``.
+class _ProLoss(torch.autograd.Function):
+    """PRO as one autograd node with a hand-written, chunked backward.
 
-    Computed in chunks of rows, keeping only ``out`` for backward (the gradient is recomputed chunk by chunk), so the
-    memory is O(chunk) instead of several full rows x columns matrices. Rows with no lower label get
-    ``log(tiny)``: finite, and without gradient. With ``trim_columns`` (``row_labels`` and ``labels`` ascending),
-    each chunk stops at the last column its largest row label reaches.
+    With logits ``c = s / T``, rows ``r`` (one per distinct label, or per pair) and the row log-sum-exp over the
+    lower-labelled pairs ``R_r = log sum_{j: y_r - y_j > eps} exp((y_r - y_j) c_j)``, pair k's loss is
+    ``l_k = logaddexp(o_k, R_row(k)) - o_k`` with own logit ``o_k = (y_k - min y) c_k``. The gradient has an own
+    part, ``(sigma_k - 1) (y_k - min y)`` with ``sigma_k = exp(o_k - logaddexp(...))``, and a row part,
+    ``sum_r g_r softmax_r(j) (y_r - y_j)`` with row weights ``g_r = sum_{k in row r} (1 - sigma_k)``; both over the
+    number of valid pairs. Rows and columns are processed in chunks; with ``trim_columns`` (CPU, rows and columns
+    ascending) a chunk stops at the last column its largest row label reaches, read on the host.
     """
 
     @staticmethod
-    def forward(ctx, row_labels, labels, logits, eps, trim_columns, chunk_elements):
-        empty_row = math.log(torch.finfo(logits.dtype).tiny)
-        chunk_rows = max(1, chunk_elements // max(1, labels.numel()))
+    def forward(ctx, scores, labels, temperature, eps, group_tied_labels, chunk_elements):
+        logits = scores / temperature
+        gap_to_lowest = labels - labels.amin()
+        has_lower = gap_to_lowest > eps
+        own_logit = gap_to_lowest * logits
+        if group_tied_labels:
+            row_labels, row_of_pair = torch.unique(labels, return_inverse=True)  # ascending
+        else:
+            row_labels, row_of_pair = labels, None
+        column_labels, order = labels.sort()
+        column_logits = logits[order]
+        trim_columns = group_tied_labels and labels.device.type == "cpu"
+
+        empty_row = math.log(torch.finfo(logits.dtype).tiny)  # finite stand-in for log(0), no gradient
+        row_logsumexp = logits.new_full(row_labels.shape, empty_row)
         chunks = []
-        out = logits.new_full(row_labels.shape, empty_row)
+        chunk_rows = max(1, chunk_elements // labels.numel())
         for start in range(0, row_labels.numel(), chunk_rows):
             stop = min(start + chunk_rows, row_labels.numel())
-            width = int((row_labels[stop - 1] - labels > eps).sum()) if trim_columns else labels.numel()
+            width = int((row_labels[stop - 1] - column_labels > eps).sum()) if trim_columns else labels.numel()
             chunks.append((start, stop, width))
             if width == 0:
                 continue
-            gaps = row_labels[start:stop, None] - labels[None, :width]
+            gaps = row_labels[start:stop, None] - column_labels[None, :width]
             is_lower = gaps > eps
-            lower_logits = gaps.mul_(logits[None, :width])
+            lower_logits = gaps.mul_(column_logits[None, :width])
             row_max = lower_logits.masked_fill(~is_lower, -torch.inf).amax(dim=1, keepdim=True)
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            row_max = torch.nan_to_num(row_max, neginf=0.0)
             total = lower_logits.sub_(row_max).clamp_(_EXP_FLOOR, 0.0).exp_().mul_(is_lower).sum(dim=1)
-            out[start:stop] = torch.where(total > 0, row_max.squeeze(1) + total.log(), out[start:stop])
-        ctx.save_for_backward(row_labels, labels, logits, out)
+            row_logsumexp[start:stop] = torch.where(total > 0, row_max.squeeze(1) + total.log(), empty_row)
+
+        pair_logsumexp = row_logsumexp if row_of_pair is None else row_logsumexp[row_of_pair]
+        combined = torch.logaddexp(own_logit, pair_logsumexp)
+        count = has_lower.sum().clamp_min(1).to(logits.dtype)
+        loss = (combined - own_logit).masked_fill(~has_lower, 0.0).sum() / count
+
+        own_share = (own_logit - combined).exp()  # sigma_k: softmax weight of the pair's own logit
+        own_gradient = ((own_share - 1) * gap_to_lowest).masked_fill(~has_lower, 0.0) / (count * temperature)
+        row_weight = (1 - own_share).masked_fill(~has_lower, 0.0) / (count * temperature)
+        if row_of_pair is not None:
+            row_weight = row_weight.new_zeros(row_labels.shape).index_add_(0, row_of_pair, row_weight)
+        ctx.save_for_backward(row_labels, column_labels, column_logits, order, row_logsumexp, row_weight, own_gradient)
         ctx.eps, ctx.chunks = eps, chunks
-        return out
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        row_labels, labels, logits, out = ctx.saved_tensors
-        grad_logits = torch.zeros_like(logits)
+    def backward(ctx, grad_output):
+        row_labels, column_labels, column_logits, order, row_logsumexp, row_weight, own_gradient = ctx.saved_tensors
+        column_gradient = torch.zeros_like(column_logits)
         for start, stop, width in ctx.chunks:
             if width == 0:
                 continue
-            gaps = row_labels[start:stop, None] - labels[None, :width]
+            gaps = row_labels[start:stop, None] - column_labels[None, :width]
             is_lower = gaps > ctx.eps
-            # d out[r] / d logits[j] = softmax weight of j in row r times the gap (row_labels[r] - labels[j]).
-            weights = (gaps * logits[None, :width]).sub_(out[start:stop, None]).clamp_(_EXP_FLOOR, 0.0).exp_()
-            weights.mul_(is_lower).mul_(gaps)
-            grad_logits[:width] += grad_out[start:stop] @ weights
-        return None, None, grad_logits, None, None, None
+            # softmax_r(j) * (y_r - y_j), recomputed from the saved row log-sum-exp.
+            weights = (gaps * column_logits[None, :width]).sub_(row_logsumexp[start:stop, None])
+            weights = weights.clamp_(_EXP_FLOOR, 0.0).exp_().mul_(is_lower).mul_(gaps)
+            column_gradient[:width] += row_weight[start:stop] @ weights
+        gradient = own_gradient.index_add(0, order, column_gradient)
+        return grad_output * gradient, None, None, None, None, None
 
 
 class PearsonSpearmanLoss(nn.Module):
@@ -238,8 +276,11 @@ class PearsonSpearmanLoss(nn.Module):
           weighted by the label gaps (``w_j = y_k - y_j``, own weight ``max_j w_j``), divided by ``T``.
 
         The defaults are the weights and temperature of the official CoDiEmb code. Every term is vectorised on the
-        batch's device (the official code ranks with scipy on the CPU and loops over the batch in Python). Inputs
-        are checked once per batch for NaN/inf gold scores, which costs one device sync.
+        batch's device (the official code ranks with scipy on the CPU and loops over the batch in Python). PRO
+        compares every pair with every lower-labelled pair: on CPU its cost grows with batch size x number of
+        distinct labels (near-linear for graded or binary labels), with all-distinct labels (e.g. distilled scores)
+        it is quadratic; it runs in row chunks and keeps O(batch) memory for backward. The gold scores are checked
+        once per batch for NaN/inf, which costs one device sync.
 
         Score range: the gold scores can be on any scale (0-1, 0-5, binary). The Pearson term is invariant to any
         increasing affine map of the scores and the RankKL term to any strictly increasing map; PRO uses the raw
@@ -261,7 +302,8 @@ class PearsonSpearmanLoss(nn.Module):
                 before computing the loss, so the correlation terms are over the global batch. Every rank then
                 computes the same global loss; with DDP's gradient averaging the parameter gradients equal those of
                 one process on the global batch. Every rank must have the same per-device batch size (the default
-                ``even_batches`` of accelerate, or ``dataloader_drop_last=True``).
+                ``even_batches`` of accelerate, or ``dataloader_drop_last=True``). The official code computes the STS
+                loss per device (no gathering), hence the default False.
             return_dict: If True, return the weighted terms as a dict (``pearson_loss``, ``rank_kl_loss``,
                 ``pro_loss``, terms with weight 0 left out); ``SentenceTransformerTrainer`` sums them and logs each
                 one. If False, return their sum.
