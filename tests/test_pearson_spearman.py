@@ -270,6 +270,16 @@ def test_fewer_than_two_pairs_give_zero_loss_with_warning(n, caplog):
     assert "dataloader_drop_last" in caplog.text
 
 
+@pytest.mark.parametrize("term", [pearson_loss, lambda s, y: rank_kl_loss(s, y, T), lambda s, y: pro_loss(s, y, T)])
+def test_term_functions_reject_bad_shapes(term):
+    with pytest.raises(ValueError, match="at least 2"):
+        term(torch.tensor([0.5]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="same shape"):
+        term(torch.rand(4), torch.rand(5))
+    with pytest.raises(ValueError, match="1-D"):
+        term(torch.rand(2, 2), torch.rand(2, 2))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_labels_raise(bad):
     scores, labels = random_batch(8, seed=9)

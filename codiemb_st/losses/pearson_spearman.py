@@ -51,12 +51,13 @@ def pearson_loss(scores: Tensor, labels: Tensor) -> Tensor:
     ``1 - 0`` when all scores are equal (the official code gives NaN there).
 
     Args:
-        scores: 1-D predicted similarities.
+        scores: 1-D predicted similarities (at least 2).
         labels: 1-D gold scores, same shape and dtype.
 
     Returns:
         Scalar tensor.
     """
+    _check_term_inputs(scores, labels)
     return _PearsonLoss.apply(scores, labels)
 
 
@@ -93,13 +94,14 @@ def rank_kl_loss(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
     so the term depends on the order of the labels only. All labels equal gives a uniform P.
 
     Args:
-        scores: 1-D predicted similarities (n >= 2).
+        scores: 1-D predicted similarities (at least 2).
         labels: 1-D gold scores, same shape.
         temperature: softmax temperature T for both distributions.
 
     Returns:
         Scalar tensor.
     """
+    _check_term_inputs(scores, labels)
     return _RankKLLoss.apply(scores, labels, temperature)
 
 
@@ -148,7 +150,7 @@ def pro_loss(
     matrix chunk by chunk), so memory stays bounded for large gathered batches.
 
     Args:
-        scores: 1-D predicted similarities.
+        scores: 1-D predicted similarities (at least 2).
         labels: 1-D gold scores, same shape.
         temperature: logit temperature T.
         eps: label gaps at or below ``eps`` do not order two pairs.
@@ -158,6 +160,7 @@ def pro_loss(
     Returns:
         Scalar tensor.
     """
+    _check_term_inputs(scores, labels)
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
     on_cpu = labels.device.type == "cpu"
@@ -491,6 +494,15 @@ class PearsonSpearmanLoss(nn.Module):
     url={https://arxiv.org/abs/2508.11442},
 }
 """
+
+
+def _check_term_inputs(scores: Tensor, labels: Tensor) -> None:
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(
+            f"Expected 1-D `scores` and `labels` of the same shape, got {tuple(scores.shape)} and {tuple(labels.shape)}."
+        )
+    if scores.numel() < 2:
+        raise ValueError(f"The correlation terms need at least 2 pairs, got {scores.numel()}.")
 
 
 def _check_real(name: str, value: Any) -> None:
