@@ -180,12 +180,13 @@ class _ProLoss(torch.autograd.Function):
     """PRO as one autograd node with a hand-written, chunked backward.
 
     With logits ``c = s / T``, rows ``r`` (one per distinct label, or per pair) and the row log-sum-exp over the
-    lower-labelled pairs ``R_r = log sum_{j: y_r - y_j > eps} exp((y_r - y_j) c_j)``, pair k's loss is
-    ``l_k = logaddexp(o_k, R_row(k)) - o_k`` with own logit ``o_k = (y_k - min y) c_k``. The gradient has an own
-    part, ``(sigma_k - 1) (y_k - min y)`` with ``sigma_k = exp(o_k - logaddexp(...))``, and a row part,
-    ``sum_r g_r softmax_r(j) (y_r - y_j)`` with row weights ``g_r = sum_{k in row r} (1 - sigma_k)``; both over the
-    number of valid pairs. Rows and columns are processed in chunks; with ``trim_columns`` (CPU, rows and columns
-    ascending) a chunk stops at the last column its largest row label reaches, read on the host.
+    lower-labelled pairs ``R_r = log sum_{j: y_r - y_j > eps} exp((y_r - y_j) c_j)`` (``-inf`` for a row without
+    any), pair k's loss is ``l_k = logaddexp(o_k, R_row(k)) - o_k`` with own logit ``o_k = (y_k - min y) c_k``. The
+    gradient has an own part, ``(sigma_k - 1) (y_k - min y)`` with ``sigma_k = exp(o_k - logaddexp(...))``, and a
+    row part, ``sum_r g_r softmax_r(j) (y_r - y_j)`` with row weights ``g_r = sum_{k in row r} (1 - sigma_k)``; both
+    over the number of valid pairs and T. The matrix is processed in chunks of rows. On CPU with grouped rows and
+    several chunks, rows and columns are ascending and each chunk stops at the last column its largest row label
+    reaches (read on the host).
     """
 
     @staticmethod
@@ -198,40 +199,47 @@ class _ProLoss(torch.autograd.Function):
             row_labels, row_of_pair = torch.unique(labels, return_inverse=True)  # ascending
         else:
             row_labels, row_of_pair = labels, None
-        column_labels, order = labels.sort()
-        column_logits = logits[order]
-        trim_columns = group_tied_labels and labels.device.type == "cpu"
-
-        empty_row = math.log(torch.finfo(logits.dtype).tiny)  # finite stand-in for log(0), no gradient
-        row_logsumexp = logits.new_full(row_labels.shape, empty_row)
-        chunks = []
         chunk_rows = max(1, chunk_elements // labels.numel())
+        trim_columns = group_tied_labels and labels.device.type == "cpu" and chunk_rows < row_labels.numel()
+        if trim_columns:
+            column_labels, order = labels.sort()
+            column_logits = logits[order]
+        else:
+            column_labels, order, column_logits = labels, None, logits
+
+        chunks, row_parts = [], []
         for start in range(0, row_labels.numel(), chunk_rows):
             stop = min(start + chunk_rows, row_labels.numel())
             width = int((row_labels[stop - 1] - column_labels > eps).sum()) if trim_columns else labels.numel()
             chunks.append((start, stop, width))
             if width == 0:
+                row_parts.append(logits.new_full((stop - start,), -torch.inf))
                 continue
             gaps = row_labels[start:stop, None] - column_labels[None, :width]
             is_lower = gaps > eps
             lower_logits = gaps.mul_(column_logits[None, :width])
+            # A row without lower labels has max -inf and sum 0: its log-sum-exp is -inf (no term, no gradient).
             row_max = lower_logits.masked_fill(~is_lower, -torch.inf).amax(dim=1, keepdim=True)
-            row_max = torch.nan_to_num(row_max, neginf=0.0)
             total = lower_logits.sub_(row_max).clamp_(_EXP_FLOOR, 0.0).exp_().mul_(is_lower).sum(dim=1)
-            row_logsumexp[start:stop] = torch.where(total > 0, row_max.squeeze(1) + total.log(), empty_row)
+            row_parts.append(row_max.squeeze(1) + total.log())
+        row_logsumexp = row_parts[0] if len(row_parts) == 1 else torch.cat(row_parts)
 
         pair_logsumexp = row_logsumexp if row_of_pair is None else row_logsumexp[row_of_pair]
         combined = torch.logaddexp(own_logit, pair_logsumexp)
         count = has_lower.sum().clamp_min(1).to(logits.dtype)
         loss = (combined - own_logit).masked_fill(~has_lower, 0.0).sum() / count
 
-        own_share = (own_logit - combined).exp()  # sigma_k: softmax weight of the pair's own logit
-        own_gradient = ((own_share - 1) * gap_to_lowest).masked_fill(~has_lower, 0.0) / (count * temperature)
-        row_weight = (1 - own_share).masked_fill(~has_lower, 0.0) / (count * temperature)
-        if row_of_pair is not None:
-            row_weight = row_weight.new_zeros(row_labels.shape).index_add_(0, row_of_pair, row_weight)
-        ctx.save_for_backward(row_labels, column_labels, column_logits, order, row_logsumexp, row_weight, own_gradient)
-        ctx.eps, ctx.chunks = eps, chunks
+        if ctx.needs_input_grad[0]:
+            scale = count * temperature
+            own_share = (own_logit - combined).exp()  # sigma_k: softmax weight of the pair's own logit
+            own_gradient = ((own_share - 1) * gap_to_lowest).masked_fill_(~has_lower, 0.0).div_(scale)
+            row_weight = (1 - own_share).masked_fill_(~has_lower, 0.0).div_(scale)
+            if row_of_pair is not None:
+                row_weight = row_weight.new_zeros(row_labels.shape).index_add_(0, row_of_pair, row_weight)
+            ctx.save_for_backward(
+                row_labels, column_labels, column_logits, order, row_logsumexp, row_weight, own_gradient
+            )
+            ctx.eps, ctx.chunks = eps, chunks
         return loss
 
     @staticmethod
@@ -248,7 +256,10 @@ class _ProLoss(torch.autograd.Function):
             weights = (gaps * column_logits[None, :width]).sub_(row_logsumexp[start:stop, None])
             weights = weights.clamp_(_EXP_FLOOR, 0.0).exp_().mul_(is_lower).mul_(gaps)
             column_gradient[:width] += row_weight[start:stop] @ weights
-        gradient = own_gradient.index_add(0, order, column_gradient)
+        if order is None:
+            gradient = own_gradient + column_gradient
+        else:
+            gradient = own_gradient.index_add(0, order, column_gradient)
         return grad_output * gradient, None, None, None, None, None
 
 
