@@ -297,12 +297,14 @@ class PearsonSpearmanLoss(nn.Module):
         once per batch for NaN/inf, which costs one device sync.
 
         Score range: the gold scores can be on any scale (0-1, 0-5, binary). The Pearson term is invariant to any
-        increasing affine map of the scores and the RankKL term to any strictly increasing map; PRO uses the raw
+        increasing affine map of the gold scores and the RankKL term to any strictly increasing map; PRO uses the raw
         label gaps as logit weights, so rescaling the labels by ``c`` sharpens its softmax by ``c``.
 
         Degenerate batches: when all gold scores in a batch are equal (common with binary labels), the Pearson and
         PRO terms are undefined and contribute 0; RankKL is defined (uniform target) and pulls the predicted
-        similarities together, as in the official code. A batch with fewer than 2 pairs (e.g. a 1-row last batch
+        similarities together, as in the official code. Equal predicted similarities (a collapsed model) leave
+        ``r`` undefined too: the Pearson term is then 1 without gradient (the official code gives NaN). A batch with
+        fewer than 2 pairs (e.g. a 1-row last batch
         without ``dataloader_drop_last``) gives a loss of 0 and logs a warning. NaN or infinite gold scores raise a
         ``ValueError``.
 
