@@ -12,7 +12,9 @@ Writes OUTPUT_DIR/rank{r}.json per rank and exits non-zero on any mismatch.
 from __future__ import annotations
 
 import copy
+import faulthandler
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +41,7 @@ SENTENCES = [
 ]
 
 
-def main(model_path: str, output_dir: str) -> None:
+def main(model_path: str, output_dir: str) -> int:
     # A short timeout turns a stuck collective into an error instead of a 30-minute hang.
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -92,7 +94,6 @@ def main(model_path: str, output_dir: str) -> None:
         "max_grad": grad_scale,
     }
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
     ok = (
         sorted(terms) == sorted(reference_terms)
         and term_diff < 1e-10
@@ -100,8 +101,17 @@ def main(model_path: str, output_dir: str) -> None:
         and grad_scale > 1e-6
         and max(result["rank_losses"]) - min(result["rank_losses"]) < 1e-12
     )
-    sys.exit(0 if ok else 1)
+    # Both ranks are done with every collective once past this barrier. The caller then leaves with os._exit: tearing
+    # down DDP's reducer and the gloo group at interpreter exit deadlocked once here (the gloo destructor joined a
+    # thread that was waiting for the GIL).
+    dist.barrier()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # Watchdog: whatever hangs (a collective, the teardown), the worker exits well before the test's timeout.
+    faulthandler.dump_traceback_later(150, exit=True)
+    code = main(sys.argv[1], sys.argv[2])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip the interpreter teardown of DDP and the process group

@@ -374,16 +374,23 @@ def test_two_rank_gathered_gradients_equal_single_process(tiny_model_path, tmp_p
         str(tiny_model_path),
         str(tmp_path),
     ]
-    # Own session, so a timeout kills torchrun's workers too instead of leaving them orphaned.
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun timed out (deadlock?):\n{output[-4000:]}")
+    # Output to a file, not a pipe: a pipe would block on any worker that outlives torchrun. On timeout, SIGTERM
+    # lets torchrun stop its workers (they run in their own sessions, out of reach of killpg); each worker also
+    # has a 150 s watchdog of its own.
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            process.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            pytest.fail(f"torchrun timed out (deadlock?):\n{log_path.read_text()[-4000:]}")
+    output = log_path.read_text()
     assert process.returncode == 0, output[-4000:]
     results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert [result["rank"] for result in results] == [0, 1], output[-4000:]
