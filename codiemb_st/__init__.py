@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-from codiemb_st.losses import MultiPositiveCachedInfoNCELoss
+from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
 from codiemb_st.merging import DeltaSoup, MergeMethod, ModelSoup, TaskArithmetic
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "MergeMethod",
     "ModelSoup",
     "MultiPositiveCachedInfoNCELoss",
+    "PearsonSpearmanLoss",
     "TaskArithmetic",
 ]
