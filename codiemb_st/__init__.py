@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from codiemb_st.evaluation import MTEBEvaluator
+
 __version__ = "0.1.0.dev0"
 
-__all__: list[str] = []
+__all__: list[str] = ["MTEBEvaluator"]
