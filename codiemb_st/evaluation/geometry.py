@@ -8,7 +8,8 @@ first, so they describe the cosine geometry the model is evaluated with.
 - :func:`svd_entropy` / :func:`effective_rank`: Shannon entropy of the singular values normalised to sum to 1, and
   its exponential (Roy & Vetterli 2007); the effective rank is ``min(n, d)`` for a matrix with equal singular values
   and 1 for a rank-1 matrix.
-- :func:`condition_number`: largest over smallest singular value (``inf`` for a rank-deficient matrix).
+- :func:`condition_number`: largest over smallest singular value (``inf`` for a rank-deficient matrix);
+  :func:`numerical_rank` counts the singular values above rounding noise.
 - :func:`alignment` and :func:`uniformity` (Wang & Isola 2020): mean ``||f(x) - f(y)||^alpha`` over positive pairs
   (lower is better) and ``log E exp(-t ||f(x) - f(y)||^2)`` over all distinct pairs (lower is more uniform; ``-2t``
   is the value for an orthonormal set).
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 _BLOCK_ROWS = 1024
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 def _as_matrix(embeddings: Any, normalize: bool, name: str = "embeddings", min_rows: int = 1) -> np.ndarray:
@@ -79,12 +81,36 @@ def effective_rank(embeddings: Any, normalize: bool = True, center: bool = False
     return math.exp(svd_entropy(embeddings, normalize, center))
 
 
-def condition_number(embeddings: Any, normalize: bool = True, center: bool = False) -> float:
-    """``sigma_max / sigma_min`` over the ``min(n, d)`` singular values; ``inf`` when the matrix is rank-deficient."""
+def _input_eps(embeddings: Any) -> float:
+    """Machine epsilon of the input's own dtype: float32 embeddings carry float32 rounding noise."""
+    if hasattr(embeddings, "detach"):  # a torch tensor
+        import torch
+
+        return float(torch.finfo(embeddings.dtype).eps) if embeddings.dtype.is_floating_point else _EPS64
+    dtype = np.asarray(embeddings).dtype
+    return float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else _EPS64
+
+
+def _null_threshold(values: np.ndarray, embeddings: Any) -> float:
+    # numpy's matrix_rank tolerance, with the epsilon of the dtype the embeddings were computed in.
+    return float(values[0]) * max(np.shape(embeddings)) * _input_eps(embeddings)
+
+
+def numerical_rank(embeddings: Any, normalize: bool = True, center: bool = False) -> int:
+    """Number of singular values above rounding noise (numpy's ``matrix_rank`` rule, in the input's precision)."""
     values = singular_values(embeddings, normalize, center)
-    # Singular values below this are numerical zeros (numpy's matrix_rank tolerance).
-    tolerance = values[0] * max(np.shape(embeddings)) * np.finfo(np.float64).eps
-    if values[-1] <= tolerance:
+    return int((values > _null_threshold(values, embeddings)).sum())
+
+
+def condition_number(embeddings: Any, normalize: bool = True, center: bool = False) -> float:
+    """``sigma_max / sigma_min`` over the ``min(n, d)`` singular values; ``inf`` when the matrix is rank-deficient
+    (see :func:`numerical_rank`).
+
+    Note that mean pooling over a final LayerNorm can leave a few exactly dead directions (all-MiniLM-L6-v2's
+    embeddings span 382 of 384 dimensions), which makes this ``inf`` whatever the sample.
+    """
+    values = singular_values(embeddings, normalize, center)
+    if values[-1] <= _null_threshold(values, embeddings):
         return math.inf
     return float(values[0] / values[-1])
 
@@ -131,8 +157,8 @@ def embedding_geometry(
         center: Mean-centre before the singular-value metrics.
 
     Returns:
-        ``anisotropy``, ``svd_entropy``, ``effective_rank``, ``condition_number``, ``uniformity`` and, with ``pairs``,
-        ``alignment``.
+        ``anisotropy``, ``svd_entropy``, ``effective_rank``, ``condition_number``, ``numerical_rank``,
+        ``uniformity`` and, with ``pairs``, ``alignment``.
     """
     entropy = svd_entropy(embeddings, center=center)
     metrics = {
@@ -140,6 +166,7 @@ def embedding_geometry(
         "svd_entropy": entropy,
         "effective_rank": math.exp(entropy),
         "condition_number": condition_number(embeddings, center=center),
+        "numerical_rank": numerical_rank(embeddings, center=center),
         "uniformity": uniformity(embeddings),
     }
     if pairs is not None:
