@@ -34,7 +34,6 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "eval"
 DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
-PRESETS = ("auto", "cmteb", "local")
 DEFAULT_CORPUS_CAP = 1000
 DEFAULT_GEOMETRY_SAMPLES = 500
 
@@ -172,7 +171,10 @@ def select_tasks(args: argparse.Namespace, data_dir: Path | None) -> tuple[list[
     """The task references to prepare and the names that are optional (skipped with a note if unavailable)."""
     from codiemb_st.evaluation import CMTEB_TASK_NAMES, find_local_tasks
 
-    local = find_local_tasks(data_dir) if data_dir is not None else []
+    try:
+        local = find_local_tasks(data_dir) if data_dir is not None else []
+    except (OSError, ValueError) as error:
+        raise UsageError(f"Bad local evaluation data: {error}") from None
     selected: list[Any] = []
     optional: list[str] = []
     for token in args.tasks:
@@ -440,7 +442,10 @@ def run(args: argparse.Namespace) -> int:
             _write_atomic(args.output_dir / label / f"{score.name}.json", score.result.to_disk)
         if args.geometry:
             texts, pairs = geometry_sample(tasks, args.geometry_samples, args.seed)
-            geometry[label] = model_geometry(model, texts, pairs, batch_size=args.batch_size)
+            if len(texts) >= 2:
+                geometry[label] = model_geometry(model, texts, pairs, batch_size=args.batch_size)
+            else:
+                logger.warning("No STS or retrieval texts to sample: geometry skipped.")
         del model
     table = markdown_report(tasks, skipped, results, geometry)
     _write_atomic(args.output_dir / "results.md", lambda tmp: tmp.write_text(table, encoding="utf-8"))
