@@ -217,15 +217,26 @@ def select_tasks(args: argparse.Namespace, data_dir: Path | None) -> tuple[list[
 
 def prepare(args: argparse.Namespace, data_dir: Path | None) -> tuple[list[Any], dict[str, str]]:
     """Prepared tasks and ``{task: reason}`` for optional tasks that could not be loaded."""
-    from codiemb_st.evaluation import prepare_task
+    from codiemb_st.evaluation import find_local_tasks, prepare_task
 
     refs, optional = select_tasks(args, data_dir)
+    local_names = {
+        name
+        for info in (find_local_tasks(data_dir) if data_dir else [])
+        for name in (info.name, info.path.name, info.mteb_task)
+    }
     prepared, skipped = [], {}
+    hub_unreachable = None  # after one connection failure, don't wait ~20 s of retries for each further hub task
     for ref in refs:
         name = getattr(ref, "name", str(ref))
+        is_local = not isinstance(ref, str) or ref in local_names or Path(ref, "task.json").is_file()
         try:
+            if hub_unreachable and not is_local:
+                raise ConnectionError(f"the Hugging Face hub was unreachable for an earlier task ({hub_unreachable})")
             prepared.append(prepare_task(ref, data_dir=data_dir, corpus_cap=args.corpus_cap, seed=args.seed))
         except Exception as error:  # hub/offline errors come in many types; all end the same way
+            if isinstance(error, ConnectionError) and hub_unreachable is None:
+                hub_unreachable = str(error).splitlines()[0] if str(error) else type(error).__name__
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if name in optional:
                 skipped[name] = "no local data and not loadable from the hub" if data_dir else reason
