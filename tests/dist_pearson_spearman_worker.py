@@ -22,23 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
+from tiny_model import ENGLISH_SENTENCES
 from torch.nn.parallel import DistributedDataParallel
 
 from codiemb_st import PearsonSpearmanLoss
 
 PAIRS_PER_RANK = 6
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog",
-    "a man is playing a guitar on the stage",
-    "a woman is slicing an onion in the kitchen",
-    "machine learning models embed sentences into vectors",
-    "retrieval finds relevant passages for a query",
-    "semantic similarity compares the meaning of two sentences",
-    "the weather is sunny and warm today",
-    "he drove his car to the office in the morning",
-    "children are playing football in the park",
-    "stock markets fell sharply after the announcement",
-]
+SENTENCES = ENGLISH_SENTENCES
 
 
 def main(model_path: str, output_dir: str) -> int:

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from scipy.stats import rankdata, spearmanr
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, util
+from tiny_model import ENGLISH_SENTENCES
 
 from codiemb_st import PearsonSpearmanLoss
 from codiemb_st.losses.pearson_spearman import average_ranks, pearson_loss, pro_loss, rank_kl_loss
@@ -404,18 +405,7 @@ def test_two_rank_gathered_gradients_equal_single_process(tiny_model_path, tmp_p
 # --- Inside SentenceTransformerTrainer ---
 
 
-TRAIN_SENTENCES = [
-    "the quick brown fox jumps over the lazy dog",
-    "a man is playing a guitar on the stage",
-    "a woman is slicing an onion in the kitchen",
-    "machine learning models embed sentences into vectors",
-    "retrieval finds relevant passages for a query",
-    "semantic similarity compares the meaning of two sentences",
-    "the weather is sunny and warm today",
-    "he drove his car to the office in the morning",
-    "children are playing football in the park",
-    "stock markets fell sharply after the announcement",
-]
+TRAIN_SENTENCES = ENGLISH_SENTENCES
 
 
 def _sts_pairs(n: int = 24) -> Dataset:

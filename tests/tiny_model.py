@@ -12,7 +12,7 @@ from sentence_transformers.sentence_transformer.modules import Normalize, Poolin
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-_CORPUS = [
+ENGLISH_SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "a man is playing a guitar on the stage",
     "a woman is slicing an onion in the kitchen",
@@ -23,10 +23,16 @@ _CORPUS = [
     "he drove his car to the office in the morning",
     "children are playing football in the park",
     "stock markets fell sharply after the announcement",
-    "今天天气很好 我们去公园散步",
-    "如何办理信用卡 需要什么材料",
-    "这个手机的电池续航怎么样",
-] + [" ".join(string.ascii_lowercase[i : i + 5]) for i in range(20)]
+]
+_CORPUS = (
+    ENGLISH_SENTENCES
+    + [
+        "今天天气很好 我们去公园散步",
+        "如何办理信用卡 需要什么材料",
+        "这个手机的电池续航怎么样",
+    ]
+    + [" ".join(string.ascii_lowercase[i : i + 5]) for i in range(20)]
+)
 
 
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
