@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
-from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
+from sentence_transformers.base.sampler import DefaultBatchSampler, MultiDatasetDefaultBatchSampler
 from sentence_transformers.util import all_gather_with_grad, get_rank, get_world_size
 
 __all__ = [
     "CachedLossMixin",
+    "DefaultBatchSampler",
     "MultiDatasetDefaultBatchSampler",
     "SentenceTransformer",
     "all_gather_with_grad",
