@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+from codiemb_st.data import (
+    dataset_from_records,
+    ir_dataset_from_records,
+    read_records,
+    sts_dataset_from_records,
+)
+from codiemb_st.sampling import RoundRobinTaskBatchSampler
+
 __version__ = "0.1.0.dev0"
 
-__all__: list[str] = []
+__all__: list[str] = [
+    "RoundRobinTaskBatchSampler",
+    "dataset_from_records",
+    "ir_dataset_from_records",
+    "read_records",
+    "sts_dataset_from_records",
+]

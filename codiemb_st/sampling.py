@@ -318,7 +318,9 @@ def _check_options(
     if world_size is not None and not _is_positive_int(world_size):
         raise ValueError(f"`world_size` must be a positive integer or None; got {world_size!r}.")
     if not _is_positive_int(gradient_accumulation_steps):
-        raise ValueError(f"`gradient_accumulation_steps` must be a positive integer; got {gradient_accumulation_steps!r}.")
+        raise ValueError(
+            f"`gradient_accumulation_steps` must be a positive integer; got {gradient_accumulation_steps!r}."
+        )
 
 
 def _names_list(dataset_names: Sequence[str] | Mapping[str, Any]) -> list[str]:
