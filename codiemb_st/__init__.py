@@ -8,11 +8,13 @@ from codiemb_st.data import (
     read_records,
     sts_dataset_from_records,
 )
+from codiemb_st.losses import MultiPositiveCachedInfoNCELoss
 from codiemb_st.sampling import RoundRobinTaskBatchSampler
 
 __version__ = "0.1.0.dev0"
 
 __all__: list[str] = [
+    "MultiPositiveCachedInfoNCELoss",
     "RoundRobinTaskBatchSampler",
     "dataset_from_records",
     "ir_dataset_from_records",

@@ -11,15 +11,17 @@ from __future__ import annotations
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
 from sentence_transformers.base.sampler import DefaultBatchSampler, MultiDatasetDefaultBatchSampler
-from sentence_transformers.util import all_gather_with_grad, get_rank, get_world_size
+from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size, is_dist_initialized
 
 __all__ = [
     "CachedLossMixin",
     "DefaultBatchSampler",
     "MultiDatasetDefaultBatchSampler",
     "SentenceTransformer",
+    "all_gather",
     "all_gather_with_grad",
     "get_rank",
     "get_world_size",
     "has_static_embedding_input",
+    "is_dist_initialized",
 ]
