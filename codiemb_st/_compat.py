@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
+from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.base.sampler import DefaultBatchSampler, MultiDatasetDefaultBatchSampler
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size, is_dist_initialized
 
@@ -20,6 +21,7 @@ __all__ = [
     "SentenceTransformer",
     "all_gather",
     "all_gather_with_grad",
+    "embed_columns",
     "get_rank",
     "get_world_size",
     "has_static_embedding_input",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import string
 import tempfile
 from pathlib import Path
@@ -29,8 +30,10 @@ _CORPUS = [
 ] + [" ".join(string.ascii_lowercase[i : i + 5]) for i in range(20)]
 
 
-def build_tokenizer(vocab_size: int = 400) -> BertTokenizerFast:
-    """Train a small WordPiece tokenizer on a fixed corpus (deterministic, offline)."""
+@functools.cache
+def _trained_tokenizer(vocab_size: int) -> Tokenizer:
+    # The WordPiece trainer breaks ties in no fixed order (two trainings gave 288 and 291 tokens), so train once per
+    # process: every tiny model of a test run then shares one vocabulary and can be merged or compared.
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -38,7 +41,14 @@ def build_tokenizer(vocab_size: int = 400) -> BertTokenizerFast:
         vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     )
     tok.train_from_iterator(_CORPUS * 3, trainer=trainer)
-    return BertTokenizerFast(tokenizer_object=tok, model_max_length=64)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 400) -> BertTokenizerFast:
+    """A small WordPiece tokenizer trained offline on a fixed corpus (the same one for the whole process)."""
+    return BertTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer(vocab_size).to_str()), model_max_length=64
+    )
 
 
 def build_tiny_model(

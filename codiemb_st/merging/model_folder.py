@@ -1,0 +1,301 @@
+"""The layout of a saved sentence-transformers model folder, as far as merging needs it, and compatibility checks.
+
+A folder saved by sentence-transformers 6.x holds ``modules.json`` (one entry per module: index, name, folder ``path``
+and class ``type``), ``config_sentence_transformers.json`` (prompts, similarity function) and one folder per module.
+The first module (the Transformer) is usually saved in the root folder itself (``"path": ""``): its
+``model.safetensors``, ``config.json``, ``sentence_bert_config.json`` and tokenizer files lie next to ``modules.json``.
+Other modules with weights (e.g. ``2_Dense/model.safetensors``) keep them in their own folder. Large Transformers may
+be sharded (``model.safetensors.index.json`` plus shard files).
+
+Weight files are identified by (module index, path inside the module folder), so inputs whose modules live in
+differently named folders still line up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+#: Files that hold weights in a format this package does not merge; they are never copied into a merged folder.
+UNMERGEABLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
+#: Folders of exported copies of the weights (ONNX/OpenVINO backends); stale after a merge, never copied.
+EXPORT_FOLDERS = ("onnx", "openvino")
+#: Transformer config keys that record provenance rather than architecture.
+PROVENANCE_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "architectures", "_name_or_path"})
+#: Files that define a tokenizer's vocabulary: they must be identical in all inputs.
+VOCABULARY_FILES = (
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+#: Tokenizer settings files: checked through their vocabulary only, other settings come from checkpoints[0].
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+)
+
+WeightFileKey = tuple[int, str]
+
+
+@dataclass
+class WeightFile:
+    """One logical safetensors weight file of a module (a single file, or the shards behind an index)."""
+
+    key: WeightFileKey
+    #: Tensor name -> the safetensors file holding it.
+    tensor_files: dict[str, Path]
+    #: Tensor name -> (safetensors dtype string such as "F32", shape).
+    specs: dict[str, tuple[str, list[int]]]
+    #: The ``__metadata__`` of the (first) file, e.g. {"format": "pt"}.
+    metadata: dict[str, str] | None
+    #: The files this logical weight file consists of (excluded when copying the other files).
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class ModelFolder:
+    """A sentence-transformers model folder: its modules and its safetensors weight files."""
+
+    path: Path
+    role: str
+    modules: list[dict[str, Any]]
+    weight_files: dict[WeightFileKey, WeightFile]
+
+    @classmethod
+    def open(cls, path: str | Path, role: str) -> ModelFolder:
+        """Read the layout of the folder at ``path``; ``role`` names it in errors (e.g. "checkpoints[1]", "base")."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"{role} {str(path)!r} is not a folder. Pass a sentence-transformers model folder.")
+        modules_file = path / "modules.json"
+        if not modules_file.is_file():
+            raise ValueError(
+                f"{role} {str(path)!r} has no modules.json, so it is not a sentence-transformers model folder. "
+                "Load it with SentenceTransformer(...) and pass the object, or save that object with .save(folder)."
+            )
+        modules = json.loads(modules_file.read_text(encoding="utf8"))
+        if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
+            raise ValueError(f"{role}: {modules_file} is not a list of modules with a 'type' each.")
+        weight_files: dict[WeightFileKey, WeightFile] = {}
+        for index, module in enumerate(modules):
+            for weight_file in _find_weight_files(path, index, module.get("path", ""), role):
+                weight_files[weight_file.key] = weight_file
+        return cls(path=path, role=role, modules=modules, weight_files=weight_files)
+
+    def module_folder(self, index: int) -> Path:
+        return self.path / self.modules[index].get("path", "")
+
+    def module_class(self, index: int) -> str:
+        """The module's class name, without its import path (ST moved modules between versions)."""
+        return str(self.modules[index]["type"]).rsplit(".", 1)[-1]
+
+    def weight_file_paths(self) -> set[Path]:
+        return {file for weight_file in self.weight_files.values() for file in weight_file.files}
+
+    def read_json(self, relative_path: str | Path) -> Any | None:
+        file = self.path / relative_path
+        return json.loads(file.read_text(encoding="utf8")) if file.is_file() else None
+
+
+def _module_scope(root: Path, module_path: str) -> list[Path]:
+    """The files of one module: the root module owns the root's files only; other modules their whole folder."""
+    folder = root / module_path
+    if not folder.is_dir():
+        return []
+    if folder.resolve() == root.resolve():
+        return sorted(p for p in folder.iterdir() if p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _find_weight_files(root: Path, index: int, module_path: str, role: str) -> list[WeightFile]:
+    folder = root / module_path
+    files = _module_scope(root, module_path)
+    sharded: dict[Path, list[Path]] = {}
+    for index_file in (f for f in files if f.name.endswith(".safetensors.index.json")):
+        weight_map = json.loads(index_file.read_text(encoding="utf8")).get("weight_map", {})
+        sharded[index_file] = sorted({index_file.parent / shard for shard in weight_map.values()})
+    shard_files = {shard for shards in sharded.values() for shard in shards}
+
+    found = []
+    for file in files:
+        if file.suffix == ".safetensors" and file not in shard_files:
+            found.append(_read_weight_file((index, file.relative_to(folder).as_posix()), [file], role))
+    for index_file, shards in sharded.items():
+        logical_name = index_file.relative_to(folder).as_posix().removesuffix(".index.json")
+        found.append(_read_weight_file((index, logical_name), shards, role, index_file))
+
+    # A directory with weights in a format we cannot stream would silently keep unmerged weights: refuse.
+    weight_dirs = {w.files[0].parent for w in found}
+    for file in files:
+        if file.suffix in UNMERGEABLE_WEIGHT_SUFFIXES and file.parent not in weight_dirs:
+            raise ValueError(
+                f"{role}: {file} holds weights in a format that cannot be streamed (only safetensors can). Convert "
+                "the model first: SentenceTransformer(path).save(new_path) writes model.safetensors."
+            )
+    return found
+
+
+def _read_weight_file(key: WeightFileKey, files: list[Path], role: str, index_file: Path | None = None) -> WeightFile:
+    tensor_files: dict[str, Path] = {}
+    specs: dict[str, tuple[str, list[int]]] = {}
+    metadata = None
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"{role}: the shard {file} listed in {index_file} is missing.")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = metadata if metadata is not None else handle.metadata()
+                for name in handle.keys():
+                    if name in specs:
+                        raise ValueError(
+                            f"{role}: tensor {name!r} is stored twice, in {tensor_files[name]} and {file}."
+                        )
+                    tensor_slice = handle.get_slice(name)
+                    specs[name] = (tensor_slice.get_dtype(), list(tensor_slice.get_shape()))
+                    tensor_files[name] = file
+        except ValueError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{role}: cannot read the safetensors file {file}: {exc}") from exc
+    all_files = list(files) + ([index_file] if index_file is not None else [])
+    return WeightFile(key=key, tensor_files=tensor_files, specs=specs, metadata=metadata, files=all_files)
+
+
+def _without_provenance(config: Any) -> Any:
+    if not isinstance(config, dict):
+        return config
+    return {k: v for k, v in config.items() if k not in PROVENANCE_KEYS and not k.startswith("_")}
+
+
+def _config_files(folder: ModelFolder, index: int) -> dict[str, Any]:
+    """A module's own JSON configuration, keyed by path inside the module folder."""
+    module_folder = folder.module_folder(index)
+    if module_folder.resolve() == folder.path.resolve():
+        # The root also holds model-level files (modules.json, prompts) and possibly other records: compare only
+        # the Transformer's own configuration.
+        names = ("config.json", "sentence_bert_config.json")
+        files = [module_folder / name for name in names if (module_folder / name).is_file()]
+    else:
+        files = [
+            f
+            for f in _module_scope(folder.path, folder.modules[index].get("path", ""))
+            if f.suffix == ".json" and f.name not in TOKENIZER_FILES and not f.name.endswith(".index.json")
+        ]
+    return {f.relative_to(module_folder).as_posix(): json.loads(f.read_text(encoding="utf8")) for f in files}
+
+
+def _differing_keys(a: Any, b: Any) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:5])
+    return f"{a!r} vs {b!r}"
+
+
+def check_compatible(reference: ModelFolder, other: ModelFolder, *, is_checkpoint: bool) -> None:
+    """Raise ValueError if ``other`` cannot be merged with ``reference`` (the first checkpoint).
+
+    All inputs must have the same module classes, the same model type, the same tokenizer vocabulary, the same weight
+    files with the same tensor names and shapes. Checkpoints must also have the same module configurations (the
+    merged folder takes them from the first checkpoint); only ``max_seq_length`` may differ (with a warning). The
+    base may differ in module configuration (e.g. dropout, pooling): only its weights are used.
+    """
+    ref, role = reference.role, other.role
+    classes = [reference.module_class(i) for i in range(len(reference.modules))]
+    other_classes = [other.module_class(i) for i in range(len(other.modules))]
+    if classes != other_classes:
+        raise ValueError(f"{role} has modules {other_classes}, {ref} has {classes}; the module lists must agree.")
+
+    for index in range(len(classes)):
+        ref_configs, other_configs = _config_files(reference, index), _config_files(other, index)
+        ref_type = (ref_configs.get("config.json") or {}).get("model_type")
+        other_type = (other_configs.get("config.json") or {}).get("model_type")
+        if ref_type != other_type:
+            raise ValueError(f"{role} is a {other_type!r} model, {ref} a {ref_type!r} model; architectures differ.")
+        if not is_checkpoint:
+            continue
+        for name in sorted(ref_configs.keys() | other_configs.keys()):
+            a, b = _without_provenance(ref_configs.get(name)), _without_provenance(other_configs.get(name))
+            if name == "sentence_bert_config.json" and isinstance(a, dict) and isinstance(b, dict):
+                if a.get("max_seq_length") != b.get("max_seq_length"):
+                    logger.warning(
+                        f"max_seq_length differs ({ref}: {a.get('max_seq_length')}, {role}: "
+                        f"{b.get('max_seq_length')}); the merged model uses {ref}'s."
+                    )
+                a, b = {**a, "max_seq_length": None}, {**b, "max_seq_length": None}
+            if a != b:
+                raise ValueError(
+                    f"Module {index} ({classes[index]}) of {role} has a different configuration in {name} than "
+                    f"{ref} ({_differing_keys(a, b)}). The merged model takes its module configurations from "
+                    "checkpoints[0], so they must agree."
+                )
+
+    _check_vocabulary(reference, other)
+    if is_checkpoint:
+        ref_model_config = reference.read_json("config_sentence_transformers.json") or {}
+        other_model_config = other.read_json("config_sentence_transformers.json") or {}
+        for key in ("prompts", "default_prompt_name", "similarity_fn_name"):
+            if ref_model_config.get(key) != other_model_config.get(key):
+                logger.warning(f"{key} differs between {ref} and {role}; the merged model uses {ref}'s.")
+
+    _check_tensors(reference, other)
+
+
+def _check_vocabulary(reference: ModelFolder, other: ModelFolder) -> None:
+    for index in range(len(reference.modules)):
+        ref_folder, other_folder = reference.module_folder(index), other.module_folder(index)
+        for name in VOCABULARY_FILES:
+            a, b = ref_folder / name, other_folder / name
+            if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
+                raise ValueError(f"The tokenizer vocabulary ({name}) of {other.role} differs from {reference.role}'s.")
+        a, b = ref_folder / "tokenizer.json", other_folder / "tokenizer.json"
+        if a.is_file() and b.is_file():
+            vocab_a = json.loads(a.read_text(encoding="utf8")).get("model")
+            vocab_b = json.loads(b.read_text(encoding="utf8")).get("model")
+            if vocab_a != vocab_b:
+                raise ValueError(
+                    f"The tokenizer vocabulary (tokenizer.json) of {other.role} differs from {reference.role}'s."
+                )
+
+
+def _check_tensors(reference: ModelFolder, other: ModelFolder) -> None:
+    ref, role = reference.role, other.role
+    if reference.weight_files.keys() != other.weight_files.keys():
+        missing = sorted(reference.weight_files.keys() - other.weight_files.keys())
+        extra = sorted(other.weight_files.keys() - reference.weight_files.keys())
+        raise ValueError(
+            f"{role} has different weight files than {ref} (module index, file): missing {missing}, extra {extra}."
+        )
+    for key, ref_file in reference.weight_files.items():
+        other_file = other.weight_files[key]
+        if ref_file.specs.keys() != other_file.specs.keys():
+            missing = sorted(ref_file.specs.keys() - other_file.specs.keys())
+            extra = sorted(other_file.specs.keys() - ref_file.specs.keys())
+            raise ValueError(
+                f"{role} has different tensor names in module {key[0]} ({key[1]}) than {ref}: missing {missing[:5]}, "
+                f"extra {extra[:5]} ({len(missing)} missing, {len(extra)} extra)."
+            )
+        for name, (dtype, shape) in ref_file.specs.items():
+            other_dtype, other_shape = other_file.specs[name]
+            if shape != other_shape:
+                raise ValueError(f"Tensor {name!r} has shape {other_shape} in {role} and {shape} in {ref}.")
+            if is_float_dtype(dtype) != is_float_dtype(other_dtype):
+                raise ValueError(f"Tensor {name!r} has dtype {other_dtype} in {role} and {dtype} in {ref}.")
+
+
+def is_float_dtype(safetensors_dtype: str) -> bool:
+    """Whether a safetensors dtype string ("F32", "BF16", "I64", ...) is a floating-point type."""
+    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"

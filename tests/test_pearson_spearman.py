@@ -1,0 +1,487 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from scipy.stats import rankdata, spearmanr
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, util
+
+from codiemb_st import PearsonSpearmanLoss
+from codiemb_st.losses.pearson_spearman import average_ranks, pearson_loss, pro_loss, rank_kl_loss
+
+T = 0.05
+
+
+# --- Reference: a direct, loop-based transcription of the official CoDiEmb formulas (float64, scipy ranking) ---
+
+
+def reference_pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if y.numel() == 0 or y.min() == y.max():
+        return torch.tensor(0.0, dtype=x.dtype)
+    mean_x, mean_y = x.mean(), y.mean()
+    var_x, var_y = torch.var(x, unbiased=False), torch.var(y, unbiased=False)
+    return 1 - torch.mean((x - mean_x) * (y - mean_y)) / (torch.sqrt(var_x) * torch.sqrt(var_y))
+
+
+def reference_rank_kl(x: torch.Tensor, y: torch.Tensor, temperature: float = T) -> torch.Tensor:
+    n = y.numel()
+    ranks = torch.from_numpy(rankdata(-y.numpy(), method="average") - 1)
+    ideal = (n - 1 - ranks) / (n - 1)
+    target = torch.softmax(ideal / temperature, dim=0)
+    log_predicted = torch.log_softmax(x / temperature, dim=0)
+    total = torch.tensor(0.0, dtype=x.dtype)
+    for i in range(n):
+        total = total + target[i] * (torch.log(target[i]) - log_predicted[i])
+    return total / n
+
+
+def reference_pro(x: torch.Tensor, y: torch.Tensor, temperature: float = T, eps: float = 1e-8) -> torch.Tensor:
+    x = x / temperature
+    order = torch.argsort(y, descending=True)
+    y_sorted, x_sorted = y[order], x[order]
+    total, count = 0.0, 0
+    for k in range(len(y) - 1):
+        tail_y, tail_x = y_sorted[k + 1 :], x_sorted[k + 1 :]
+        mask = (y_sorted[k] - tail_y) > eps
+        if not mask.any():
+            continue
+        weights = y_sorted[k] - tail_y[mask]
+        logits = torch.cat([(x_sorted[k] * weights.max()).unsqueeze(0), tail_x[mask] * weights])
+        total = total + torch.log_softmax(logits, dim=0)[0]
+        count += 1
+    if count == 0:
+        return torch.tensor(0.0, dtype=x.dtype)
+    return -total / count
+
+
+def reference_total(x, y, weights=(2.0, 5.0, 0.5), temperature=T):
+    return (
+        weights[0] * reference_pearson(x, y)
+        + weights[1] * reference_rank_kl(x, y, temperature)
+        + weights[2] * reference_pro(x, y, temperature)
+    )
+
+
+def random_batch(n: int, seed: int, levels: int | None = 6):
+    """Cosine-like scores in [-1, 1] and gold labels: `levels` graded values (many ties) or continuous with ties."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1
+    if levels is None:
+        labels = torch.rand(n, generator=generator, dtype=torch.float64) * 5
+        labels[: n // 3] = labels[n // 3 : 2 * (n // 3)]  # force some exact ties among continuous values
+    else:
+        labels = torch.randint(0, levels, (n,), generator=generator).double() * 0.8
+    return scores, labels
+
+
+def value_and_grad(fn, scores, labels):
+    scores = scores.clone().requires_grad_(True)
+    value = fn(scores, labels)
+    if not value.requires_grad:  # the reference returns a detached 0 for degenerate batches
+        return value, torch.zeros_like(scores)
+    (grad,) = torch.autograd.grad(value, scores)
+    return value.detach(), grad
+
+
+TERMS = [
+    ("pearson", pearson_loss, reference_pearson),
+    ("rank_kl", lambda s, y: rank_kl_loss(s, y, T), reference_rank_kl),
+    ("pro_grouped", lambda s, y: pro_loss(s, y, T, group_tied_labels=True), reference_pro),
+    ("pro_dense", lambda s, y: pro_loss(s, y, T, group_tied_labels=False), reference_pro),
+    # Tiny chunks: one or two matrix rows at a time, column trimming on every chunk.
+    ("pro_grouped_chunked", lambda s, y: pro_loss(s, y, T, group_tied_labels=True, chunk_elements=50), reference_pro),
+    ("pro_dense_chunked", lambda s, y: pro_loss(s, y, T, group_tied_labels=False, chunk_elements=50), reference_pro),
+]
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 37, 96])
+@pytest.mark.parametrize("levels", [2, 6, None])
+@pytest.mark.parametrize(("name", "term", "reference"), TERMS, ids=[t[0] for t in TERMS])
+def test_terms_match_loop_reference(name, term, reference, n, levels):
+    scores, labels = random_batch(n, seed=n * 10 + (levels or 0), levels=levels)
+    value, grad = value_and_grad(term, scores, labels)
+    ref_value, ref_grad = value_and_grad(reference, scores, labels)
+    assert torch.allclose(value, ref_value, rtol=0, atol=1e-6), (value, ref_value)
+    assert torch.allclose(grad, ref_grad, rtol=0, atol=1e-6), (grad - ref_grad).abs().max()
+
+
+def test_terms_are_nontrivial_on_test_data():
+    # Guards the parity test against comparing zeros with zeros.
+    scores, labels = random_batch(37, seed=1)
+    for _, term, _ in TERMS:
+        value, grad = value_and_grad(term, scores, labels)
+        assert value.abs() > 1e-3 and grad.abs().max() > 1e-3
+
+
+GRADCHECK_TERMS = {
+    "pearson": pearson_loss,
+    "rank_kl": lambda s, y: rank_kl_loss(s, y, 0.5),
+    "pro_grouped": lambda s, y: pro_loss(s, y, 0.5, group_tied_labels=True, chunk_elements=30),
+    "pro_dense": lambda s, y: pro_loss(s, y, 0.5, group_tied_labels=False, chunk_elements=30),
+}
+
+
+@pytest.mark.parametrize("name", list(GRADCHECK_TERMS))
+def test_hand_written_backward_passes_gradcheck(name):
+    # Every term has a closed-form backward (PRO's recomputed chunk by chunk); check it against finite differences.
+    scores, labels = random_batch(12, seed=2, levels=4)
+    assert torch.autograd.gradcheck(lambda s: GRADCHECK_TERMS[name](s, labels), (scores.requires_grad_(True),))
+
+
+def test_average_ranks_match_scipy():
+    _, labels = random_batch(200, seed=3, levels=None)
+    expected = torch.from_numpy(rankdata(-labels.numpy(), method="average") - 1)
+    assert torch.equal(average_ranks(labels), expected)
+    assert torch.equal(average_ranks(torch.tensor([3, 1, 3, 2])), torch.tensor([0.5, 3.0, 0.5, 2.0]))
+
+
+def test_full_loss_matches_reference_through_model(tiny_model):
+    # The whole module path: tokenised columns -> embeddings -> cosine -> terms, parameter gradients included.
+    model = tiny_model.double()
+    sentences1 = ["a man is playing a guitar", "the weather is sunny", "stock markets fell", "children play", "a dog"]
+    sentences2 = ["a man plays guitar on the stage", "it is warm today", "children are playing", "the fox", "a dog"]
+    labels = torch.tensor([4.0, 3.2, 0.0, 1.0, 5.0], dtype=torch.float64)
+    features = [model.preprocess(sentences1), model.preprocess(sentences2)]
+
+    loss = PearsonSpearmanLoss(model)(features, labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    embeddings = [model(f)["sentence_embedding"] for f in features]
+    reference = reference_total(util.pairwise_cos_sim(*embeddings), labels)
+    reference.backward()
+    assert torch.allclose(loss, reference, rtol=0, atol=1e-10)
+    for grad, param in zip(grads, model.parameters()):
+        assert torch.allclose(grad, param.grad, rtol=0, atol=1e-10)
+
+
+def test_weights_and_temperature_are_applied():
+    scores, labels = random_batch(30, seed=4)
+    loss = PearsonSpearmanLoss(None, pearson_weight=1.5, rank_kl_weight=0.3, pro_weight=2.0, temperature=0.1)
+    expected = reference_total(scores, labels, weights=(1.5, 0.3, 2.0), temperature=0.1)
+    assert torch.allclose(loss.compute_loss_from_scores(scores, labels), expected, rtol=0, atol=1e-10)
+
+
+def test_return_dict_terms_sum_to_total_and_skip_zero_weights():
+    scores, labels = random_batch(30, seed=5)
+    terms = PearsonSpearmanLoss(None, return_dict=True).compute_loss_from_scores(scores, labels)
+    assert list(terms) == ["pearson_loss", "rank_kl_loss", "pro_loss"]
+    assert torch.allclose(terms["pearson_loss"], 2.0 * reference_pearson(scores, labels), atol=1e-10)
+    assert torch.allclose(terms["rank_kl_loss"], 5.0 * reference_rank_kl(scores, labels), atol=1e-10)
+    assert torch.allclose(terms["pro_loss"], 0.5 * reference_pro(scores, labels), atol=1e-10)
+    total = PearsonSpearmanLoss(None).compute_loss_from_scores(scores, labels)
+    assert torch.allclose(sum(terms.values()), total, atol=1e-12)
+
+    only_kl = PearsonSpearmanLoss(None, pearson_weight=0.0, pro_weight=0.0, return_dict=True)
+    assert list(only_kl.compute_loss_from_scores(scores, labels)) == ["rank_kl_loss"]
+
+
+# --- Invariances ---
+
+
+def test_pearson_and_rank_kl_invariant_to_increasing_affine_label_map():
+    scores, labels = random_batch(40, seed=6)
+    loss = PearsonSpearmanLoss(None, pro_weight=0.0)
+    base = loss.compute_loss_from_scores(scores, labels)
+    for scale, shift in [(5.0, 0.0), (0.2, -1.0), (3.0, 7.5)]:
+        assert torch.allclose(loss.compute_loss_from_scores(scores, scale * labels + shift), base, atol=1e-10)
+    # A decreasing map reverses the order: not invariant.
+    assert not torch.allclose(loss.compute_loss_from_scores(scores, -labels), base, atol=1e-3)
+
+
+def test_rank_kl_invariant_to_any_strictly_increasing_label_map():
+    scores, labels = random_batch(40, seed=7, levels=None)
+    base = rank_kl_loss(scores, labels, T)
+    for mapped in [
+        labels.exp(),
+        labels**3,
+        torch.sigmoid(10 * (labels - 2)),
+        torch.from_numpy(rankdata(labels.numpy(), method="dense")).double(),
+    ]:
+        assert torch.allclose(rank_kl_loss(scores, mapped, T), base, atol=1e-12)
+    # Pearson is not: a non-affine map changes it (shows the two invariance tests are not vacuous).
+    assert not torch.allclose(pearson_loss(scores, labels.exp()), pearson_loss(scores, labels), atol=1e-3)
+
+
+def test_pro_depends_on_label_scale_like_an_inverse_temperature():
+    # Documented: PRO's weights are raw label gaps, so scaling labels by c equals dividing T by c; shifts are free.
+    scores, labels = random_batch(40, seed=8)
+    assert torch.allclose(pro_loss(scores, 5 * labels, T), pro_loss(scores, labels, T / 5), atol=1e-10)
+    assert torch.allclose(pro_loss(scores, labels + 3.0, T), pro_loss(scores, labels, T), atol=1e-10)
+    assert not torch.allclose(pro_loss(scores, 5 * labels, T), pro_loss(scores, labels, T), atol=1e-3)
+
+
+# --- Degenerate batches and bad input ---
+
+
+def test_constant_labels_give_zero_for_undefined_terms_and_no_nan():
+    scores = torch.tensor([0.3, -0.2, 0.9, 0.1], dtype=torch.float64, requires_grad=True)
+    for value in [0.0, 1.0, 0.1]:  # 0.1 * 4 / 4 is not exactly 0.1 in floating point
+        labels = torch.full((4,), value, dtype=torch.float64)
+        terms = PearsonSpearmanLoss(None, return_dict=True).compute_loss_from_scores(scores, labels)
+        assert terms["pearson_loss"].item() == 0.0
+        assert terms["pro_loss"].item() == 0.0
+        # Rank-KL is defined (uniform target), as in the official code.
+        assert torch.allclose(terms["rank_kl_loss"], 5.0 * reference_rank_kl(scores.detach(), labels), atol=1e-12)
+        (grad,) = torch.autograd.grad(sum(terms.values()), scores)
+        assert torch.isfinite(grad).all()
+
+
+def test_constant_scores_give_finite_loss_and_gradients():
+    # A collapsed model: r is undefined, so the Pearson term is 1 - 0 without gradient (the official code gives NaN).
+    scores = torch.full((6,), 0.5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    value, grad = value_and_grad(pearson_loss, scores.detach(), labels)
+    assert value.item() == 1.0 and torch.equal(grad, torch.zeros_like(grad))
+    for dtype in (torch.float64, torch.float32):
+        loss = PearsonSpearmanLoss(None).compute_loss_from_scores(scores.to(dtype), labels)
+        (grad,) = torch.autograd.grad(loss, scores)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_batch_of_two_matches_reference():
+    scores = torch.tensor([0.8, 0.1], dtype=torch.float64)
+    labels = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    loss = PearsonSpearmanLoss(None).compute_loss_from_scores(scores, labels)
+    assert torch.allclose(loss, reference_total(scores, labels), atol=1e-10)
+    # Two points are perfectly correlated: only the rank-KL and PRO terms remain.
+    assert pearson_loss(scores, labels).abs() < 1e-12
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_fewer_than_two_pairs_give_zero_loss_with_warning(n, caplog):
+    scores = torch.rand(n, dtype=torch.float64, requires_grad=True)
+    labels = torch.rand(n, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="codiemb_st.losses.pearson_spearman"):
+        loss = PearsonSpearmanLoss(None).compute_loss_from_scores(scores, labels)
+    assert loss.item() == 0.0
+    (grad,) = torch.autograd.grad(loss, scores)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    assert "dataloader_drop_last" in caplog.text
+
+
+@pytest.mark.parametrize("term", [pearson_loss, lambda s, y: rank_kl_loss(s, y, T), lambda s, y: pro_loss(s, y, T)])
+def test_term_functions_reject_bad_shapes(term):
+    with pytest.raises(ValueError, match="at least 2"):
+        term(torch.tensor([0.5]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="same shape"):
+        term(torch.rand(4), torch.rand(5))
+    with pytest.raises(ValueError, match="1-D"):
+        term(torch.rand(2, 2), torch.rand(2, 2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_labels_raise(bad):
+    scores, labels = random_batch(8, seed=9)
+    labels[3] = bad
+    with pytest.raises(ValueError, match="NaN or infinite gold scores"):
+        PearsonSpearmanLoss(None).compute_loss_from_scores(scores, labels)
+
+
+def test_missing_or_misshaped_labels_and_wrong_columns_raise(tiny_model):
+    loss = PearsonSpearmanLoss(tiny_model)
+    features = [tiny_model.preprocess(["a b", "c d"]), tiny_model.preprocess(["e f", "g h"])]
+    with pytest.raises(ValueError, match="'score'"):
+        loss(features, None)
+    with pytest.raises(ValueError, match="expects 2 labels"):
+        loss(features, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="exactly 2 text columns"):
+        loss(features + [tiny_model.preprocess(["i j", "k l"])], torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"pearson_weight": -1.0}, ValueError, "pearson_weight"),
+        ({"pro_weight": float("nan")}, ValueError, "pro_weight"),
+        ({"rank_kl_weight": "5"}, TypeError, "rank_kl_weight"),
+        ({"rank_kl_weight": True}, TypeError, "rank_kl_weight"),
+        ({"pearson_weight": 0, "rank_kl_weight": 0, "pro_weight": 0}, ValueError, "At least one"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": None}, TypeError, "temperature"),
+        ({"gather_across_devices": 1}, TypeError, "gather_across_devices"),
+        ({"return_dict": "yes"}, TypeError, "return_dict"),
+        ({"similarity_fct": "cosine"}, TypeError, "similarity_fct"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PearsonSpearmanLoss(None, **kwargs)
+
+
+def test_half_precision_scores_are_upcast_and_int_labels_accepted():
+    scores, labels = random_batch(16, seed=10)
+    loss = PearsonSpearmanLoss(None)
+    value = loss.compute_loss_from_scores(scores.to(torch.bfloat16), labels.mul(10).round().long())
+    assert value.dtype == torch.float32
+    expected = reference_total(scores.to(torch.bfloat16).double(), labels.mul(10).round())
+    assert torch.allclose(value.double(), expected, atol=1e-4)
+
+
+def test_gather_without_process_group_is_local():
+    scores, labels = random_batch(16, seed=11)
+    gathered = PearsonSpearmanLoss(None, gather_across_devices=True).compute_loss_from_scores(scores, labels)
+    assert torch.allclose(gathered, PearsonSpearmanLoss(None).compute_loss_from_scores(scores, labels))
+
+
+def test_config_and_citation():
+    config = PearsonSpearmanLoss(None, temperature=0.1).get_config_dict()
+    assert config == {
+        "pearson_weight": 2.0,
+        "rank_kl_weight": 5.0,
+        "pro_weight": 0.5,
+        "temperature": 0.1,
+        "gather_across_devices": False,
+        "similarity_fct": "pairwise_cos_sim",
+    }
+    assert "2508.11442" in PearsonSpearmanLoss(None).citation
+
+
+# --- Distributed: 2 gloo ranks with gathering == one process on the full batch ---
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_rank_gathered_gradients_equal_single_process(tiny_model_path, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(root / "tests" / "dist_pearson_spearman_worker.py"),
+        str(tiny_model_path),
+        str(tmp_path),
+    ]
+    # Output to a file, not a pipe: a pipe would block on any worker that outlives torchrun. On timeout, SIGTERM
+    # lets torchrun stop its workers (they run in their own sessions, out of reach of killpg); each worker also
+    # has a 150 s watchdog of its own.
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            process.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            pytest.fail(f"torchrun timed out (deadlock?):\n{log_path.read_text()[-4000:]}")
+    output = log_path.read_text()
+    assert process.returncode == 0, output[-4000:]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
+    assert [result["rank"] for result in results] == [0, 1], output[-4000:]
+    for result in results:
+        assert result["max_grad_diff"] < 1e-10 and result["max_grad"] > 1e-6
+        assert (
+            result["rank_losses"][0] == result["rank_losses"][1] == pytest.approx(result["reference_loss"], abs=1e-12)
+        )
+
+
+# --- Inside SentenceTransformerTrainer ---
+
+
+TRAIN_SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a man is playing a guitar on the stage",
+    "a woman is slicing an onion in the kitchen",
+    "machine learning models embed sentences into vectors",
+    "retrieval finds relevant passages for a query",
+    "semantic similarity compares the meaning of two sentences",
+    "the weather is sunny and warm today",
+    "he drove his car to the office in the morning",
+    "children are playing football in the park",
+    "stock markets fell sharply after the announcement",
+]
+
+
+def _sts_pairs(n: int = 24) -> Dataset:
+    """Pairs of two different sentences with arbitrary graded scores: only training can fit their order."""
+    generator = torch.Generator().manual_seed(0)
+    rows = {"sentence1": [], "sentence2": [], "score": []}
+    for i in range(n):
+        first, second = i % len(TRAIN_SENTENCES), (i * 3 + 1 + i // len(TRAIN_SENTENCES)) % len(TRAIN_SENTENCES)
+        rows["sentence1"].append(TRAIN_SENTENCES[first])
+        rows["sentence2"].append(TRAIN_SENTENCES[second])
+        rows["score"].append(float(torch.randint(0, 6, (1,), generator=generator)))
+    return Dataset.from_dict(rows)
+
+
+def _spearman(model, dataset: Dataset) -> float:
+    embeddings1 = model.encode(dataset["sentence1"], convert_to_tensor=True)
+    embeddings2 = model.encode(dataset["sentence2"], convert_to_tensor=True)
+    return spearmanr(util.pairwise_cos_sim(embeddings1, embeddings2).numpy(), dataset["score"]).statistic
+
+
+def _args(tmp_path, **kwargs) -> SentenceTransformerTrainingArguments:
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=12,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+        **kwargs,
+    )
+
+
+def test_trainer_steps_raise_spearman_on_training_pairs(tiny_model, tmp_path):
+    dataset = _sts_pairs()
+    before = _spearman(tiny_model, dataset)
+    trainer = SentenceTransformerTrainer(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=16),
+        train_dataset=dataset,
+        loss=PearsonSpearmanLoss(tiny_model),
+    )
+    trainer.train()
+    after = _spearman(tiny_model, dataset)
+    assert after > before + 0.3, (before, after)
+
+    # The model card records the loss through get_config_dict and citation.
+    tiny_model.save(str(tmp_path / "trained"))
+    card = (tmp_path / "trained" / "README.md").read_text()
+    assert "PearsonSpearmanLoss" in card and '"rank_kl_weight": 5.0' in card and "zhang2025codiemb" in card
+
+
+def test_trainer_with_loss_dict_logs_each_term(tiny_model, tmp_path):
+    dataset = DatasetDict({"sts": _sts_pairs(), "sts_binary": _sts_pairs().map(lambda r: {"score": r["score"] > 2})})
+    loss = {
+        "sts": PearsonSpearmanLoss(tiny_model, return_dict=True),
+        "sts_binary": PearsonSpearmanLoss(tiny_model, return_dict=True),
+    }
+    trainer = SentenceTransformerTrainer(
+        model=tiny_model, args=_args(tmp_path, max_steps=4, logging_steps=1), train_dataset=dataset, loss=loss
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged
+    for entry in logged:
+        terms = [entry["pearson_loss"], entry["rank_kl_loss"], entry["pro_loss"]]
+        assert all(term == term and term >= 0 for term in terms)  # finite numbers, no NaN
+        assert entry["loss"] == pytest.approx(sum(terms), abs=2e-3)  # the trainer logs their sum (rounded to 4 d.p.)
