@@ -46,6 +46,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 
 from codiemb_st import (
     MultiPositiveCachedInfoNCELoss,
+    PearsonSpearmanLoss,
     RoundRobinTaskBatchSampler,
     ir_dataset_from_records,
     read_records,
@@ -91,7 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sts-batch-size", type=int, default=32, help="per-device STS batch size (official: 32)")
     parser.add_argument("--mini-batch-size", type=int, default=16, help="GradCache chunk of the IR loss")
     parser.add_argument("--temperature", type=float, default=0.02)
-    parser.add_argument("--sts-loss", choices=["pearson_spearman", "cosent"], default="pearson_spearman")
+    parser.add_argument(
+        "--sts-loss",
+        choices=["pearson_spearman", "cosent"],
+        default="pearson_spearman",
+        help="PearsonSpearmanLoss (CoDiEmb) or sentence-transformers' CoSENTLoss as a baseline",
+    )
     parser.add_argument("--sts-gather", action="store_true", help="gather STS pairs across devices (official: off)")
     parser.add_argument("--ir-instruction", default=IR_INSTRUCTION)
     parser.add_argument("--sts-instruction", default=STS_INSTRUCTION)
@@ -218,8 +224,6 @@ def main(argv: list[str] | None = None) -> None:
         gather_across_devices=world_size > 1,
     )
     if args.sts_loss == "pearson_spearman":
-        from codiemb_st import PearsonSpearmanLoss
-
         sts_loss = PearsonSpearmanLoss(model, gather_across_devices=args.sts_gather and world_size > 1)
     else:
         sts_loss = CoSENTLoss(model)
@@ -287,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
                 b, a = before.get(key), after.get(key)
                 if b is not None and a is not None:
                     print(f"{key:<48} {b:8.4f} {a:8.4f} {a / b if b else float('nan'):12.3f}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
