@@ -8,6 +8,7 @@ from codiemb_st.data import (
     read_records,
     sts_dataset_from_records,
 )
+from codiemb_st.evaluation import MTEBEvaluator
 from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
 from codiemb_st.merging import DeltaSoup, MergeMethod, ModelSoup, TaskArithmetic
 from codiemb_st.sampling import RoundRobinTaskBatchSampler
@@ -16,6 +17,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DeltaSoup",
+    "MTEBEvaluator",
     "MergeMethod",
     "ModelSoup",
     "MultiPositiveCachedInfoNCELoss",

@@ -8,13 +8,28 @@ one-file change.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.base.sampler import DefaultBatchSampler, MultiDatasetDefaultBatchSampler
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size, is_dist_initialized
 
+
+def is_distributed_inference_active(model: Any) -> bool:
+    """Whether ``model.encode`` is currently sharded over DDP ranks by the trainer's distributed evaluation.
+
+    sentence-transformers 6.x runs evaluators on rank 0 only during DDP training, while the other ranks serve
+    ``encode`` shards (``sentence_transformers.util.distributed.distributed_evaluation``); it marks this by setting the
+    private ``model._distributed_inference``. A collective started by the evaluator then would never be matched.
+    """
+    return getattr(model, "_distributed_inference", None) is not None
+
+
 __all__ = [
+    "BaseEvaluator",
     "CachedLossMixin",
     "DefaultBatchSampler",
     "MultiDatasetDefaultBatchSampler",
@@ -26,4 +41,5 @@ __all__ = [
     "get_world_size",
     "has_static_embedding_input",
     "is_dist_initialized",
+    "is_distributed_inference_active",
 ]

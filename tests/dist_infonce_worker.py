@@ -21,7 +21,7 @@ def main() -> None:
     local_size = len(columns[0]) // world_size
     local = [column[rank * local_size : (rank + 1) * local_size] for column in columns]
 
-    model = SentenceTransformer(model_path, device="cpu")
+    model = SentenceTransformer(model_path, device="cpu").double()  # float64, like the single-process reference
     loss_fn = MultiPositiveCachedInfoNCELoss(model, num_positives=2, mini_batch_size=3, gather_across_devices=True)
     loss = loss_fn([model.tokenize(column) for column in local], None)
     loss.backward()

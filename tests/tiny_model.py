@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import string
 import tempfile
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 _CORPUS = [
@@ -30,25 +29,27 @@ _CORPUS = [
 ] + [" ".join(string.ascii_lowercase[i : i + 5]) for i in range(20)]
 
 
-@functools.cache
-def _trained_tokenizer(vocab_size: int) -> Tokenizer:
-    # The WordPiece trainer breaks ties in no fixed order (two trainings gave 288 and 291 tokens), so train once per
-    # process: every tiny model of a test run then shares one vocabulary and can be merged or compared.
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _vocabulary() -> list[str]:
+    """A fixed vocabulary: the corpus words, and every corpus character, ASCII letter and digit (also as '##' pieces)
+    so any lowercase ASCII text tokenizes without [UNK]. Built without a trainer: tokenizers' WordPiece trainer
+    breaks ties in no fixed order (vocabularies of 288 to 291 tokens from one corpus), and tests need every process
+    to build the same model."""
+    words = sorted({word for line in _CORPUS for word in line.split()})
+    characters = sorted(set("".join(_CORPUS).replace(" ", "")) | set(string.ascii_lowercase + string.digits))
+    pieces = ["##" + character for character in characters]
+    return _SPECIAL_TOKENS + list(dict.fromkeys(characters + pieces + words))
+
+
+def build_tokenizer() -> BertTokenizerFast:
+    """A small deterministic WordPiece tokenizer (BERT normalisation and pre-tokenization), built offline."""
+    vocab = {token: index for index, token in enumerate(_vocabulary())}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    )
-    tok.train_from_iterator(_CORPUS * 3, trainer=trainer)
-    return tok
-
-
-def build_tokenizer(vocab_size: int = 400) -> BertTokenizerFast:
-    """A small WordPiece tokenizer trained offline on a fixed corpus (the same one for the whole process)."""
-    return BertTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer(vocab_size).to_str()), model_max_length=64
-    )
+    return BertTokenizerFast(tokenizer_object=tok, model_max_length=64)
 
 
 def build_tiny_model(
@@ -59,7 +60,7 @@ def build_tiny_model(
     pooling_mode: str = "mean",
     normalize: bool = False,
 ) -> SentenceTransformer:
-    """A random BERT (hidden 32, 2 layers) with a trained WordPiece tokenizer and mean pooling."""
+    """A random BERT (hidden 32, 2 layers) with a fixed WordPiece tokenizer and mean pooling."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     config = BertConfig(
