@@ -18,17 +18,16 @@ Several nodes (run on every node, NODE_RANK = 0..NNODES-1):
         --master_addr HOST0 --master_port 29500 benchmarks/train_codiemb.py --output-dir runs/codiemb
 
 Defaults: the packaged all-MiniLM-L6-v2 and the English training sets in ../shared/data/train (en_scifact and
-en_snli for IR, en_stsb for STS). ``--eval DIR ...`` takes evaluation folders (task.json + data, as in
-../shared/data/eval/<Task>) and prints their main score before and after training.
+en_snli for IR, en_stsb for STS). ``--eval STSBenchmark SciFact`` evaluates mteb tasks (local data in
+../shared/data/eval first) with codiemb_st.MTEBEvaluator before and after training and prints both main scores and
+their ratio (baseline: the same model before training, with the same instructions).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -36,11 +35,6 @@ import torch
 import transformers
 from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.sentence_transformer.evaluation import (
-    EmbeddingSimilarityEvaluator,
-    InformationRetrievalEvaluator,
-    SequentialEvaluator,
-)
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss
 from sentence_transformers.sentence_transformer.modules import Pooling
 
@@ -52,19 +46,17 @@ from codiemb_st import (
     read_records,
     sts_dataset_from_records,
 )
+from codiemb_st.evaluation import MTEBEvaluator, prepare_tasks
 
 logger = logging.getLogger("train_codiemb")
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
-# ../shared/data/train next to the checkout (a git worktree may sit one level deeper).
-SHARED_TRAIN = next(
-    (
-        p / "shared" / "data" / "train"
-        for p in Path(__file__).resolve().parents
-        if (p / "shared" / "data" / "train").is_dir()
-    ),
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "train",
+# ../shared/data next to the checkout (a git worktree may sit one level deeper).
+SHARED_DATA = next(
+    (p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data" / "train").is_dir()),
+    Path(__file__).resolve().parents[2] / "shared" / "data",
 )
+SHARED_TRAIN, SHARED_EVAL = SHARED_DATA / "train", SHARED_DATA / "eval"
 # Instructions in the official format ("Instruction: ... Query: "); pass "" to train without one.
 IR_INSTRUCTION = "Instruction: Given a claim or a sentence, retrieve passages that support or entail it Query: "
 STS_INSTRUCTION = "Instruction: Retrieve semantically similar text Query: "
@@ -111,65 +103,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--save-strategy", choices=["no", "epoch", "steps"], default="no")
-    parser.add_argument("--eval", nargs="*", type=Path, default=[], help="evaluation folders (task.json + data)")
+    parser.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        help="mteb tasks to evaluate before and after training: names (looked up in --eval-data-dir first) or folders",
+    )
+    parser.add_argument("--eval-data-dir", type=Path, default=SHARED_EVAL)
     parser.add_argument("--eval-steps", type=int, default=None, help="also evaluate every N steps during training")
     parser.add_argument(
-        "--eval-max-corpus", type=int, default=None, help="subsample retrieval corpora (judged passages kept)"
+        "--eval-corpus-cap", type=int, default=None, help="subsample retrieval corpora (judged passages kept)"
     )
     return parser.parse_args(argv)
-
-
-class PromptedSimilarityEvaluator(EmbeddingSimilarityEvaluator):
-    """EmbeddingSimilarityEvaluator that encodes both sentences with a prompt (it has no prompt option)."""
-
-    def __init__(self, *args, prompt: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.prompt = prompt or None
-
-    def embed_inputs(self, model, sentences, **kwargs):
-        return super().embed_inputs(model, sentences, prompt=self.prompt, **kwargs)
-
-
-def build_evaluator(folder: Path, ir_prompt: str, sts_prompt: str, max_corpus: int | None, seed: int):
-    """An ST evaluator for an evaluation folder: STS (task.json + <split>.jsonl) or BEIR-layout retrieval."""
-    task = json.loads((folder / "task.json").read_text())
-    name, split = task["name"], task["split"]
-    if task["type"] == "sts":
-        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines() if line.strip()]
-        return PromptedSimilarityEvaluator(
-            [row["sentence1"] for row in rows],
-            [row["sentence2"] for row in rows],
-            [row["score"] for row in rows],
-            main_similarity="cosine",
-            name=name,
-            write_csv=False,
-            prompt=sts_prompt,
-        )
-    if task["type"] == "retrieval":
-        corpus = {}
-        for line in (folder / "corpus.jsonl").read_text().splitlines():
-            doc = json.loads(line)
-            corpus[doc["_id"]] = f"{doc.get('title', '')} {doc['text']}".strip()
-        queries = {}
-        for line in (folder / "queries.jsonl").read_text().splitlines():
-            query = json.loads(line)
-            queries[query["_id"]] = query["text"]
-        relevant: dict[str, set[str]] = {}
-        for line in (folder / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]:
-            query_id, doc_id, score = line.split("\t")
-            if float(score) > 0:
-                relevant.setdefault(query_id, set()).add(doc_id)
-        if max_corpus is not None and len(corpus) > max_corpus:
-            judged = set().union(*relevant.values())
-            others = sorted(set(corpus) - judged)
-            keep = judged | set(random.Random(seed).sample(others, max(0, max_corpus - len(judged))))
-            corpus = {doc_id: text for doc_id, text in corpus.items() if doc_id in keep}
-            name = f"{name}-corpus{len(corpus)}"  # the score is on a subsample: say so in its name
-        queries = {query_id: text for query_id, text in queries.items() if query_id in relevant}
-        return InformationRetrievalEvaluator(
-            queries, corpus, relevant, name=name, query_prompt=ir_prompt or None, write_csv=False
-        )
-    raise ValueError(f"{folder}/task.json: unknown task type {task['type']!r} (expected 'sts' or 'retrieval').")
 
 
 def load_ir(path: Path, num_positives: int, num_negatives: int, seed: int):
@@ -237,11 +182,19 @@ def main(argv: list[str] | None = None) -> None:
             {"sentence1": args.sts_instruction, "sentence2": args.sts_instruction} if args.sts_instruction else {}
         )
 
-    evaluators = [
-        build_evaluator(folder, args.ir_instruction, args.sts_instruction, args.eval_max_corpus, args.seed)
-        for folder in args.eval
-    ]
-    evaluator = SequentialEvaluator(evaluators) if evaluators else None
+    evaluator = None
+    if args.eval:
+        # mteb's own metrics; the same instructions as in training, on queries (retrieval) and both sentences (STS).
+        eval_tasks = prepare_tasks(
+            args.eval, data_dir=args.eval_data_dir, corpus_cap=args.eval_corpus_cap, seed=args.seed
+        )
+        eval_prompts = {}
+        for task in eval_tasks:
+            if task.type == "retrieval" and args.ir_instruction:
+                eval_prompts[f"{task.name}-query"] = args.ir_instruction
+            elif task.type == "sts" and args.sts_instruction:
+                eval_prompts[task.name] = args.sts_instruction
+        evaluator = MTEBEvaluator(eval_tasks, prompts=eval_prompts, name="mteb", write_csv=False)
 
     # transformers v5 takes the warmup ratio as a float `warmup_steps` (`warmup_ratio` is deprecated there).
     warmup = {"warmup_steps": args.warmup_ratio} if _TRANSFORMERS_MAJOR >= 5 else {"warmup_ratio": args.warmup_ratio}
@@ -270,12 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
     )
 
-    before = evaluator(model) if evaluator is not None and is_main else {}
+    # MTEBEvaluator evaluates on rank 0 and broadcasts the metrics, so every rank calls it.
+    before = evaluator(model) if evaluator is not None else {}
     trainer = SentenceTransformerTrainer(
         model=model, args=training_args, train_dataset=train_dataset, loss=loss, evaluator=evaluator
     )
     trainer.train()
 
+    after = evaluator(model) if evaluator is not None else {}
     if is_main:
         final_dir = args.output_dir / "final"
         model.save(str(final_dir))
@@ -284,13 +239,12 @@ def main(argv: list[str] | None = None) -> None:
         if losses:
             print(f"logged training loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
         if evaluator is not None:
-            after = evaluator(model)
-            print(f"\n{'metric':<48} {'before':>8} {'after':>8} {'after/before':>12}")
-            for evaluator_ in evaluators:
-                key = evaluator_.primary_metric  # already prefixed with the evaluator name
-                b, a = before.get(key), after.get(key)
-                if b is not None and a is not None:
-                    print(f"{key:<48} {b:8.4f} {a:8.4f} {a / b if b else float('nan'):12.3f}")
+            print(
+                f"\n{'metric (baseline: the model before training)':<48} {'before':>8} {'after':>8} {'after/before':>12}"
+            )
+            for key in before:
+                b, a = before[key], after[key]
+                print(f"{key:<48} {b:8.4f} {a:8.4f} {a / b if b else float('nan'):12.3f}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
