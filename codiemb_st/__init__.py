@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
-
+from codiemb_st.data import (
+    dataset_from_records,
+    ir_dataset_from_records,
+    read_records,
+    sts_dataset_from_records,
+)
 from codiemb_st.evaluation import MTEBEvaluator
 from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
 from codiemb_st.merging import DeltaSoup, MergeMethod, ModelSoup, TaskArithmetic
+from codiemb_st.sampling import RoundRobinTaskBatchSampler
+
+__version__ = "0.1.0.dev0"
 
 __all__ = [
     "DeltaSoup",
@@ -15,5 +22,10 @@ __all__ = [
     "ModelSoup",
     "MultiPositiveCachedInfoNCELoss",
     "PearsonSpearmanLoss",
+    "RoundRobinTaskBatchSampler",
     "TaskArithmetic",
+    "dataset_from_records",
+    "ir_dataset_from_records",
+    "read_records",
+    "sts_dataset_from_records",
 ]
