@@ -3,53 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_harness import run_torchrun
 
 WORKER = Path(__file__).with_name("ddp_train_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_torchrun(args: list[str], log_path: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run torchrun; on timeout stop it (and so its workers) so that a deadlock fails the test instead of hanging."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-    # Output to a file, not a pipe (a worker outliving torchrun would block a pipe). SIGTERM lets torchrun stop its
-    # workers, which run in sessions of their own; each worker also has a 150 s watchdog.
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            pytest.fail(f"torchrun did not finish within {timeout} s (deadlock?):\n{log_path.read_text()[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, log_path.read_text())
-
-
 @pytest.mark.distributed
 def test_two_rank_training_with_gathering_losses_finishes(tiny_model_path, tmp_path):
     result = run_torchrun(
-        [str(tiny_model_path), str(tmp_path), "--sampler", "codiemb"], tmp_path / "torchrun.log", timeout=180
+        WORKER, [tiny_model_path, tmp_path, "--sampler", "codiemb"], tmp_path / "torchrun.log", timeout=180
     )
     assert result.returncode == 0, result.stdout[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]

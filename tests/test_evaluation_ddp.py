@@ -1,23 +1,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from evaluation_fixtures import reference_ndcg_at_10, reference_sts_spearman, write_tiny_tasks
+from torchrun_harness import run_torchrun
 
 TESTS = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -27,21 +17,11 @@ def test_two_rank_evaluation_standalone_and_inside_ddp_training(tiny_model_path,
     data_dir = write_tiny_tasks(tmp_path / "data")
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    command += [str(TESTS / "evaluation_ddp_worker.py"), str(tiny_model_path), str(data_dir), str(out)]
-    # A deadlock (e.g. an unmatched collective) must fail the test, not hang it; kill the workers with the launcher.
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    result = run_torchrun(
+        TESTS / "evaluation_ddp_worker.py", [tiny_model_path, data_dir, out], tmp_path / "torchrun.log", timeout=240
     )
-    try:
-        output, _ = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun timed out:\n{output[-4000:]}")
-    assert process.returncode == 0, output[-4000:]
+    output = result.stdout
+    assert result.returncode == 0, output[-4000:]
     ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
     model = SentenceTransformer(str(tiny_model_path), device="cpu")

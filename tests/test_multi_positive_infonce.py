@@ -2,10 +2,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,7 @@ from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesRankingLoss,
 )
 from tiny_model import build_tiny_model
+from torchrun_harness import run_torchrun
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
 from codiemb_st.losses._text_identity import hash_texts
@@ -327,12 +324,6 @@ def test_gather_without_distributed_warns_and_uses_local_batch(tiny_model, caplo
     assert "torch.distributed is not initialized" in caplog.text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_process_gather_equals_single_process_full_batch(tiny_model_path, tmp_path):
     """torchrun, 2 ranks, gloo: local rows vs gathered candidates give the single-process full-batch loss/grads."""
@@ -341,14 +332,8 @@ def test_two_process_gather_equals_single_process_full_batch(tiny_model_path, tm
     batch_file = tmp_path / "batch.json"
     batch_file.write_text(json.dumps(columns))
     worker = Path(__file__).parent / "dist_infonce_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(worker), str(tiny_model_path), str(batch_file), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_torchrun(worker, [tiny_model_path, batch_file, tmp_path], tmp_path / "torchrun.log", timeout=240)
+    assert result.returncode == 0, result.stdout[-4000:]
 
     from sentence_transformers import SentenceTransformer
 

@@ -2,11 +2,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +10,7 @@ from datasets import Dataset, DatasetDict
 from scipy.stats import rankdata, spearmanr
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, util
 from tiny_model import ENGLISH_SENTENCES
+from torchrun_harness import run_torchrun
 
 from codiemb_st import PearsonSpearmanLoss
 from codiemb_st.losses.pearson_spearman import average_ranks, pearson_loss, pro_loss, rank_kl_loss
@@ -351,48 +347,12 @@ def test_config_and_citation():
 # --- Distributed: 2 gloo ranks with gathering == one process on the full batch ---
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_rank_gathered_gradients_equal_single_process(tiny_model_path, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(root / "tests" / "dist_pearson_spearman_worker.py"),
-        str(tiny_model_path),
-        str(tmp_path),
-    ]
-    # Output to a file, not a pipe: a pipe would block on any worker that outlives torchrun. On timeout, SIGTERM
-    # lets torchrun stop its workers (they run in their own sessions, out of reach of killpg); each worker also
-    # has a 150 s watchdog of its own.
-    log_path = tmp_path / "torchrun.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            process.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            pytest.fail(f"torchrun timed out (deadlock?):\n{log_path.read_text()[-4000:]}")
-    output = log_path.read_text()
-    assert process.returncode == 0, output[-4000:]
+    worker = Path(__file__).with_name("dist_pearson_spearman_worker.py")
+    result = run_torchrun(worker, [tiny_model_path, tmp_path], tmp_path / "torchrun.log", timeout=180)
+    output = result.stdout
+    assert result.returncode == 0, output[-4000:]
     results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert [result["rank"] for result in results] == [0, 1], output[-4000:]
     for result in results:
