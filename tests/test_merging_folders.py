@@ -355,6 +355,35 @@ def test_refuses_an_incompatible_base(folders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_base_may_hold_extra_tensors_but_not_lack_any(folders, tmp_path):
+    # Older transformers saved the `embeddings.position_ids` buffer; models fine-tuned from such a base do not.
+    with_buffer, lacking = tmp_path / "with_buffer", tmp_path / "lacking"
+    for target in (with_buffer, lacking):
+        shutil.copytree(folders / "base", target)
+    state = tensors(with_buffer)
+    state["embeddings.position_ids"] = torch.arange(8, dtype=torch.int64)[None]
+    save_file(state, str(with_buffer / "model.safetensors"), metadata={"format": "pt"})
+    expected = DeltaSoup().merge_to_folder(
+        checkpoint_paths(folders), tmp_path / "plain", base=folders / "base", show_progress_bar=False
+    )
+    merged = DeltaSoup().merge_to_folder(
+        checkpoint_paths(folders), tmp_path / "merged", base=with_buffer, show_progress_bar=False
+    )
+    assert tensors(merged).keys() == tensors(expected).keys()
+    assert all(torch.equal(tensors(merged)[k], v) for k, v in tensors(expected).items())
+
+    state = tensors(lacking)
+    del state[next(name for name in state if name.endswith("attention.self.query.weight"))]
+    save_file(state, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"base has different tensor names .* \(1 missing, 0 extra\)"):
+        DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base=lacking)
+    # A checkpoint with an extra tensor is still refused: the merged model takes checkpoints[0]'s tensor list.
+    with pytest.raises(ValueError, match="different tensor names"):
+        DeltaSoup().merge_to_folder(
+            [checkpoint_paths(folders)[0], with_buffer], tmp_path / "out2", base=folders / "base"
+        )
+
+
 def test_refuses_non_finite_weights(folders, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint_paths(folders)[1], broken)

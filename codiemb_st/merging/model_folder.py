@@ -251,7 +251,7 @@ def check_compatible(reference: ModelFolder, other: ModelFolder, *, is_checkpoin
             if ref_model_config.get(key) != other_model_config.get(key):
                 logger.warning(f"{key} differs between {ref} and {role}; the merged model uses {ref}'s.")
 
-    _check_tensors(reference, other)
+    _check_tensors(reference, other, is_checkpoint)
 
 
 def _check_vocabulary(reference: ModelFolder, other: ModelFolder) -> None:
@@ -271,7 +271,10 @@ def _check_vocabulary(reference: ModelFolder, other: ModelFolder) -> None:
                 )
 
 
-def _check_tensors(reference: ModelFolder, other: ModelFolder) -> None:
+def _check_tensors(reference: ModelFolder, other: ModelFolder, is_checkpoint: bool = True) -> None:
+    """Same weight files, tensor names, shapes and kinds of dtype. A base may hold extra tensors (e.g. the
+    ``embeddings.position_ids`` buffer older transformers versions saved): the merge reads only the checkpoints'
+    tensors from it."""
     ref, role = reference.role, other.role
     if reference.weight_files.keys() != other.weight_files.keys():
         missing = sorted(reference.weight_files.keys() - other.weight_files.keys())
@@ -281,9 +284,11 @@ def _check_tensors(reference: ModelFolder, other: ModelFolder) -> None:
         )
     for key, ref_file in reference.weight_files.items():
         other_file = other.weight_files[key]
-        if ref_file.specs.keys() != other_file.specs.keys():
-            missing = sorted(ref_file.specs.keys() - other_file.specs.keys())
-            extra = sorted(other_file.specs.keys() - ref_file.specs.keys())
+        missing = sorted(ref_file.specs.keys() - other_file.specs.keys())
+        extra = sorted(other_file.specs.keys() - ref_file.specs.keys())
+        if extra and not missing and not is_checkpoint:
+            logger.info(f"{role} has tensors the checkpoints lack, not used by the merge: {extra[:5]}")
+        elif missing or extra:
             raise ValueError(
                 f"{role} has different tensor names in module {key[0]} ({key[1]}) than {ref}: missing {missing[:5]}, "
                 f"extra {extra[:5]} ({len(missing)} missing, {len(extra)} extra)."
