@@ -78,9 +78,8 @@ def _write_gz(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from tiny_model import save_tiny_model
-
     from sentence_transformers import SentenceTransformer
+    from tiny_model import save_tiny_model
 
     root = tmp_path_factory.mktemp("reproduce")
     # Loading the tiny BERT adds a (randomly initialised) pooler; save it once more so that every run starts from
@@ -178,3 +177,24 @@ def test_missing_training_file_is_a_usage_error(tiny_setup, tmp_path, capsys):
     argv[argv.index("--ir-files") + 1] = str(tmp_path / "nope.jsonl.gz")
     assert rc.main(argv) == 2
     assert "nope.jsonl.gz not found" in capsys.readouterr().err
+
+
+def test_claim_checks_call_small_differences_a_tie():
+    def means(ir, sts):
+        return {"ir": ir, "sts": sts, "overall": (ir + sts) / 2}
+
+    summary = {
+        "naive": means(0.70, 0.40),
+        "codiemb": means(0.70, 0.46),  # +3 pts overall
+        "ir_only": means(0.72, 0.40),
+        "sts_only": means(0.70, 0.47),
+        "delta_soup": means(0.70, 0.461),  # +0.05 pts over the model soup
+        "model_soup": means(0.70, 0.460),
+    }
+    geometry = {name: {"anisotropy": 0.5, "effective_rank": 100.0, "condition_number": None} for name in summary}
+    geometry["base"] = geometry["naive"]
+    lines = rc.claims(summary, geometry)
+    assert "+3.00 pts" in lines[0] and lines[0].endswith("-> holds.")
+    assert "IR -2.00 pts vs IR-only, STS -1.00 pts vs STS-only" in lines[1]
+    assert "tie" in lines[2]
+    assert "condition number inf / inf / inf" in lines[3]
