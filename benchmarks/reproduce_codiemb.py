@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -348,8 +349,6 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
         print(f"[{track.name}] {output.name}: reusing the finished run in {output}", file=sys.stderr)
         return json.loads(log_path.read_text("utf-8"))
     if output.exists():
-        import shutil
-
         shutil.rmtree(output)
 
     model = SentenceTransformer(base, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -437,8 +436,6 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
     }
     (output / "run_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
     (output / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")  # the done marker
-    import shutil
-
     shutil.rmtree(output / "trainer", ignore_errors=True)
     del trainer, model
     gc.collect()
@@ -460,8 +457,6 @@ def merge_runs(method_name: str, ingredients: list[Path], base: str, output: Pat
     if marker.is_file() and json.loads(marker.read_text("utf-8")) == config:
         return config
     if output.exists():
-        import shutil
-
         shutil.rmtree(output)
     method.merge_to_folder(ingredients, output, base=base, show_progress_bar=False)
     marker.write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
