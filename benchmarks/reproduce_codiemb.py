@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import hashlib
 import json
 import logging
@@ -169,12 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 # Data: dev hold-out, naive pairs, local dev tasks
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_training_file(path: Path) -> list[dict[str, Any]]:
+    """All records of a training file (codiemb_st.data.read_records: JSONL or JSONL.gz, errors name the line)."""
+    from codiemb_st import read_records
+
     if not path.is_file():
         raise UsageError(f"Training file {path} not found (see ../shared/data/train or pass --ir-files/--sts-files).")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return [dict(record) for _, record in read_records(path)]
 
 
 def dataset_name(path: Path) -> str:
@@ -500,8 +500,9 @@ def evaluate(label: str, path: str, tasks, prompts, geometry_texts, args, cache:
     tick = time.perf_counter()
     scores = evaluate_model(model, tasks, prompts=prompts, batch_size=args.eval_batch_size, show_progress_bar=True)
     texts, pairs = geometry_texts
-    prefixed = [track_prefix(prompts) + t for t in texts]
-    prefixed_pairs = [(track_prefix(prompts) + a, track_prefix(prompts) + b) for a, b in pairs]
+    prefix = track_prefix(prompts)
+    prefixed = [prefix + t for t in texts]
+    prefixed_pairs = [(prefix + a, prefix + b) for a, b in pairs]
     geometry = model_geometry(model, prefixed, prefixed_pairs, batch_size=args.eval_batch_size)
     result = {
         "key": key,
@@ -677,11 +678,11 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
     ir_dev, sts_dev, data = {}, {}, TrainData(ir={}, sts={})
     for path in track.ir_files:
         data.ir[dataset_name(path)], ir_dev[dataset_name(path)] = split_dev(
-            read_jsonl(path), args.dev_ir_records, dataset_name(path)
+            read_training_file(path), args.dev_ir_records, dataset_name(path)
         )
     for path in track.sts_files:
         data.sts[dataset_name(path)], sts_dev[dataset_name(path)] = split_dev(
-            read_jsonl(path), args.dev_sts_pairs, dataset_name(path)
+            read_training_file(path), args.dev_sts_pairs, dataset_name(path)
         )
     dev_refs = write_dev_tasks(out / "dev_data", track.name, sts_dev, ir_dev)
     test_refs = (
