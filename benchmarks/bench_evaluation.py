@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from codiemb_st.shared_data import shared_data_path
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,7 +68,7 @@ def row(raw: float, full: float, outside: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "eval")
+    parser.add_argument("--data-dir", type=Path, default=shared_data_path("eval"))
     parser.add_argument("--model", default=None, help="default: the packaged all-MiniLM-L6-v2")
     parser.add_argument("--tasks", nargs="+", default=["STSBenchmark", "SciFact"])
     parser.add_argument("--corpus-cap", type=int, default=300, help="retrieval corpus cap (default 300)")

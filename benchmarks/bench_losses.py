@@ -37,17 +37,16 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
 
 def _stsb_test_rows() -> list[dict]:
-    """STSBenchmark test pairs from the project's shared data (found next to the checkout or a parent of it)."""
-    for parent in REPO_ROOT.parents:
-        path = parent / "shared" / "data" / "eval" / "STSBenchmark" / "test.jsonl"
-        if path.exists():
-            return [json.loads(line) for line in path.read_text().splitlines()]
-    raise FileNotFoundError(f"shared/data/eval/STSBenchmark/test.jsonl not found above {REPO_ROOT}")
+    """STSBenchmark test pairs from the project's shared data (codiemb_st.shared_data finds it)."""
+    from codiemb_st.file_io import read_jsonl
+    from codiemb_st.shared_data import shared_data_path
+
+    path = shared_data_path("eval", "STSBenchmark", "test.jsonl")
+    if path is None or not path.is_file():
+        raise FileNotFoundError("shared/data/eval/STSBenchmark/test.jsonl not found (set CODIEMB_SHARED_DATA).")
+    return [row for _, row in read_jsonl(path)]
 
 
 def _default_model_path() -> str:

@@ -97,7 +97,7 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
     elif mode == "deltasoup":
         model = DeltaSoup().merge(checkpoints, base, output_path=output, show_progress_bar=False)
     elif mode == "deltasoup-folder":
-        DeltaSoup().merge_to_folder(checkpoints, output, base=base, show_progress_bar=False)
+        DeltaSoup().merge_to_folder(checkpoints, output, base_model=base, show_progress_bar=False)
     elif mode == "modelsoup":
         model = ModelSoup().merge(checkpoints, output_path=output, show_progress_bar=False)
     elif mode == "st-linear":

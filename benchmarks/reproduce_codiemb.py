@@ -57,23 +57,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_mteb  # noqa: E402  (the main job's task preparation, geometry sample, table and chart)
+from codiemb_st.cli import UsageError
+from codiemb_st.evaluation.aggregates import MEAN_TASK_TYPE, aggregate_main_scores, type_mean_key
+from codiemb_st.file_io import json_safe, read_jsonl, write_json_atomic, write_text_atomic
+from codiemb_st.recipe import dataset_name
+from codiemb_st.shared_data import find_shared_data
 
 logger = logging.getLogger("reproduce_codiemb")
 
-SHARED_DATA = next(
-    (p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data" / "train").is_dir()),
-    Path(__file__).resolve().parents[2] / "shared" / "data",
-)
+SHARED_DATA = find_shared_data() or Path("shared/data")
 SHARED_TRAIN, SHARED_EVAL = SHARED_DATA / "train", SHARED_DATA / "eval"
 E5_BUILDER = SHARED_DATA.parent / "tools" / "make_multilingual_e5_small.py"
+# The reproduction's three numbers per model: the IR mean, the STS mean and their average (mteb's "Mean (TaskType)").
+IR, STS, OVERALL = type_mean_key("retrieval"), type_mean_key("sts"), MEAN_TASK_TYPE
 TRAINED_RUNS = ("ir_only", "sts_only", "naive", "codiemb")
 DEV_SEED = "codiemb-dev-split"  # fixed, independent of --seed: every run holds out the same dev records
-
-
-class UsageError(Exception):
-    """A problem the user can fix; reported without a traceback."""
 
 
 @dataclass
@@ -177,10 +175,6 @@ def read_training_file(path: Path) -> list[dict[str, Any]]:
     return [dict(record) for _, record in read_records(path)]
 
 
-def dataset_name(path: Path) -> str:
-    return path.name.split(".")[0]
-
-
 def split_dev(records: list[dict[str, Any]], dev_size: int, name: str) -> tuple[list, list]:
     """(train, dev): a fixed seeded hold-out of ``dev_size`` records (at most a fifth of the file)."""
     order = list(range(len(records)))
@@ -204,51 +198,33 @@ def naive_pairs(records: list[dict[str, Any]], threshold: float) -> list[dict[st
 
 def write_dev_tasks(folder: Path, language: str, sts_dev: dict[str, list], ir_dev: dict[str, list]) -> list[Path]:
     """Dev sets in the local task layout: one STS task per STS file, one retrieval task over all IR files."""
+    from codiemb_st.evaluation import write_retrieval_task, write_sts_task
+
     folders = []
     for name, records in sts_dev.items():
-        task_dir = folder / f"dev-{name}"
-        scores = [float(r["score"]) for r in records]
-        _write_task(
-            task_dir,
-            {
-                "name": f"dev-{name}",
-                "type": "sts",
-                "language": language,
-                "split": "dev",
-                "min_score": min(scores),
-                "max_score": max(scores),
-            },
+        folders.append(
+            write_sts_task(folder / f"dev-{name}", records, name=f"dev-{name}", language=language, split="dev")
         )
-        rows = [
-            {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": float(r["score"])} for r in records
-        ]
-        _write_jsonl(task_dir / "dev.jsonl", rows)
-        folders.append(task_dir)
     if ir_dev:
-        task_dir = folder / "dev-ir"
-        _write_task(task_dir, {"name": "dev-ir", "type": "retrieval", "language": language, "split": "dev"})
         doc_ids: dict[str, str] = {}
-        queries, qrels = [], []
+        queries: dict[str, str] = {}
+        qrels: dict[str, dict[str, int]] = {}
         for name, records in ir_dev.items():
             for i, record in enumerate(records):
                 qid = f"{name}-{i}"
-                queries.append({"_id": qid, "text": record["query"]})
+                queries[qid] = record["query"]
                 for text in record.get("negatives", []) + record["positives"]:
                     doc_ids.setdefault(text, f"d{len(doc_ids)}")
-                qrels.extend((qid, doc_ids[text]) for text in dict.fromkeys(record["positives"]))
-        _write_jsonl(task_dir / "corpus.jsonl", [{"_id": i, "title": "", "text": t} for t, i in doc_ids.items()])
-        _write_jsonl(task_dir / "queries.jsonl", queries)
-        (task_dir / "qrels").mkdir(exist_ok=True)
-        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in qrels]
-        (task_dir / "qrels" / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        folders.append(task_dir)
+                qrels[qid] = {doc_ids[text]: 1 for text in record["positives"]}
+        corpus = {doc_id: text for text, doc_id in doc_ids.items()}
+        folders.append(write_retrieval_task(folder / "dev-ir", corpus, queries, qrels, language=language, split="dev"))
     return folders
 
 
 def sample_sts_tasks(tasks: Sequence[str], data_dir: Path, cap: int, folder: Path, seed: int) -> list[str | Path]:
     """Replace each local STS test set larger than ``cap`` pairs by a seeded sample of ``cap`` pairs (same task
     class and metric: the folder keeps its ``mteb_task``), written under ``folder``."""
-    from codiemb_st.evaluation import find_local_tasks
+    from codiemb_st.evaluation import find_local_tasks, write_sts_task
 
     local = {info.name: info for info in find_local_tasks(data_dir)} if data_dir.is_dir() else {}
     resolved: list[str | Path] = []
@@ -257,30 +233,25 @@ def sample_sts_tasks(tasks: Sequence[str], data_dir: Path, cap: int, folder: Pat
         if info is None or info.type != "sts" or not cap:
             resolved.append(name)
             continue
-        rows = [
-            json.loads(line) for line in (info.path / f"{info.split}.jsonl").read_text("utf-8").splitlines() if line
-        ]
+        rows = [row for _, row in read_jsonl(info.path / f"{info.split}.jsonl")]
         if len(rows) <= cap:
             resolved.append(name)
             continue
         total = len(rows)
         rows = random.Random(f"{seed}:{name}").sample(rows, cap)
-        meta = json.loads((info.path / "task.json").read_text("utf-8"))
-        meta["sample"] = {"pairs_kept": cap, "pairs_total": total, "seed": seed}
-        target = folder / name
-        _write_task(target, meta)
-        _write_jsonl(target / f"{info.split}.jsonl", rows)
-        resolved.append(target)
+        write_sts_task(
+            folder / name,
+            rows,
+            name=info.name,
+            language=info.language,
+            split=info.split,
+            min_score=info.min_score,
+            max_score=info.max_score,
+            mteb_task=info.mteb_task,
+            metadata={"sample": {"pairs_kept": cap, "pairs_total": total, "seed": seed}},
+        )
+        resolved.append(folder / name)
     return resolved
-
-
-def _write_task(folder: Path, meta: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "task.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,24 +296,10 @@ def run_config(run: str, seed: int, track: Track, base: str, args: argparse.Name
 def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, args, output: Path) -> dict[str, Any]:
     """Train one run into ``output`` (reused when a finished run with the same configuration is there)."""
     import torch
-    import transformers
-    from datasets import Dataset, DatasetDict
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from sentence_transformers.base.sampler import MultiDatasetBatchSamplers
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
-    from codiemb_st import (
-        MultiPositiveCachedInfoNCELoss,
-        PearsonSpearmanLoss,
-        RoundRobinTaskBatchSampler,
-        ir_dataset_from_records,
-        sts_dataset_from_records,
-    )
+    from codiemb_st import ir_dataset_from_records, recipe
 
-    transformers_major = int(transformers.__version__.split(".")[0])
     config = run_config(run, seed, track, base, args)
     log_path = output / "train_log.json"
     if log_path.is_file() and json.loads((output / "run_config.json").read_text("utf-8")) == config:
@@ -356,73 +313,46 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
     if args.freeze_embeddings:
         model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
 
-    ir_prompts = {"anchor": track.query_prefix}
-    sts_prompts = {"sentence1": track.sts_prefix, "sentence2": track.sts_prefix}
-
-    def ir_dataset(records: list[dict[str, Any]]) -> Dataset:
-        negatives = args.num_negatives if all(r.get("negatives") for r in records) else 0
-        dataset = ir_dataset_from_records(records, num_positives=1, num_negatives=negatives, seed=seed)
-        ir_prompts.update({c: track.passage_prefix for c in dataset.column_names if c != "anchor"})
-        return dataset
-
-    ir_loss = MultiPositiveCachedInfoNCELoss(
-        model, num_positives=1, temperature=args.temperature, mini_batch_size=args.mini_batch_size
+    # One dataset per file: IR files (and, for naive co-training, STS files as IR pairs) and STS files.
+    ir_sources = dict(data.ir) if run in ("ir_only", "naive", "codiemb") else {}
+    sts_sources = dict(data.sts) if run in ("sts_only", "codiemb") else {}
+    datasets = recipe.load_task_datasets(
+        ir_sources, sts_sources, num_positives=1, num_negatives=args.num_negatives, seed=seed
     )
-    datasets: dict[str, Dataset] = {}
-    losses: dict[str, Any] = {}
-    prompts: dict[str, dict[str, str]] = {}
-    tasks: dict[str, list[str]] = {"ir": [], "sts": []}
-    if run in ("ir_only", "naive", "codiemb"):
-        for name, records in data.ir.items():
-            datasets[name], losses[name], tasks["ir"] = ir_dataset(records), ir_loss, [*tasks["ir"], name]
-    if run in ("sts_only", "codiemb"):
-        sts_loss = PearsonSpearmanLoss(model)
-        for name, records in data.sts.items():
-            datasets[name], losses[name], tasks["sts"] = (
-                sts_dataset_from_records(records),
-                sts_loss,
-                [*tasks["sts"], name],
-            )
     if run == "naive":
         for name, records in data.sts.items():
             pairs = naive_pairs(records, args.naive_threshold)
             if pairs:
-                datasets[name] = ir_dataset_from_records(pairs, num_positives=1, num_negatives=0, seed=seed)
-                losses[name] = ir_loss
-    for name in datasets:
-        is_sts = name in data.sts and run != "naive"
-        prompts[name] = {k: v for k, v in (sts_prompts if is_sts else ir_prompts).items() if v}
-        if name in data.sts and run == "naive":
-            prompts[name] = {k: track.sts_prefix for k in ("anchor", "positive_1") if track.sts_prefix}
-    tasks = {task: names for task, names in tasks.items() if names}
-    sampler = (
-        MultiDatasetBatchSamplers.PROPORTIONAL
-        if run == "naive"
-        else RoundRobinTaskBatchSampler.with_options(
-            tasks=tasks,
-            batch_sizes={t: args.ir_batch_size if t == "ir" else args.sts_batch_size for t in tasks},
-        )
+                datasets.datasets[name] = ir_dataset_from_records(pairs, num_positives=1, num_negatives=0, seed=seed)
+                datasets.ir.append(name)
+    losses = recipe.build_task_losses(
+        model, datasets, temperature=args.temperature, mini_batch_size=args.mini_batch_size
     )
-    training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(output / "trainer"),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.ir_batch_size,
+    prompts = recipe.training_prompts(
+        datasets, query=track.query_prefix, passage=track.passage_prefix, sts=track.sts_prefix
+    )
+    if run == "naive":  # STS pairs used as IR pairs keep the STS prefix on both sides
+        for name in data.sts:
+            if name in prompts:
+                prompts[name] = {k: track.sts_prefix for k in ("anchor", "positive_1") if track.sts_prefix}
+    training_args = recipe.training_arguments(
+        output / "trainer",
+        datasets,
+        ir_batch_size=args.ir_batch_size,
+        sts_batch_size=args.sts_batch_size,
+        sampler="proportional" if run == "naive" else "round_robin",
         learning_rate=args.lr,
-        # transformers v5 takes the warmup ratio as a float `warmup_steps` (`warmup_ratio` is deprecated there).
-        **({"warmup_steps": args.warmup_ratio} if transformers_major >= 5 else {"warmup_ratio": args.warmup_ratio}),
-        weight_decay=0.0,
+        warmup_ratio=args.warmup_ratio,
+        prompts=prompts,
         seed=seed,
-        data_seed=seed,
-        prompts={name: p for name, p in prompts.items() if p} or None,
-        multi_dataset_batch_sampler=sampler,
+        max_steps=args.max_steps,
         dataloader_drop_last=True,
         logging_steps=max(1, args.max_steps // 20),
         save_strategy="no",
-        report_to="none",
         disable_tqdm=False,
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=DatasetDict(datasets), loss=losses
+        model=model, args=training_args, train_dataset=datasets.dataset_dict(), loss=losses
     )
     tick = time.perf_counter()
     trainer.train()
@@ -431,11 +361,11 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
     log = {
         "seconds": seconds,
         "steps": trainer.state.global_step,
-        "rows": {name: len(d) for name, d in datasets.items()},
+        "rows": {name: len(d) for name, d in datasets.datasets.items()},
         "loss": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
-    (output / "run_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-    (output / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")  # the done marker
+    write_json_atomic(output / "run_config.json", config)
+    write_json_atomic(output / "train_log.json", log)  # the done marker, written last
     shutil.rmtree(output / "trainer", ignore_errors=True)
     del trainer, model
     gc.collect()
@@ -458,8 +388,8 @@ def merge_runs(method_name: str, ingredients: list[Path], base: str, output: Pat
         return config
     if output.exists():
         shutil.rmtree(output)
-    method.merge_to_folder(ingredients, output, base=base, show_progress_bar=False)
-    marker.write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    method.merge_to_folder(ingredients, output, base_model=base, show_progress_bar=False)
+    write_json_atomic(marker, config)
     return config
 
 
@@ -509,11 +439,10 @@ def evaluate(label: str, path: str, tasks, prompts, geometry_texts, args, cache:
         "label": label,
         "scores": {s.name: s.main_score for s in scores},
         "types": {s.name: s.type for s in scores},
-        "geometry": run_mteb._finite(geometry),
+        "geometry": json_safe(geometry),
         "seconds": time.perf_counter() - tick,
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    run_mteb._write_atomic(cache, lambda tmp: tmp.write_text(json.dumps(result, indent=1), encoding="utf-8"))
+    write_json_atomic(cache, result)
     del model
     gc.collect()
     return result
@@ -524,13 +453,9 @@ def track_prefix(prompts: dict[str, str] | None) -> str:
 
 
 def means(result: dict[str, Any], names: Sequence[str]) -> dict[str, float | None]:
-    def mean(kind: str) -> float | None:
-        values = [result["scores"][n] for n in names if result["types"][n] == kind]
-        return sum(values) / len(values) if values else None
-
-    ir, sts = mean("retrieval"), mean("sts")
-    both = [v for v in (ir, sts) if v is not None]
-    return {"ir": ir, "sts": sts, "overall": sum(both) / len(both) if both else None}
+    """The IR mean, STS mean and their average (``mean_task_type``) over the named tasks (None where missing)."""
+    summary = aggregate_main_scores({n: result["scores"][n] for n in names}, {n: result["types"][n] for n in names})
+    return {key: summary.get(key) for key in (IR, STS, OVERALL)}
 
 
 def claims(summary: dict[str, dict[str, Any]], geometry: dict[str, dict[str, float]]) -> list[str]:
@@ -541,22 +466,22 @@ def claims(summary: dict[str, dict[str, Any]], geometry: dict[str, dict[str, flo
 
     lines = []
     c, n = summary["codiemb"], summary["naive"]
-    verdict = _verdict(c["overall"] - n["overall"])
+    verdict = _verdict(c[OVERALL] - n[OVERALL])
     lines.append(
-        f"1. CoDiEmb vs naive co-training: overall {pts(c['overall'] - n['overall'])} pts (IR "
-        f"{pts(_diff(c['ir'], n['ir']))}, STS {pts(_diff(c['sts'], n['sts']))}) -> {verdict}."
+        f"1. CoDiEmb vs naive co-training: overall {pts(c[OVERALL] - n[OVERALL])} pts (IR "
+        f"{pts(_diff(c[IR], n[IR]))}, STS {pts(_diff(c[STS], n[STS]))}) -> {verdict}."
     )
-    gap_ir = _diff(c["ir"], summary["ir_only"]["ir"])
-    gap_sts = _diff(c["sts"], summary["sts_only"]["sts"])
+    gap_ir = _diff(c[IR], summary["ir_only"][IR])
+    gap_sts = _diff(c[STS], summary["sts_only"][STS])
     lines.append(
         f"2. CoDiEmb vs the specialists on their own task: IR {pts(gap_ir)} pts vs IR-only, STS {pts(gap_sts)} pts "
         "vs STS-only (within 1 pt or better = approaches)."
     )
     d, m = summary["delta_soup"], summary["model_soup"]
-    verdict = _verdict(d["overall"] - m["overall"])
+    verdict = _verdict(d[OVERALL] - m[OVERALL])
     lines.append(
-        f"3. DeltaSoup vs Model Soup: overall {pts(d['overall'] - m['overall'])} pts (IR {pts(_diff(d['ir'], m['ir']))},"
-        f" STS {pts(_diff(d['sts'], m['sts']))}) -> {verdict}."
+        f"3. DeltaSoup vs Model Soup: overall {pts(d[OVERALL] - m[OVERALL])} pts (IR {pts(_diff(d[IR], m[IR]))},"
+        f" STS {pts(_diff(d[STS], m[STS]))}) -> {verdict}."
     )
     g, b, nv = geometry["codiemb"], geometry["base"], geometry["naive"]
     lines.append(
@@ -607,14 +532,11 @@ def report(track: Track, results: dict[str, dict[str, Any]], test: list, dev: li
                 + " | ".join(f"{results[lb]['scores'][task.name] * 100:.2f}" for lb in labels)
                 + " |"
             )
-        for key in ("ir", "sts", "overall"):
+        for key in (IR, STS, OVERALL):
             values = [means(results[lb], names)[key] for lb in labels]
             if all(v is not None for v in values):
-                lines.append(
-                    f"| **{key.upper() if key != 'overall' else 'overall'} mean** | "
-                    + " | ".join(f"**{v * 100:.2f}**" for v in values)
-                    + " |"
-                )
+                title = {IR: "IR mean", STS: "STS mean", OVERALL: "mean (task type) = (IR + STS) / 2"}[key]
+                lines.append(f"| **{title}** | " + " | ".join(f"**{v * 100:.2f}**" for v in values) + " |")
         lines.append("")
     geometry = {lb: results[lb]["geometry"] for lb in labels}
     lines += ["| Geometry (test texts) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
@@ -626,7 +548,7 @@ def report(track: Track, results: dict[str, dict[str, Any]], test: list, dev: li
         )
     lines.append("")
     lines.append(
-        "Main scores x100 (mteb metric code, no cache). Overall = mean of the IR and STS means. "
+        "Main scores x100 (mteb metric code, no cache). Mean (task type) = mean of the IR and STS means. "
         "† corpus subsample (all judged passages kept); ‡ seeded pair sample of the STS test set."
     )
     if test:
@@ -668,7 +590,8 @@ def resolve_base(track: Track, args, out: Path) -> str:
 
 
 def run_track(track: Track, args, command: str) -> dict[str, Any]:
-    from codiemb_st.evaluation import prepare_task
+    from codiemb_st.evaluation import geometry_text_sample, prepare_task
+    from codiemb_st.evaluation.report import bar_chart
 
     start = time.perf_counter()
     out = args.output_dir / track.name
@@ -721,7 +644,7 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
     extra_seeds = [name for name in logs if name.startswith("codiemb_seed")]
 
     prompts = {"STS": track.sts_prefix} if track.sts_prefix else None
-    texts, pairs = run_mteb.geometry_sample(test or dev, args.geometry_samples, args.seed)
+    texts, pairs = geometry_text_sample(test or dev, args.geometry_samples, args.seed)
     results = {}
     for label in ["base", *TRAINED_RUNS, "delta_soup", "model_soup", *extra_seeds]:
         path = paths.get(label, str(models_dir / label))
@@ -750,26 +673,17 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
         "machine": meta["machine"],
         "command": command,
     }
-    run_mteb._write_atomic(out / "results.md", lambda tmp: tmp.write_text(table, encoding="utf-8"))
-    run_mteb._write_atomic(
-        out / "results.json",
-        lambda tmp: tmp.write_text(
-            json.dumps(run_mteb._finite(summary), indent=1, ensure_ascii=False, default=str), encoding="utf-8"
-        ),
-    )
+    write_text_atomic(out / "results.md", table)
+    write_json_atomic(out / "results.json", summary)
     chart_tasks = test or dev
-    run_mteb.bar_chart(
+    bar_chart(
         out / "results.png",
-        chart_tasks,
-        {lb: {"scores": {name: _Score(value) for name, value in r["scores"].items()}} for lb, r in results.items()},
+        [t.name for t in chart_tasks],
+        {lb: r["scores"] for lb, r in results.items()},
+        f"CoDiEmb reproduction, track {track.name}",
     )
     print(table)
     return summary
-
-
-@dataclass
-class _Score:
-    main_score: float
 
 
 def machine() -> str:

@@ -14,7 +14,13 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.base.sampler import DefaultBatchSampler, MultiDatasetDefaultBatchSampler
+from sentence_transformers.base.sampler import (
+    DefaultBatchSampler,
+    MultiDatasetBatchSamplers,
+    MultiDatasetDefaultBatchSampler,
+)
+from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+from sentence_transformers.sentence_transformer.modules import Pooling
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size, is_dist_initialized
 
 
@@ -31,8 +37,11 @@ def is_distributed_inference_active(model: Any) -> bool:
 __all__ = [
     "BaseEvaluator",
     "CachedLossMixin",
+    "CoSENTLoss",
     "DefaultBatchSampler",
+    "MultiDatasetBatchSamplers",
     "MultiDatasetDefaultBatchSampler",
+    "Pooling",
     "SentenceTransformer",
     "all_gather",
     "all_gather_with_grad",

@@ -16,8 +16,6 @@ subset, one with fewer is completed by resampling its own texts with replacement
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import math
 import os
@@ -27,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from datasets import Dataset
+
+from codiemb_st.file_io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -46,24 +46,16 @@ def read_records(source: RecordSource) -> Iterator[tuple[str, Mapping[str, Any]]
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: On a line that is not valid JSON or not a JSON object (naming ``path:line``).
+        ValueError: On a line that is not valid JSON or not a JSON object, a file that is not UTF-8, or a ``.gz``
+            file that is not gzip (naming ``path:line``).
         TypeError: If ``source`` is none of the accepted types.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"Record file not found: {path}")
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                location = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{location}: invalid JSON ({error.msg} at column {error.colno}).") from None
-                yield location, _check_is_object(record, location)
+        for location, record in read_jsonl(path):
+            yield location, _check_is_object(record, location)
         return
     if isinstance(source, Mapping) or not isinstance(source, Iterable):
         raise TypeError(

@@ -57,7 +57,7 @@ def main(model_path: str, data_dir: str, out_dir: str) -> None:
         model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model), evaluator=evaluator
     )
     trainer.train()
-    record["trainer"] = next(entry for entry in trainer.state.log_history if "eval_mteb_mean" in entry)
+    record["trainer"] = next(entry for entry in trainer.state.log_history if "eval_mteb_mean_task" in entry)
     record["final"] = evaluator(model)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
 

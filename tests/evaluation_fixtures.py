@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+
+from codiemb_st.evaluation import task_folders
 
 STS_PAIRS = [
     ("the quick brown fox jumps over the lazy dog", "a quick brown fox jumps over a lazy dog", 4.8),
@@ -54,32 +55,20 @@ QRELS = {
 }
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-
-
 def write_sts_task(folder: Path, name: str = "TinySTS", mteb_task: str | None = None, split: str = "test") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"name": name, "type": "sts", "language": "en", "split": split, "min_score": 0, "max_score": 5}
-    meta.update({"main_score": "cosine_spearman", "mteb_task": mteb_task})
-    (folder / "task.json").write_text(json.dumps(meta), encoding="utf-8")
-    _write_jsonl(folder / f"{split}.jsonl", [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in STS_PAIRS])
-    return folder
+    """The tiny STS pairs as a local task folder, written by the library's own writer."""
+    return task_folders.write_sts_task(
+        folder, STS_PAIRS, name=name, language="en", split=split, min_score=0, max_score=5, mteb_task=mteb_task
+    )
 
 
 def write_retrieval_task(
     folder: Path, name: str = "TinyRetrieval", mteb_task: str | None = None, split: str = "test"
 ) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"name": name, "type": "retrieval", "language": "en", "split": split, "main_score": "ndcg_at_10"}
-    meta["mteb_task"] = mteb_task
-    (folder / "task.json").write_text(json.dumps(meta), encoding="utf-8")
-    _write_jsonl(folder / "corpus.jsonl", [{"_id": k, "title": t, "text": x} for k, (t, x) in CORPUS.items()])
-    _write_jsonl(folder / "queries.jsonl", [{"_id": k, "text": x} for k, x in QUERIES.items()])
-    (folder / "qrels").mkdir(exist_ok=True)
-    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, docs in QRELS.items() for d, s in docs.items()]
-    (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    """The tiny corpus, queries (one unjudged) and graded qrels as a BEIR task folder, by the library's writer."""
+    return task_folders.write_retrieval_task(
+        folder, CORPUS, QUERIES, QRELS, name=name, language="en", split=split, mteb_task=mteb_task
+    )
 
 
 def write_tiny_tasks(root: Path) -> Path:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from mteb.abstasks import AbsTaskRetrieval, AbsTaskSTS
 from tiny_model import build_tiny_model
 
 from codiemb_st.evaluation import (
-    CMTEB_TASK_NAMES,
     CMTEB_TASKS,
     LocalTaskInfo,
     MTEBEvaluator,
@@ -188,7 +186,12 @@ def test_scores_equal_an_independent_computation(data_dir, models):
         assert scores[name].result.scores["test"][0]["main_score"] == scores[name].main_score
     summary = summarize_scores(list(scores.values()))
     assert summary == pytest.approx(
-        {"sts_mean": expected_sts, "retrieval_mean": expected_ndcg, "mean": (expected_sts + expected_ndcg) / 2},
+        {
+            "sts_mean": expected_sts,
+            "retrieval_mean": expected_ndcg,
+            "mean_task_type": (expected_sts + expected_ndcg) / 2,
+            "mean_task": (expected_sts + expected_ndcg) / 2,
+        },
         abs=1e-5,
     )
 
@@ -238,7 +241,8 @@ def test_evaluator_metrics_primary_metric_prompts_and_model_untouched(data_dir, 
         "dev_TinyRetrieval_ndcg_at_10",
         "dev_sts_mean",
         "dev_retrieval_mean",
-        "dev_mean",
+        "dev_mean_task_type",
+        "dev_mean_task",
     }
     assert evaluator.primary_metric == "dev_TinySTS_cosine_spearman"
     # The STS prompt is prepended to both sentences; retrieval is unaffected.
@@ -284,68 +288,11 @@ def test_evaluator_inside_a_short_trainer_run(data_dir, tmp_path):
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model), evaluator=evaluator
     )
-    before = evaluator(model)["mteb_mean"]
+    before = evaluator(model)["mteb_mean_task"]
     trainer.train()
-    logged = next(entry for entry in trainer.state.log_history if "eval_mteb_mean" in entry)
+    logged = next(entry for entry in trainer.state.log_history if "eval_mteb_mean_task" in entry)
     # The evaluation at step 2 saw the final weights: it must equal a fresh computation on them.
     assert logged["eval_mteb_TinySTS_cosine_spearman"] == pytest.approx(reference_sts_spearman(model), abs=1e-6)
     assert logged["eval_mteb_TinyRetrieval_ndcg_at_10"] == pytest.approx(reference_ndcg_at_10(model), abs=1e-5)
-    assert logged["eval_mteb_mean"] != pytest.approx(before)  # training changed the model and the score followed
+    assert logged["eval_mteb_mean_task"] != pytest.approx(before)  # training changed the model and the score followed
     assert (tmp_path / "eval" / "mteb_evaluation_mteb_results.csv").is_file()
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("run_mteb", REPO_ROOT / "benchmarks" / "run_mteb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_end_to_end_on_tiny_local_data(data_dir, tiny_model_path, tmp_path, capsys):
-    cli = _load_cli()
-    out = tmp_path / "results"
-    argv = ["--models", f"tiny={tiny_model_path}", "--data-dir", str(data_dir), "--output-dir", str(out)]
-    argv += ["--tasks", "auto", "--corpus-cap", "8", "--geometry-samples", "20"]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    table = (out / "results.md").read_text(encoding="utf-8")
-    assert table in printed
-    for row in ("| TinySTS | sts | test |", "| TinyRetrieval † | retrieval |", "**mean (all tasks)**", "anisotropy"):
-        assert row in table
-    result = json.loads((out / "tiny" / "TinySTS.json").read_text())
-    assert result["task_name"] == "TinySTS" and "cosine_spearman" in result["scores"]["test"][0]
-    marked = json.loads((out / "tiny" / "TinyRetrieval.json").read_text())["scores"]["test"][0]
-    assert marked["corpus_subsample"]["documents_kept"] == 8
-    run = json.loads((out / "run.json").read_text())
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(tiny_model_path), device="cpu")  # the very model the CLI evaluated
-    assert run["scores"]["tiny"]["TinySTS"] == pytest.approx(reference_sts_spearman(model), abs=1e-6)
-    assert f"{run['scores']['tiny']['TinySTS'] * 100:.2f}" in table
-    assert set(run["geometry"]["tiny"]) >= {"anisotropy", "effective_rank", "alignment"}
-    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    assert not list(out.rglob("*.tmp"))
-
-
-def test_cli_without_data_fails_cleanly(tmp_path, capsys, monkeypatch):
-    cli = _load_cli()
-    monkeypatch.setattr(cli, "DEFAULT_DATA_DIR", tmp_path / "missing")
-    assert cli.main(["--models", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "No local evaluation data found" in err and "--data-dir" in err and "Traceback" not in err
-    assert cli.main(["--data-dir", str(tmp_path / "nope")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-def test_cmteb_preset_skips_tasks_without_data_offline(data_dir, capsys):
-    cli = _load_cli()  # conftest runs the tests offline (HF_HUB_OFFLINE=1): hub loads fail at once
-    args = cli.build_parser().parse_args(["--tasks", "cmteb", "TinySTS", "--data-dir", str(data_dir)])
-    prepared, skipped = cli.prepare(args, data_dir)
-    assert [t.name for t in prepared] == ["TinySTS"] and list(skipped) == list(CMTEB_TASK_NAMES)
-    args = cli.build_parser().parse_args(["--tasks", "STSB", "--data-dir", str(data_dir)])
-    with pytest.raises(cli.UsageError, match="Could not load task 'STSB'"):
-        cli.prepare(args, data_dir)

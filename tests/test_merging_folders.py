@@ -100,7 +100,9 @@ def test_merged_folder_loads_encodes_and_matches_the_math(folders, tmp_path, mon
     # A tiny slice budget forces every tensor through several row slices (and two passes for tensor granularity).
     monkeypatch.setattr(streaming_merge, "SLICE_BUDGET_BYTES", 4096)
     checkpoints = checkpoint_paths(folders)
-    out = method.merge_to_folder(checkpoints, tmp_path / "merged", base=folders / "base", show_progress_bar=False)
+    out = method.merge_to_folder(
+        checkpoints, tmp_path / "merged", base_model=folders / "base", show_progress_bar=False
+    )
     assert out == tmp_path / "merged"
 
     base_state = tensors(folders / "base")
@@ -142,11 +144,13 @@ def test_merge_returns_the_model_and_inputs_are_untouched(folders, tmp_path):
     inputs = [*checkpoint_paths(folders), folders / "base"]
     before = {str(p): folder_hashes(p) for p in inputs}
     outside = set(tmp_path.parent.iterdir())
-    model = DeltaSoup().merge(checkpoint_paths(folders), base=folders / "base", show_progress_bar=False)
+    model = DeltaSoup().merge(checkpoint_paths(folders), base_model=folders / "base", show_progress_bar=False)
     assert {str(p): folder_hashes(p) for p in inputs} == before
     assert set(tmp_path.parent.iterdir()) == outside
 
-    saved = DeltaSoup().merge(checkpoint_paths(folders), folders / "base", tmp_path / "out", show_progress_bar=False)
+    saved = DeltaSoup().merge(
+        checkpoint_paths(folders), base_model=folders / "base", output_path=tmp_path / "out", show_progress_bar=False
+    )
     sentences = ["retrieval finds relevant passages", "今天天气很好"]
     assert torch.equal(
         model.encode(sentences, convert_to_tensor=True), saved.encode(sentences, convert_to_tensor=True)
@@ -156,9 +160,11 @@ def test_merge_returns_the_model_and_inputs_are_untouched(folders, tmp_path):
 
 def test_sentence_transformer_objects_as_inputs(folders, tmp_path):
     objects = [build_model(noise_seed=seed) for seed in (1, 2, 3)]
-    from_objects = DeltaSoup().merge_to_folder(objects, tmp_path / "a", base=build_model(), show_progress_bar=False)
+    from_objects = DeltaSoup().merge_to_folder(
+        objects, tmp_path / "a", base_model=build_model(), show_progress_bar=False
+    )
     from_folders = DeltaSoup().merge_to_folder(
-        checkpoint_paths(folders), tmp_path / "b", base=folders / "base", show_progress_bar=False
+        checkpoint_paths(folders), tmp_path / "b", base_model=folders / "base", show_progress_bar=False
     )
     for file in WEIGHT_FILES:
         a, b = tensors(from_objects, file), tensors(from_folders, file)
@@ -169,7 +175,7 @@ def test_baselines_through_folders(folders, tmp_path):
     checkpoints = checkpoint_paths(folders)
     soup = ModelSoup().merge_to_folder(checkpoints, tmp_path / "soup", show_progress_bar=False)
     arithmetic = TaskArithmetic(scale=0.3).merge_to_folder(
-        checkpoints, tmp_path / "ta", base=folders / "base", show_progress_bar=False
+        checkpoints, tmp_path / "ta", base_model=folders / "base", show_progress_bar=False
     )
     for file in WEIGHT_FILES:
         states = [tensors(c, file) for c in checkpoints]
@@ -181,7 +187,7 @@ def test_baselines_through_folders(folders, tmp_path):
             torch.testing.assert_close(tensors(arithmetic, file)[name], task_sum, atol=1e-7, rtol=1e-6)
     # ModelSoup accepts a base (so methods can be swapped in a loop) but does not use it
     with_base = ModelSoup().merge_to_folder(
-        checkpoints, tmp_path / "soup2", base=folders / "base", show_progress_bar=False
+        checkpoints, tmp_path / "soup2", base_model=folders / "base", show_progress_bar=False
     )
     assert (with_base / "model.safetensors").read_bytes() == (soup / "model.safetensors").read_bytes()
 
@@ -194,7 +200,7 @@ def test_half_precision_checkpoints_keep_their_dtype(tmp_path, dtype):
         build_model(noise_seed=seed).to(dtype).save(str(tmp_path / f"ckpt{seed}"))
         checkpoints.append(tmp_path / f"ckpt{seed}")
     model = DeltaSoup().merge(
-        checkpoints, base=tmp_path / "base", output_path=tmp_path / "out", show_progress_bar=False
+        checkpoints, base_model=tmp_path / "base", output_path=tmp_path / "out", show_progress_bar=False
     )
     for file in WEIGHT_FILES:
         merged = tensors(tmp_path / "out", file)
@@ -220,7 +226,7 @@ def test_interrupted_write_leaves_no_folder_at_the_target(folders, tmp_path, mon
     parent = tmp_path / "models"
     parent.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        DeltaSoup().merge_to_folder(checkpoint_paths(folders), parent / "merged", base=folders / "base")
+        DeltaSoup().merge_to_folder(checkpoint_paths(folders), parent / "merged", base_model=folders / "base")
     assert calls["n"] == 10
     assert list(parent.iterdir()) == []  # neither the target nor the temporary folder
 
@@ -238,7 +244,7 @@ def test_only_bounded_slices_are_read(folders, tmp_path, monkeypatch):
 
     monkeypatch.setattr(RowReader, "read", recording_read)
     DeltaSoup().merge_to_folder(
-        checkpoint_paths(folders), tmp_path / "m", base=folders / "base", show_progress_bar=False
+        checkpoint_paths(folders), tmp_path / "m", base_model=folders / "base", show_progress_bar=False
     )
     # 4 inputs share the budget; the largest tensor (the 290 x 32 word embeddings = 37 KB) is read in slices
     assert max(sizes) <= budget // 4
@@ -256,7 +262,7 @@ def test_integer_tensors_are_copied_from_the_first_checkpoint(folders, tmp_path,
         save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
         copies.append(target)
     with caplog.at_level(logging.WARNING):
-        out = DeltaSoup().merge_to_folder(copies[:2], tmp_path / "out", base=copies[2], show_progress_bar=False)
+        out = DeltaSoup().merge_to_folder(copies[:2], tmp_path / "out", base_model=copies[2], show_progress_bar=False)
     merged, first = tensors(out), tensors(copies[0])
     assert merged["extra.counts"].dtype == torch.int64 and torch.equal(merged["extra.counts"], first["extra.counts"])
     assert torch.equal(merged["extra.flags"], first["extra.flags"])
@@ -278,8 +284,10 @@ def test_sharded_checkpoint_is_read(folders, tmp_path):
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
     others = checkpoint_paths(folders)[1:]
-    a = DeltaSoup().merge_to_folder([sharded, *others], tmp_path / "a", base=folders / "base", show_progress_bar=False)
-    b = DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "b", base=folders / "base")
+    a = DeltaSoup().merge_to_folder(
+        [sharded, *others], tmp_path / "a", base_model=folders / "base", show_progress_bar=False
+    )
+    b = DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "b", base_model=folders / "base")
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert not list(a.glob("model-*")) and not (a / "model.safetensors.index.json").exists()
 
@@ -291,19 +299,19 @@ def test_refuses_bad_checkpoint_and_base_arguments(folders, tmp_path):
     checkpoints = checkpoint_paths(folders)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="at least one"):
-        DeltaSoup().merge_to_folder([], out, base=folders / "base")
+        DeltaSoup().merge_to_folder([], out, base_model=folders / "base")
     with pytest.raises(TypeError, match="list"):
-        DeltaSoup().merge_to_folder(str(checkpoints[0]), out, base=folders / "base")
+        DeltaSoup().merge_to_folder(str(checkpoints[0]), out, base_model=folders / "base")
     with pytest.raises(TypeError, match=r"checkpoints\[1\]"):
-        DeltaSoup().merge_to_folder([checkpoints[0], 3], out, base=folders / "base")
+        DeltaSoup().merge_to_folder([checkpoints[0], 3], out, base_model=folders / "base")
     for method in (DeltaSoup(), TaskArithmetic()):
         with pytest.raises(ValueError, match="needs base"):
             method.merge_to_folder(checkpoints, out)
     with pytest.raises(ValueError, match="base .* is not a folder"):
-        DeltaSoup().merge_to_folder(checkpoints, out, base=tmp_path / "missing")
+        DeltaSoup().merge_to_folder(checkpoints, out, base_model=tmp_path / "missing")
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="no modules.json"):
-        DeltaSoup().merge_to_folder([tmp_path / "plain"], out, base=folders / "base")
+        DeltaSoup().merge_to_folder([tmp_path / "plain"], out, base_model=folders / "base")
     assert not out.exists()
 
 
@@ -311,16 +319,16 @@ def test_refuses_unsafe_output_paths(folders, tmp_path):
     checkpoints = checkpoint_paths(folders)
     for target in (checkpoints[1], checkpoints[0] / "merged", folders / "base" / "1_Pooling" / "x"):
         with pytest.raises(ValueError, match="inside, the input"):
-            DeltaSoup().merge_to_folder(checkpoints, target, base=folders / "base")
+            DeltaSoup().merge_to_folder(checkpoints, target, base_model=folders / "base")
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="already exists"):
-        DeltaSoup().merge_to_folder(checkpoints, existing, base=folders / "base")
+        DeltaSoup().merge_to_folder(checkpoints, existing, base_model=folders / "base")
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty folder prepared by the caller is fine
-    DeltaSoup().merge_to_folder(checkpoints, empty, base=folders / "base", show_progress_bar=False)
+    DeltaSoup().merge_to_folder(checkpoints, empty, base_model=folders / "base", show_progress_bar=False)
     assert (empty / "model.safetensors").is_file()
 
 
@@ -340,7 +348,7 @@ def test_refuses_incompatible_checkpoints(folders, tmp_path, other, message):
     other().save(str(tmp_path / "other"))
     with pytest.raises(ValueError, match=message):
         DeltaSoup().merge_to_folder(
-            [checkpoint_paths(folders)[0], tmp_path / "other"], tmp_path / "out", base=folders / "base"
+            [checkpoint_paths(folders)[0], tmp_path / "other"], tmp_path / "out", base_model=folders / "base"
         )
     assert not (tmp_path / "out").exists()
 
@@ -348,10 +356,10 @@ def test_refuses_incompatible_checkpoints(folders, tmp_path, other, message):
 def test_refuses_an_incompatible_base(folders, tmp_path):
     build_model(dense_features=24).save(str(tmp_path / "wider"))
     with pytest.raises(ValueError, match=r"'linear.bias' has shape \[24\] in base and \[16\] in checkpoints\[0\]"):
-        DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base=tmp_path / "wider")
+        DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base_model=tmp_path / "wider")
     build_model(hidden_size=48).save(str(tmp_path / "base48"))  # another tokenizer, too
     with pytest.raises(ValueError, match="vocabulary|shape"):
-        DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base=tmp_path / "base48")
+        DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base_model=tmp_path / "base48")
     assert not (tmp_path / "out").exists()
 
 
@@ -364,10 +372,10 @@ def test_base_may_hold_extra_tensors_but_not_lack_any(folders, tmp_path):
     state["embeddings.position_ids"] = torch.arange(8, dtype=torch.int64)[None]
     save_file(state, str(with_buffer / "model.safetensors"), metadata={"format": "pt"})
     expected = DeltaSoup().merge_to_folder(
-        checkpoint_paths(folders), tmp_path / "plain", base=folders / "base", show_progress_bar=False
+        checkpoint_paths(folders), tmp_path / "plain", base_model=folders / "base", show_progress_bar=False
     )
     merged = DeltaSoup().merge_to_folder(
-        checkpoint_paths(folders), tmp_path / "merged", base=with_buffer, show_progress_bar=False
+        checkpoint_paths(folders), tmp_path / "merged", base_model=with_buffer, show_progress_bar=False
     )
     assert tensors(merged).keys() == tensors(expected).keys()
     assert all(torch.equal(tensors(merged)[k], v) for k, v in tensors(expected).items())
@@ -376,11 +384,11 @@ def test_base_may_hold_extra_tensors_but_not_lack_any(folders, tmp_path):
     del state[next(name for name in state if name.endswith("attention.self.query.weight"))]
     save_file(state, str(lacking / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"base has different tensor names .* \(1 missing, 0 extra\)"):
-        DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base=lacking)
+        DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base_model=lacking)
     # A checkpoint with an extra tensor is still refused: the merged model takes checkpoints[0]'s tensor list.
     with pytest.raises(ValueError, match="different tensor names"):
         DeltaSoup().merge_to_folder(
-            [checkpoint_paths(folders)[0], with_buffer], tmp_path / "out2", base=folders / "base"
+            [checkpoint_paths(folders)[0], with_buffer], tmp_path / "out2", base_model=folders / "base"
         )
 
 
@@ -392,7 +400,10 @@ def test_refuses_non_finite_weights(folders, tmp_path):
     save_file(state, str(broken / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"linear.weight.*checkpoints\[1\].*NaN"):
         DeltaSoup().merge_to_folder(
-            [checkpoint_paths(folders)[0], broken], tmp_path / "out", base=folders / "base", show_progress_bar=False
+            [checkpoint_paths(folders)[0], broken],
+            tmp_path / "out",
+            base_model=folders / "base",
+            show_progress_bar=False,
         )
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # temporary folder removed
@@ -401,4 +412,4 @@ def test_refuses_non_finite_weights(folders, tmp_path):
 def test_refuses_weights_that_cannot_be_streamed(folders, tmp_path):
     build_model(noise_seed=1).save(str(tmp_path / "bin"), safe_serialization=False)  # Dense -> pytorch_model.bin
     with pytest.raises(ValueError, match="cannot be streamed.*save"):
-        DeltaSoup().merge_to_folder([tmp_path / "bin"], tmp_path / "out", base=folders / "base")
+        DeltaSoup().merge_to_folder([tmp_path / "bin"], tmp_path / "out", base_model=folders / "base")

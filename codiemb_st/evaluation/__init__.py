@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from codiemb_st.evaluation.aggregates import MEAN_TASK, MEAN_TASK_TYPE, aggregate_main_scores, type_mean_key
 from codiemb_st.evaluation.corpus_subsample import CorpusSubsample, subsample_corpus, subsample_task_corpus
 from codiemb_st.evaluation.geometry import (
     alignment,
@@ -9,6 +10,7 @@ from codiemb_st.evaluation.geometry import (
     condition_number,
     effective_rank,
     embedding_geometry,
+    geometry_text_sample,
     model_geometry,
     numerical_rank,
     singular_values,
@@ -18,6 +20,7 @@ from codiemb_st.evaluation.geometry import (
 from codiemb_st.evaluation.local_data import LocalTaskInfo, build_generic_task, find_local_tasks, load_local_task
 from codiemb_st.evaluation.mteb_evaluator import MTEBEvaluator
 from codiemb_st.evaluation.runner import TaskScore, evaluate_model, summarize_scores
+from codiemb_st.evaluation.task_folders import write_retrieval_task, write_sts_task
 from codiemb_st.evaluation.tasks import (
     CMTEB_TASK_NAMES,
     CMTEB_TASKS,
@@ -32,6 +35,13 @@ from codiemb_st.evaluation.tasks import (
 )
 
 __all__ = [
+    "MEAN_TASK",
+    "MEAN_TASK_TYPE",
+    "aggregate_main_scores",
+    "geometry_text_sample",
+    "type_mean_key",
+    "write_retrieval_task",
+    "write_sts_task",
     "CMTEB_TASKS",
     "CMTEB_TASK_NAMES",
     "OFFICIAL_INSTRUCTION_TEMPLATE",

@@ -27,6 +27,8 @@ from scipy.special import logsumexp
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from codiemb_st.evaluation.tasks import PreparedTask
+
 _BLOCK_ROWS = 1024
 _EPS64 = float(np.finfo(np.float64).eps)
 
@@ -195,3 +197,59 @@ def model_geometry(
         second = model.encode([b for _, b in pairs], batch_size=batch_size, convert_to_numpy=True)
         pair_embeddings = (first, second)
     return embedding_geometry(embeddings, pair_embeddings, center=center)
+
+
+def geometry_text_sample(
+    tasks: Sequence[PreparedTask], num_texts: int, seed: int = 0
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """A seeded sample of the tasks' texts and of their positive pairs, for :func:`model_geometry`.
+
+    Texts: every STS sentence and every retrieval query and passage, deduplicated, ``num_texts`` of them drawn.
+    Positive pairs (``num_texts // 2`` drawn): STS pairs whose gold score lies in the top fifth of the task's score
+    range, and retrieval queries with a passage judged relevant.
+
+    Args:
+        tasks: Prepared tasks (:func:`~codiemb_st.evaluation.prepare_tasks`).
+        num_texts: How many texts to draw (fewer when the tasks hold fewer).
+        seed: Seed of the draw.
+
+    Returns:
+        ``(texts, pairs)``.
+
+    Example:
+        ::
+
+            texts, pairs = geometry_text_sample(prepare_tasks(["STSBenchmark"], data_dir=...), 1000)
+            print(model_geometry(model, texts, pairs))
+    """
+    import random
+
+    texts: set[str] = set()
+    pairs: list[tuple[str, str]] = []
+    for prepared in tasks:
+        data = prepared.task.dataset["default"][prepared.split]
+        if prepared.type == "sts":
+            texts.update(data["sentence1"])
+            texts.update(data["sentence2"])
+            low, high = prepared.task.min_score, prepared.task.max_score
+            threshold = low + 0.8 * (high - low)
+            pairs.extend(
+                (a, b)
+                for a, b, score in zip(data["sentence1"], data["sentence2"], data["score"])
+                if score >= threshold
+            )
+        elif prepared.type == "retrieval":
+            passages = {row["id"]: f"{row.get('title') or ''} {row['text']}".strip() for row in data["corpus"]}
+            queries = dict(zip(data["queries"]["id"], data["queries"]["text"]))
+            texts.update(queries.values())
+            texts.update(passages.values())
+            pairs.extend(
+                (queries[qid], passages[did])
+                for qid, docs in data["relevant_docs"].items()
+                for did, score in docs.items()
+                if score > 0 and qid in queries and did in passages
+            )
+    rng = random.Random(seed)
+    sample = rng.sample(sorted(texts), min(num_texts, len(texts)))
+    pair_sample = rng.sample(pairs, min(num_texts // 2, len(pairs)))
+    return sample, pair_sample

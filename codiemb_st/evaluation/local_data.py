@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from codiemb_st.file_io import read_jsonl
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from mteb.abstasks import AbsTask
@@ -113,18 +115,13 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found.")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON: {error}") from None
-            missing = [key for key in required if key not in row]
-            if missing:
-                raise ValueError(f"{path}:{line_number} lacks the field(s) {missing}.")
-            rows.append(row)
+    for location, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{location}: expected a JSON object, got {type(row).__name__}.")
+        missing = [key for key in required if key not in row]
+        if missing:
+            raise ValueError(f"{location} lacks the field(s) {missing}.")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no rows.")
     return rows

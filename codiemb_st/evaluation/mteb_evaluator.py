@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from codiemb_st._compat import BaseEvaluator, get_rank, get_world_size, is_distributed_inference_active
+from codiemb_st.evaluation.aggregates import MEAN_TASK, aggregate_keys
 from codiemb_st.evaluation.local_data import LocalTaskInfo
 from codiemb_st.evaluation.runner import evaluate_model, summarize_scores
 from codiemb_st.evaluation.tasks import PreparedTask, instruction_prompts, prepare_tasks
@@ -33,7 +34,7 @@ class MTEBEvaluator(BaseEvaluator):
         instructions: bool | Literal["zh", "en"] = False,
         prompts: Mapping[str, str] | None = None,
         batch_size: int = 32,
-        primary_metric: str = "mean",
+        primary_metric: str = MEAN_TASK,
         name: str = "mteb",
         show_progress_bar: bool = False,
         write_csv: bool = True,
@@ -66,8 +67,9 @@ class MTEBEvaluator(BaseEvaluator):
                 instruction from mean pooling, as the official code does.
             prompts: Extra mteb prompts (``{"<Task>-query": ..., "<Task>": ..., "query": ...}``), applied on top.
             batch_size: Encoding batch size.
-            primary_metric: ``"mean"`` (over all tasks), ``"<type>_mean"`` (e.g. ``"retrieval_mean"``,
-                ``"sts_mean"``) or a task name.
+            primary_metric: ``"mean_task"`` (mean over all tasks), ``"mean_task_type"`` (mean of the per-type
+                means: IR and STS weigh the same), ``"<type>_mean"`` (e.g. ``"retrieval_mean"``, ``"sts_mean"``) or a
+                task name. See :mod:`codiemb_st.evaluation.aggregates`.
             name: Prefix of the metric names.
             show_progress_bar: Show mteb's progress bars.
             write_csv: Append the metrics to ``mteb_evaluation_<name>_results.csv`` in ``output_path``.
@@ -85,9 +87,9 @@ class MTEBEvaluator(BaseEvaluator):
                 model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
                 evaluator = MTEBEvaluator(["STSBenchmark", "SciFact"], data_dir="../shared/data/eval", corpus_cap=2000)
                 metrics = evaluator(model)
-                print(metrics[evaluator.primary_metric])  # mteb_mean
+                print(metrics[evaluator.primary_metric])  # mteb_mean_task
                 # {'mteb_STSBenchmark_cosine_spearman': 0.82, 'mteb_SciFact_ndcg_at_10': ..., 'mteb_sts_mean': ...,
-                #  'mteb_retrieval_mean': ..., 'mteb_mean': ...}
+                #  'mteb_retrieval_mean': ..., 'mteb_mean_task_type': ..., 'mteb_mean_task': ...}
         """
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -118,11 +120,12 @@ class MTEBEvaluator(BaseEvaluator):
 
     def _resolve_primary_metric(self, primary_metric: str) -> str:
         by_name = {task.name: self._task_metric(task) for task in self.tasks}
-        allowed = {"mean", *(f"{task.type}_mean" for task in self.tasks), *by_name.values()}
+        allowed = {*aggregate_keys([task.type for task in self.tasks]), *by_name.values()}
         resolved = by_name.get(primary_metric, primary_metric)
         if resolved not in allowed:
             raise ValueError(
-                f"primary_metric must be 'mean', a per-type mean or a task name; got {primary_metric!r}, "
+                f"primary_metric must be 'mean_task', 'mean_task_type', a per-type mean or a task name; got "
+                f"{primary_metric!r}, "
                 f"allowed: {sorted(allowed | set(by_name))}."
             )
         return resolved

@@ -7,14 +7,18 @@ evaluation here passes ``cache=None``: scores are always computed from the model
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from statistics import fmean
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from codiemb_st.evaluation.aggregates import aggregate_main_scores
 from codiemb_st.evaluation.corpus_subsample import CorpusSubsample
 from codiemb_st.evaluation.tasks import PreparedTask
+from codiemb_st.file_io import json_safe, write_atomic, write_json_atomic
+from codiemb_st.validation import check_positive_int
 
 if TYPE_CHECKING:
     from mteb.results import TaskResult
@@ -68,8 +72,15 @@ def evaluate_model(
     prompts: Mapping[str, str] | None = None,
     batch_size: int = 32,
     show_progress_bar: bool = False,
+    results_dir: str | Path | None = None,
+    run_key: Mapping[str, Any] | None = None,
 ) -> list[TaskScore]:
-    """Evaluate ``model`` on every task with ``mteb.evaluate(..., cache=None)``.
+    """Evaluate ``model`` on every task with ``mteb.evaluate(..., cache=None)``, one task at a time.
+
+    With ``results_dir``, each task's mteb result is written there (``<Task>.json``, plus ``<Task>.key.json``
+    naming what was evaluated) as soon as that task finishes, and a task whose result is already there with the
+    same key (the same ``run_key``, task, split, corpus subsample and prompts) is read back instead of evaluated
+    again: an interrupted run loses at most the task in progress.
 
     Args:
         model: The model to evaluate.
@@ -77,34 +88,43 @@ def evaluate_model(
         prompts: Extra mteb prompts, e.g. :func:`~codiemb_st.evaluation.instruction_prompts`.
         batch_size: Encoding batch size.
         show_progress_bar: Show mteb's task and encoding progress bars.
+        results_dir: Folder for per-task results (written as they finish, reused on a rerun); ``None`` keeps
+            nothing on disk.
+        run_key: What identifies the model and settings for reuse (e.g. the model path and a fingerprint of its
+            weights, the maximum sequence length). Required with ``results_dir``.
 
     Returns:
         One :class:`TaskScore` per task, in the order given.
 
     Raises:
-        ValueError: If ``tasks`` is empty or ``batch_size`` is not positive.
-    """
-    import mteb
+        ValueError: If ``tasks`` is empty, ``batch_size`` is not positive, or ``results_dir`` is given without
+            ``run_key``.
 
+    Example:
+        ::
+
+            tasks = prepare_tasks(["STSBenchmark", "SciFact"], data_dir="../shared/data/eval", corpus_cap=1000)
+            scores = evaluate_model(model, tasks, results_dir="results/minilm", run_key={"model": "minilm"})
+            print({s.name: s.main_score for s in scores}, summarize_scores(scores))
+    """
     if not tasks:
         raise ValueError("tasks is empty: give at least one PreparedTask.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-    results = mteb.evaluate(
-        _encoder(model, prompts),
-        [prepared.task for prepared in tasks],
-        cache=None,
-        co2_tracker=False,
-        encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
-        show_progress_bar=show_progress_bar,
-    )
-    by_name = {result.task_name: result for result in results.task_results}
+    check_positive_int("batch_size", batch_size)
+    if results_dir is not None and run_key is None:
+        raise ValueError("results_dir needs a run_key that identifies the model and settings (see the docstring).")
+    folder = Path(results_dir) if results_dir is not None else None
     scores = []
     for prepared in tasks:
-        result = by_name[prepared.name]
-        if prepared.corpus_subsample is not None:
-            for subset_scores in result.scores[prepared.split]:
-                subset_scores["corpus_subsample"] = prepared.corpus_subsample.to_dict()
+        key = _task_key(prepared, prompts, run_key) if folder is not None else None
+        result = _load_finished(folder, prepared.name, key) if folder is not None else None
+        if result is None:
+            result = _evaluate_one(model, prepared, prompts, batch_size, show_progress_bar)
+            if folder is not None:
+                write_atomic(folder / f"{prepared.name}.json", result.to_disk)
+                # The key is written last: it marks the result as complete.
+                write_json_atomic(folder / f"{prepared.name}.key.json", key)
+        else:
+            logger.info("%s: reusing the finished result in %s", prepared.name, folder)
         scores.append(
             TaskScore(
                 name=prepared.name,
@@ -119,12 +139,74 @@ def evaluate_model(
     return scores
 
 
+def _evaluate_one(
+    model: SentenceTransformer,
+    prepared: PreparedTask,
+    prompts: Mapping[str, str] | None,
+    batch_size: int,
+    show_progress_bar: bool,
+) -> TaskResult:
+    import mteb
+
+    results = mteb.evaluate(
+        _encoder(model, prompts),
+        [prepared.task],
+        cache=None,
+        co2_tracker=False,
+        encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress_bar},
+        show_progress_bar=show_progress_bar,
+    )
+    (result,) = [result for result in results.task_results if result.task_name == prepared.name]
+    if prepared.corpus_subsample is not None:
+        for subset_scores in result.scores[prepared.split]:
+            subset_scores["corpus_subsample"] = prepared.corpus_subsample.to_dict()
+    return result
+
+
+def _task_key(
+    prepared: PreparedTask, prompts: Mapping[str, str] | None, run_key: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    # Only the prompts that can reach this task: its own keys and the generic query/document ones.
+    relevant = {
+        name: text
+        for name, text in (prompts or {}).items()
+        if name.split("-")[0] == prepared.name or name in ("query", "document", "passage")
+    }
+    return json_safe(
+        {
+            "run": dict(run_key or {}),
+            "task": prepared.name,
+            "split": prepared.split,
+            "source": prepared.source,
+            "corpus_subsample": prepared.corpus_subsample.to_dict() if prepared.corpus_subsample else None,
+            "prompts": relevant,
+        }
+    )
+
+
+def _load_finished(folder: Path, name: str, key: dict[str, Any]) -> TaskResult | None:
+    from mteb.results import TaskResult
+
+    key_path, result_path = folder / f"{name}.key.json", folder / f"{name}.json"
+    if not (key_path.is_file() and result_path.is_file()):
+        return None
+    try:
+        stored = json.loads(key_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if stored != json.loads(json.dumps(key, default=str)):
+        return None
+    try:
+        return TaskResult.from_disk(result_path)
+    except Exception as error:  # a damaged result file is recomputed, not fatal
+        logger.warning("%s: could not read %s (%s); evaluating again.", name, result_path, error)
+        return None
+
+
 def summarize_scores(scores: Sequence[TaskScore]) -> dict[str, float]:
-    """Per-type means (``"<type>_mean"``) and the mean over all tasks (``"mean"``) of the main scores."""
-    by_type: dict[str, list[float]] = {}
-    for score in scores:
-        by_type.setdefault(score.type, []).append(score.main_score)
-    summary = {f"{kind}_mean": fmean(values) for kind, values in by_type.items()}
-    if scores:
-        summary["mean"] = fmean(score.main_score for score in scores)
-    return summary
+    """The aggregates of :mod:`codiemb_st.evaluation.aggregates` over these tasks' main scores.
+
+    Returns:
+        ``{"<type>_mean": ..., "mean_task_type": ..., "mean_task": ...}``.
+    """
+    return aggregate_main_scores({s.name: s.main_score for s in scores}, {s.name: s.type for s in scores})

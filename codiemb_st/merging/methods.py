@@ -1,40 +1,36 @@
-"""Merge methods: the per-tensor math of DeltaSoup, ModelSoup and TaskArithmetic, free of any I/O.
+"""Merge methods: DeltaSoup (CoDiEmb's delta-guided fusion), ModelSoup and TaskArithmetic — the public merge API.
 
-Every method is a pure function of the checkpoints' tensors (and the base tensor), exposed through
-:meth:`MergeMethod.merge_tensors`. The same math runs on slices of rows (the leading dimension) when
-:mod:`codiemb_st.merging.streaming_merge` streams large tensors from disk: :meth:`MergeMethod.merge_rows` merges one
-slice, and methods whose weights depend on the whole tensor first collect per-tensor statistics slice by slice with
-:meth:`MergeMethod.accumulate_statistics`.
+Each method is a small object holding its parameters. Its math is the pure per-tensor functions of
+:mod:`codiemb_st.merging.tensor_math` (exposed as :meth:`MergeMethod.merge_tensors` and, on row slices,
+:meth:`MergeMethod.merge_rows`); :meth:`MergeMethod.merge` and :meth:`MergeMethod.merge_to_folder` stream
+sentence-transformers model folders through that math with :mod:`codiemb_st.merging.streaming_merge`. Layering, one
+way: ``tensor_math`` (no I/O) <- ``streaming_merge`` (I/O) <- ``methods`` (this module).
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor
+
+from codiemb_st.merging.streaming_merge import merge_and_load, merge_model_folders
+from codiemb_st.merging.tensor_math import (
+    GRANULARITIES,
+    Granularity,
+    delta_log_statistics,
+    delta_soup_rows,
+    delta_weights,
+    merge_whole_tensor,
+    model_soup_rows,
+    task_arithmetic_rows,
+)
+from codiemb_st.validation import check_choice, check_finite_float
 
 if TYPE_CHECKING:
     from codiemb_st._compat import SentenceTransformer
-
-Granularity = Literal["element", "row", "tensor"]
-GRANULARITIES: tuple[str, ...] = ("element", "row", "tensor")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the merge math runs in: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _uniform_where_zero(scores: Tensor) -> Tensor:
-    """Normalise non-negative scores over dim 0; where all K scores are 0, return 1/K (uniform)."""
-    total = scores.sum(dim=0, keepdim=True)
-    uniform = torch.full_like(total, 1.0 / scores.shape[0])
-    return torch.where(total > 0, scores / torch.where(total > 0, total, 1.0), uniform)
 
 
 class MergeMethod(ABC):
@@ -95,35 +91,13 @@ class MergeMethod(ABC):
 
         Returns:
             The merged tensor, with the shape and dtype of ``tensors[0]``.
-        """
-        tensors = list(tensors)
-        if not tensors:
-            raise ValueError("tensors must hold at least one checkpoint tensor.")
-        shape = tensors[0].shape
-        for index, tensor in enumerate(tensors):
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"tensors[{index}] must be a torch.Tensor, got {type(tensor).__name__}.")
-            if tensor.shape != shape:
-                raise ValueError(f"tensors[{index}] has shape {tuple(tensor.shape)}, tensors[0] has {tuple(shape)}.")
-            if not tensor.is_floating_point():
-                raise TypeError(f"tensors[{index}] has dtype {tensor.dtype}; only floating-point tensors are merged.")
-        if self.requires_base and base is None:
-            raise ValueError(
-                f"{type(self).__name__} needs base, the pre-trained tensor θ_0 the deltas are taken from."
-            )
-        if base is not None and base.shape != shape:
-            raise ValueError(f"base has shape {tuple(base.shape)}, the checkpoint tensors have {tuple(shape)}.")
 
-        if self.keeps_agreement and all(
-            t.dtype == tensors[0].dtype and torch.equal(t, tensors[0]) for t in tensors[1:]
-        ):
-            return tensors[0].clone()
-        dtype = compute_dtype(tensors[0].dtype)
-        # Row slices need a leading dim: a 0-d tensor is merged as one row of one element.
-        stacked = torch.stack([tensor.to(dtype).reshape(shape or (1,)) for tensor in tensors])
-        base_rows = None if base is None or not self.requires_base else base.to(dtype).reshape(shape or (1,))
-        statistics = self.accumulate_statistics(None, stacked, base_rows) if self.needs_tensor_statistics else None
-        return self.merge_rows(stacked, base_rows, statistics).reshape(shape).to(tensors[0].dtype)
+        Raises:
+            TypeError: If a tensor is not a floating-point tensor.
+            ValueError: If there are no tensors, shapes differ, the base is missing although required, or an input
+                holds NaN or infinite values.
+        """
+        return merge_whole_tensor(self, tensors, base)
 
     def get_config_dict(self) -> dict[str, Any]:
         """The method's parameters (written to ``merge_config.json`` next to a merged model)."""
@@ -136,7 +110,8 @@ class MergeMethod(ABC):
     def merge(
         self,
         checkpoints: Sequence[str | Path | SentenceTransformer],
-        base: str | Path | SentenceTransformer | None = None,
+        *,
+        base_model: str | Path | SentenceTransformer | None = None,
         output_path: str | Path | None = None,
         show_progress_bar: bool = True,
     ) -> SentenceTransformer:
@@ -150,7 +125,7 @@ class MergeMethod(ABC):
         Args:
             checkpoints: The K >= 1 fine-tuned models: sentence-transformers model folders (safetensors weights) or
                 ``SentenceTransformer`` objects (saved to a temporary folder first).
-            base: The pre-trained model the checkpoints were fine-tuned from (folder or object). Required by
+            base_model: The pre-trained model the checkpoints were fine-tuned from (folder or object). Required by
                 DeltaSoup and TaskArithmetic; ModelSoup only checks it is compatible.
             output_path: Where to write the merged model folder. It must not exist yet (or be an empty folder) and
                 must not be, or lie inside, an input. With None, the folder is written to a temporary directory
@@ -159,22 +134,28 @@ class MergeMethod(ABC):
 
         Returns:
             The merged ``SentenceTransformer``.
-        """
-        from codiemb_st.merging.streaming_merge import merge_and_load
 
-        return merge_and_load(self, checkpoints, base, output_path, show_progress_bar)
+        Example:
+            ::
+
+                merged = DeltaSoup().merge(["runs/a", "runs/b"], base_model="models/base", output_path="merged")
+        """
+        return merge_and_load(
+            self, checkpoints, base_model=base_model, output_path=output_path, show_progress_bar=show_progress_bar
+        )
 
     def merge_to_folder(
         self,
         checkpoints: Sequence[str | Path | SentenceTransformer],
         output_path: str | Path,
-        base: str | Path | SentenceTransformer | None = None,
+        *,
+        base_model: str | Path | SentenceTransformer | None = None,
         show_progress_bar: bool = True,
     ) -> Path:
         """Like :meth:`merge`, but only write the merged folder (the model is not loaded) and return its path."""
-        from codiemb_st.merging.streaming_merge import merge_model_folders
-
-        return merge_model_folders(self, checkpoints, base, output_path, show_progress_bar)
+        return merge_model_folders(
+            self, checkpoints, output_path, base_model=base_model, show_progress_bar=show_progress_bar
+        )
 
 
 class ModelSoup(MergeMethod):
@@ -198,7 +179,7 @@ class ModelSoup(MergeMethod):
     keeps_agreement = True
 
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
-        return checkpoints.mean(dim=0)
+        return model_soup_rows(checkpoints)
 
 
 class TaskArithmetic(MergeMethod):
@@ -218,19 +199,17 @@ class TaskArithmetic(MergeMethod):
 
             from codiemb_st.merging import TaskArithmetic
 
-            merged = TaskArithmetic(scale=0.5).merge(["runs/ir", "runs/sts"], base="base-model")
+            merged = TaskArithmetic(scale=0.5).merge(["runs/ir", "runs/sts"], base_model="base-model")
     """
 
     requires_base = True
     keeps_agreement = False
 
     def __init__(self, scale: float = 1.0) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale!r}.")
-        self.scale = float(scale)
+        self.scale = check_finite_float("scale", scale)
 
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
-        return checkpoints.sub_(base).sum(dim=0).mul_(self.scale).add_(base)
+        return task_arithmetic_rows(checkpoints, base, self.scale)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"scale": self.scale}
@@ -285,7 +264,7 @@ class DeltaSoup(MergeMethod):
 
             merged = DeltaSoup().merge(
                 ["runs/codiemb-seed1", "runs/codiemb-seed2", "runs/codiemb-ir-heavy"],
-                base="models/base-encoder",
+                base_model="models/base-encoder",
                 output_path="models/codiemb-deltasoup",
             )
             embeddings = merged.encode(["一个查询", "a query"])
@@ -295,17 +274,10 @@ class DeltaSoup(MergeMethod):
     keeps_agreement = True
 
     def __init__(self, power: float = 1.0, granularity: Granularity = "element", temperature: float | None = None):
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power < 0:
-            raise ValueError(f"power must be a finite number >= 0, got {power!r}.")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, got {granularity!r}.")
-        if temperature is not None and (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(f"temperature must be None or a finite number > 0, got {temperature!r}.")
+        power = check_finite_float("power", power, minimum=0.0)
+        check_choice("granularity", granularity, GRANULARITIES)
+        if temperature is not None:
+            temperature = check_finite_float("temperature", temperature, minimum=0.0, strict_minimum=True)
         self.power = float(power)
         self.granularity = granularity
         self.temperature = None if temperature is None else float(temperature)
@@ -316,14 +288,7 @@ class DeltaSoup(MergeMethod):
 
     def accumulate_statistics(self, statistics: Tensor | None, checkpoints: Tensor, base: Tensor | None) -> Tensor:
         """Per-tensor statistics: log Σ |δ_c|^p over the rows seen so far, one float64 value per checkpoint."""
-        magnitudes = (checkpoints - base).abs().flatten(start_dim=1).double()
-        largest = magnitudes.max()
-        if largest == 0:
-            log_scores = torch.full((checkpoints.shape[0],), -math.inf, dtype=torch.float64)
-        else:
-            # log Σ|δ|^p = p log m + log Σ(|δ|/m)^p, with m the largest |δ|: no underflow for large p.
-            log_scores = self.power * largest.log() + (magnitudes / largest).pow(self.power).sum(dim=1).log()
-        return log_scores if statistics is None else torch.logaddexp(statistics, log_scores)
+        return delta_log_statistics(statistics, checkpoints, base, self.power)
 
     def merging_weights(self, deltas: Tensor, statistics: Tensor | None = None) -> Tensor:
         """The merging weights w_c for deltas δ_c stacked along dim 0.
@@ -337,47 +302,18 @@ class DeltaSoup(MergeMethod):
             Non-negative weights summing to 1 over dim 0, broadcastable to ``deltas``: shape ``(K, ...)`` for element,
             ``(K, rows, 1, ...)`` for row and ``(K, 1, ...)`` for tensor granularity.
         """
-        k = deltas.shape[0]
-        if self.power == 0:
-            scores = torch.ones((k,) + (1,) * (deltas.dim() - 1), dtype=deltas.dtype, device=deltas.device)
-        elif self.granularity == "tensor":
-            if statistics is None:
-                statistics = self.accumulate_statistics(None, deltas, torch.zeros_like(deltas[0]))
-            log_scores = statistics.to(torch.float64)
-            if torch.isinf(log_scores).all():  # every delta is 0
-                log_scores = torch.zeros_like(log_scores)
-            scores = torch.softmax(log_scores, dim=0).to(deltas.dtype).reshape((k,) + (1,) * (deltas.dim() - 1))
-        else:
-            scores = self._local_scores(deltas)
-        weights = _uniform_where_zero(scores)
-        if self.temperature is not None:
-            weights = torch.softmax(weights / self.temperature, dim=0)
-        return weights
-
-    def _local_scores(self, deltas: Tensor) -> Tensor:
-        """Element- or row-wise scores proportional to |δ|^p (a fresh tensor), scaled by the largest |δ| of the group
-        so that large powers do not underflow."""
-        magnitudes = deltas.abs()
-        # Row sums reduce over every dim after the row dim; 0-d/1-d tensors (dims (K,) or (K, n)) have none.
-        row_dims = tuple(range(2, deltas.dim())) if self.granularity == "row" else ()
-        if self.power != 1 or row_dims:
-            largest = magnitudes.amax(dim=(0, *row_dims), keepdim=True)
-            magnitudes = magnitudes.div_(torch.where(largest > 0, largest, 1.0))
-            if self.power != 1:
-                magnitudes = magnitudes.pow_(self.power)
-        return magnitudes.sum(dim=row_dims, keepdim=True) if row_dims else magnitudes
+        return delta_weights(deltas, self.power, self.granularity, self.temperature, statistics)
 
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
-        deltas = checkpoints.sub_(base)  # the caller's scratch buffer becomes the deltas
-        if self.temperature is not None or self.power == 0 or self.granularity == "tensor":
-            weights = self.merging_weights(deltas, statistics)
-            return deltas.mul_(weights).sum(dim=0).add_(base)
-        # Σ_c w_c δ_c with w_c = s_c / Σ s computed as Σ_c s_c δ_c / Σ s, without materialising the weights.
-        # Where Σ s = 0 every δ is 0, so the numerator is 0 and the result is the base.
-        scores = self._local_scores(deltas)
-        total = scores.sum(dim=0)
-        numerator = (scores.mul_(deltas) if scores.shape == deltas.shape else scores * deltas).sum(dim=0)
-        return numerator.div_(total.clamp_min_(torch.finfo(total.dtype).tiny)).add_(base)
+        return delta_soup_rows(checkpoints, base, self.power, self.granularity, self.temperature, statistics)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"power": self.power, "granularity": self.granularity, "temperature": self.temperature}
+
+
+#: The data-free merge methods by their command-line name (``codiemb-st merge --method NAME``).
+MERGE_METHODS: dict[str, type[MergeMethod]] = {
+    "delta_soup": DeltaSoup,
+    "model_soup": ModelSoup,
+    "task_arithmetic": TaskArithmetic,
+}

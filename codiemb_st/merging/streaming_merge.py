@@ -39,7 +39,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from codiemb_st._compat import SentenceTransformer
-from codiemb_st.merging.methods import MergeMethod, compute_dtype
 from codiemb_st.merging.model_folder import (
     EXPORT_FOLDERS,
     UNMERGEABLE_WEIGHT_SUFFIXES,
@@ -49,6 +48,7 @@ from codiemb_st.merging.model_folder import (
     is_float_dtype,
 )
 from codiemb_st.merging.safetensors_stream import RowReader, SafetensorsStreamWriter, torch_dtype
+from codiemb_st.merging.tensor_math import RowMerger, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,46 +62,54 @@ ModelInput = str | Path | SentenceTransformer
 
 
 def merge_and_load(
-    method: MergeMethod,
+    method: RowMerger,
     checkpoints: Sequence[ModelInput],
-    base: ModelInput | None,
-    output_path: str | Path | None,
+    *,
+    base_model: ModelInput | None = None,
+    output_path: str | Path | None = None,
     show_progress_bar: bool = True,
 ) -> SentenceTransformer:
-    """Merge into ``output_path`` (or a temporary folder when None) and load the result. See MergeMethod.merge."""
+    """Merge into ``output_path`` (or a temporary folder when None) and load the result (``MergeMethod.merge``)."""
     if output_path is not None:
-        path = merge_model_folders(method, checkpoints, base, output_path, show_progress_bar)
+        path = merge_model_folders(
+            method, checkpoints, output_path, base_model=base_model, show_progress_bar=show_progress_bar
+        )
         return SentenceTransformer(str(path))
     with tempfile.TemporaryDirectory(prefix="codiemb_merged_") as tmp:
-        path = merge_model_folders(method, checkpoints, base, Path(tmp) / "merged", show_progress_bar)
+        path = merge_model_folders(
+            method, checkpoints, Path(tmp) / "merged", base_model=base_model, show_progress_bar=show_progress_bar
+        )
         return SentenceTransformer(str(path))
 
 
 def merge_model_folders(
-    method: MergeMethod,
+    method: RowMerger,
     checkpoints: Sequence[ModelInput],
-    base: ModelInput | None,
     output_path: str | Path,
+    *,
+    base_model: ModelInput | None = None,
     show_progress_bar: bool = True,
 ) -> Path:
     """Merge the checkpoints into a new model folder at ``output_path`` and return its path.
 
     Args:
-        method: The merge method (DeltaSoup, ModelSoup, TaskArithmetic, ...).
+        method: The merge method (DeltaSoup, ModelSoup, TaskArithmetic, ...): anything with the
+            :class:`~codiemb_st.merging.tensor_math.RowMerger` interface.
         checkpoints: The K >= 1 model folders or SentenceTransformer objects to merge.
-        base: The pre-trained model (folder or object); required when ``method.requires_base``.
         output_path: The folder to create; it must not exist (an empty folder is replaced) and must not be, or lie
             inside, an input folder.
+        base_model: The pre-trained model (folder or object); required when ``method.requires_base``.
         show_progress_bar: Show a progress bar per weight file.
     """
+    base = base_model
     checkpoints = _check_checkpoints_argument(checkpoints)
     if base is None and method.requires_base:
         raise ValueError(
-            f"{type(method).__name__} needs base=: the pre-trained model the checkpoints were fine-tuned from "
+            f"{type(method).__name__} needs base_model=: the pre-trained model the checkpoints were fine-tuned from "
             "(a model folder or a SentenceTransformer)."
         )
     if base is not None and not isinstance(base, (str, Path, SentenceTransformer)):
-        raise TypeError(f"base must be a model folder path or a SentenceTransformer, got {type(base).__name__}.")
+        raise TypeError(f"base_model must be a model folder path or a SentenceTransformer, got {type(base).__name__}.")
     if not isinstance(output_path, (str, Path)):
         raise TypeError(f"output_path must be a path, got {type(output_path).__name__}.")
     output_path = Path(output_path).absolute()
@@ -116,8 +124,12 @@ def merge_model_folders(
             check_compatible(folders[0], base_folder, is_checkpoint=False)
         inputs = folders + ([base_folder] if base_folder is not None and method.requires_base else [])
 
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", suffix=".partial", dir=output_path.parent))
+        created_parents = _make_parents(output_path.parent)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", suffix=".partial", dir=output_path.parent))
+        except BaseException:
+            _remove_created(created_parents)
+            raise
         try:
             _copy_non_weight_files(folders[0], tmp)
             for key in folders[0].weight_files:
@@ -135,9 +147,29 @@ def merge_model_folders(
             os.rename(tmp, output_path)  # atomic; fails rather than overwriting anything
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_created(created_parents)  # a failed merge leaves nothing behind, not even empty parents
             raise
     logger.info(f"Merged {len(folders)} checkpoints with {method!r} into {output_path}")
     return output_path
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, deepest first."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_created(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; stops at the first folder something else wrote into
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _check_checkpoints_argument(checkpoints: Sequence[ModelInput]) -> list[ModelInput]:
@@ -207,7 +239,7 @@ def _copy_non_weight_files(template: ModelFolder, destination: Path) -> None:
 
 
 def _merge_weight_file(
-    method: MergeMethod, inputs: list[ModelFolder], key: tuple[int, str], target: Path, show_progress_bar: bool
+    method: RowMerger, inputs: list[ModelFolder], key: tuple[int, str], target: Path, show_progress_bar: bool
 ) -> None:
     """Merge one logical weight file of every input into ``target``; the base is ``inputs[-1]`` if the method uses it."""
     template: WeightFile = inputs[0].weight_files[key]

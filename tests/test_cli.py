@@ -1,0 +1,228 @@
+"""The ``codiemb-st`` command line: eval (main job, resume), merge (every method from the shell), train, wrappers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from evaluation_fixtures import reference_sts_spearman, write_tiny_tasks
+from safetensors.torch import load_file
+
+from codiemb_st.cli import UsageError, build_parser, main
+from codiemb_st.cli import eval_command as eval_cli
+from codiemb_st.evaluation import CMTEB_TASK_NAMES, runner
+from codiemb_st.merging import DeltaSoup, TaskArithmetic
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_tiny_tasks(tmp_path_factory.mktemp("cli_tasks"))
+
+
+def _eval_argv(model: Path, data_dir: Path, out: Path) -> list[str]:
+    return [
+        "eval",
+        "--models",
+        f"tiny={model}",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--tasks",
+        "auto",
+        "--corpus-cap",
+        "8",
+        "--geometry-samples",
+        "20",
+    ]
+
+
+def test_eval_end_to_end_on_tiny_local_data(data_dir, tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(_eval_argv(tiny_model_path, data_dir, out)) == 0
+    printed = capsys.readouterr().out
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert table in printed
+    for row in ("| TinySTS | sts | test |", "| TinyRetrieval † | retrieval |", "**mean (task)**", "anisotropy"):
+        assert row in table
+    assert "**mean (task type)**" in table and "**sts mean**" in table
+    result = json.loads((out / "tiny" / "TinySTS.json").read_text())
+    assert result["task_name"] == "TinySTS" and "cosine_spearman" in result["scores"]["test"][0]
+    marked = json.loads((out / "tiny" / "TinyRetrieval.json").read_text())["scores"]["test"][0]
+    assert marked["corpus_subsample"]["documents_kept"] == 8
+    run = json.loads((out / "run.json").read_text())
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_model_path), device="cpu")  # the very model the CLI evaluated
+    assert run["scores"]["tiny"]["TinySTS"] == pytest.approx(reference_sts_spearman(model), abs=1e-6)
+    assert f"{run['scores']['tiny']['TinySTS'] * 100:.2f}" in table
+    assert set(run["scores"]["tiny"]) >= {"mean_task", "mean_task_type", "sts_mean", "retrieval_mean"}
+    assert set(run["geometry"]["tiny"]) >= {"anisotropy", "effective_rank", "alignment"}
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.rglob("*.tmp"))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_eval_resumes_finished_tasks_and_redoes_changed_ones(data_dir, tiny_model_path, tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    evaluated: list[str] = []
+    interrupt = {"TinyRetrieval"}
+    real = runner._evaluate_one
+
+    def counting(model, prepared, *args):
+        evaluated.append(prepared.name)
+        if prepared.name in interrupt:
+            interrupt.clear()
+            raise _Interrupted  # the first run dies during this task
+        return real(model, prepared, *args)
+
+    monkeypatch.setattr(runner, "_evaluate_one", counting)
+    argv = [*_eval_argv(tiny_model_path, data_dir, out), "--no-geometry", "--no-plot"]
+    with pytest.raises(_Interrupted):
+        main(argv)
+    first_tasks = sorted(p.name for p in (out / "tiny").glob("*.json"))
+    assert first_tasks and not any(name.startswith("TinyRetrieval") for name in first_tasks)  # nothing half-written
+    finished = [name.removesuffix(".key.json") for name in first_tasks if name.endswith(".key.json")]
+    evaluated.clear()
+    assert main(argv) == 0
+    # The rerun evaluates only what the interrupted run had not finished.
+    assert sorted(set(evaluated)) == sorted({"STSBenchmark", "SciFact", "TinySTS", "TinyRetrieval"} - set(finished))
+    evaluated.clear()
+    assert main(argv) == 0
+    assert evaluated == []  # everything finished: nothing evaluated again
+    assert main([*argv, "--corpus-cap", "9"]) == 0  # another subsample: retrieval tasks are redone, STS reused
+    assert sorted(evaluated) == ["SciFact", "TinyRetrieval"]
+    evaluated.clear()
+    assert main([*argv, "--no-resume"]) == 0
+    assert len(evaluated) == 4
+
+
+def test_eval_without_data_fails_cleanly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_cli, "default_data_dir", lambda: None)
+    assert main(["eval", "--models", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "No local evaluation data found" in err and "--data-dir" in err and "Traceback" not in err
+    assert main(["eval", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["eval", "--batch-size", "0"])
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_cmteb_preset_skips_tasks_without_data_offline(data_dir):
+    parser = build_parser()  # conftest runs the tests offline (HF_HUB_OFFLINE=1): hub loads fail at once
+    args = parser.parse_args(["eval", "--tasks", "cmteb", "TinySTS", "--data-dir", str(data_dir)])
+    prepared, skipped = eval_cli.prepare(args, data_dir)
+    assert [t.name for t in prepared] == ["TinySTS"] and list(skipped) == list(CMTEB_TASK_NAMES)
+    args = parser.parse_args(["eval", "--tasks", "STSB", "--data-dir", str(data_dir)])
+    with pytest.raises(UsageError, match="Could not load task 'STSB'"):
+        eval_cli.prepare(args, data_dir)
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tmp_path_factory):
+    from tiny_model import save_tiny_model
+
+    root = tmp_path_factory.mktemp("merge_cli")
+    base = save_tiny_model(root / "base", seed=0)
+    checkpoints = []
+    for index in range(2):
+        folder = save_tiny_model(root / f"ckpt{index}", seed=0)
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            weights = next(folder.rglob("model.safetensors"))
+        tensors = load_file(weights)
+        generator = torch.Generator().manual_seed(index)
+        tensors = {
+            k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in tensors.items()
+        }
+        from safetensors.torch import save_file
+
+        save_file(tensors, weights)
+        checkpoints.append(folder)
+    return base, checkpoints
+
+
+def _merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(next(folder.rglob("model.safetensors")))
+
+
+def test_merge_from_the_shell_equals_the_python_api(merge_inputs, tmp_path):
+    base, checkpoints = merge_inputs
+    argv = ["merge", *map(str, checkpoints), "--base-model", str(base), "--no-progress"]
+    assert main([*argv, "--power", "2", "--granularity", "row", "--output", str(tmp_path / "cli")]) == 0
+    expected = DeltaSoup(power=2, granularity="row").merge_to_folder(
+        checkpoints, tmp_path / "api", base_model=base, show_progress_bar=False
+    )
+    cli, api = _merged_tensors(tmp_path / "cli"), _merged_tensors(expected)
+    assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
+    config = json.loads((tmp_path / "cli" / "merge_config.json").read_text())
+    assert config["method"] == "DeltaSoup" and config["parameters"]["granularity"] == "row"
+    assert main([*argv, "--method", "task_arithmetic", "--scale", "0.5", "--output", str(tmp_path / "ta")]) == 0
+    expected = TaskArithmetic(scale=0.5).merge_to_folder(
+        checkpoints, tmp_path / "ta_api", base_model=base, show_progress_bar=False
+    )
+    cli, api = _merged_tensors(tmp_path / "ta"), _merged_tensors(expected)
+    assert all(torch.equal(cli[k], api[k]) for k in cli)
+
+
+def test_merge_cli_refuses_bad_options_and_leaves_nothing(merge_inputs, tmp_path, capsys):
+    base, checkpoints = merge_inputs
+    paths = list(map(str, checkpoints))
+    out = tmp_path / "deep" / "er" / "out"
+    cases = [
+        (["--method", "model_soup", "--power", "2"], "does not take --power"),
+        (["--method", "delta_soup"], "needs --base-model"),
+        (["--base-model", str(base), "--power", "-1"], "power"),
+        (["--base-model", str(tmp_path / "missing")], "is not a model folder"),
+    ]
+    for extra, message in cases:
+        assert main(["merge", *paths, *extra, "--output", str(out), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "deep").exists()  # no output and no empty parent folders
+    with pytest.raises(SystemExit):
+        main(["merge", *paths, "--granularity", "column", "--output", str(out)])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_of_every_subcommand_and_the_wrappers():
+    for command in ("eval", "merge", "train"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    for script, command in (("run_mteb.py", "eval"), ("train_codiemb.py", "train")):
+        done = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"usage: codiemb-st {command}" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "codiemb_st", "merge", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and "--base-model" in done.stdout
+
+
+def test_console_script_is_declared():
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["scripts"] == {"codiemb-st": "codiemb_st.cli:main"}
