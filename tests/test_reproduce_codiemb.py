@@ -124,19 +124,40 @@ def _argv(tiny_setup, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_end_to_end_trains_merges_evaluates_and_resumes(tiny_setup, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert rc.main(_argv(tiny_setup, out)) == 0
+MAIN = ["ir_only", "sts_only", "naive", "codiemb"]
+
+
+def test_budget_arithmetic():
+    for run in ("ir_only", "sts_only"):
+        assert rc.run_steps(run, "equal-updates", 75) == 75 and rc.run_steps(run, "equal-steps", 75) == 75
+    for run in ("naive", "codiemb", "codiemb_cosent", "mixed", "codiemb_no_midnce"):
+        assert rc.run_steps(run, "equal-updates", 75) == 150  # as many updates per task as each specialist
+        assert rc.run_steps(run, "equal-steps", 75) == 75
+    with pytest.raises(ValueError, match="budget"):
+        rc.run_steps("codiemb", "equal-time", 75)
+
+
+def test_end_to_end_two_seeds_budget_soups_and_resume(tiny_setup, tmp_path, capsys):
+    out, results_dir = tmp_path / "run", tmp_path / "committed"
+    argv = _argv(tiny_setup, out, "--seeds", "1", "2", "--runs", *MAIN, "--results-dir", str(results_dir))
+    assert rc.main(argv) == 0
     results = json.loads((out / "en" / "results.json").read_text())
-    assert list(results["scores"]) == RUN_LABELS
-    for label in RUN_LABELS:
-        assert set(results["scores"][label]) == {"TinySTS", "TinyRetrieval", "dev-toy_sts", "dev-ir"}
-        assert {"anisotropy", "effective_rank", "alignment"} <= set(results["geometry"][label])
-        assert set(results["means_test"][label]) == {"retrieval_mean", "sts_mean", "mean_task_type"}
-    for run in rc.TRAINED_RUNS:
-        assert results["training"][run]["steps"] == 2
-    # Each run trained on its own data: the specialists one task, the naive run everything through one loss.
-    rows = {run: set(results["training"][run]["rows"]) for run in rc.TRAINED_RUNS}
+    assert (results_dir / "en" / "results.json").read_text() == (out / "en" / "results.json").read_text()
+    assert list(results["scores"]) == ["base", *MAIN, "delta_soup", "model_soup"]
+    assert results["seeds"]["base"] == [0] and all(results["seeds"][r] == [1, 2] for r in MAIN)
+    for label, by_seed in results["scores"].items():
+        for scores in by_seed.values():
+            assert set(scores) == {"TinySTS", "TinyRetrieval", "dev-toy_sts", "dev-ir"}
+        assert set(results["means"]["test"][label]) == {"retrieval_mean", "sts_mean", "mean_task_type"}
+    # equal-updates with 2 steps per task: the specialists take 2 steps of their task; the joint runs 4 steps,
+    # CoDiEmb alternating 2 IR and 2 STS updates, naive co-training 4 updates of its one (InfoNCE) loss.
+    assert results["budget"]["steps"] == {"ir_only": 2, "sts_only": 2, "naive": 4, "codiemb": 4}
+    training = results["training"]
+    assert training["ir_only"]["1"]["updates_per_task"] == {"ir": 2, "sts": 0}
+    assert training["sts_only"]["2"]["updates_per_task"] == {"ir": 0, "sts": 2}
+    assert training["codiemb"]["1"]["updates_per_task"] == {"ir": 2, "sts": 2}
+    assert training["naive"]["1"]["updates_per_task"] == {"ir": 4, "sts": 0}
+    rows = {run: set(training[run]["1"]["rows"]) for run in MAIN}
     assert rows == {
         "ir_only": {"toy_ir"},
         "sts_only": {"toy_sts"},
@@ -144,29 +165,44 @@ def test_end_to_end_trains_merges_evaluates_and_resumes(tiny_setup, tmp_path, ca
         "codiemb": {"toy_ir", "toy_sts"},
     }
     # The dev records were held out of training: 60 - 8 rows; the naive STS set keeps only scores >= 3.75 of 5.
-    assert results["training"]["codiemb"]["rows"] == {"toy_ir": 52, "toy_sts": 52}
-    assert results["training"]["naive"]["rows"]["toy_sts"] < 52
-    # Trained weights moved, and the two soups differ from each other and from their ingredients.
+    assert training["codiemb"]["1"]["rows"] == {"toy_ir": 52, "toy_sts": 52}
+    assert training["naive"]["1"]["rows"]["toy_sts"] < 52
+    # Seeds differ; the soups differ from each other and from their ingredients.
     models = out / "en" / "models"
-    weights = {name: load_file(str(models / name / "model.safetensors")) for name in RUN_LABELS[1:]}
-    key = next(k for k in weights["codiemb"] if k.endswith("attention.self.query.weight"))
-    assert not weights["delta_soup"][key].equal(weights["model_soup"][key])
-    assert not weights["codiemb"][key].equal(weights["ir_only"][key])
+    codiemb = {seed: load_file(str(models / "codiemb" / f"seed{seed}" / "model.safetensors")) for seed in (1, 2)}
+    key = next(k for k in codiemb[1] if k.endswith("attention.self.query.weight"))
+    assert not codiemb[1][key].equal(codiemb[2][key])
+    delta = load_file(str(models / "delta_soup" / "seed1" / "model.safetensors"))
+    soup = load_file(str(models / "model_soup" / "seed1" / "model.safetensors"))
+    assert not delta[key].equal(soup[key]) and not delta[key].equal(codiemb[1][key])
     report = (out / "en" / "results.md").read_text()
-    assert "Claims (test)" in report and "DeltaSoup vs Model Soup" in report and "Wall time" in report
-    assert (out / "en" / "results.png").stat().st_size > 0
+    assert "Claim rule: paired by seed" in report and "over 2 seed(s)" in report and " ± " in report
+    assert "Budget `equal-updates`" in report and "DeltaSoup beats Model Soup" in report
     capsys.readouterr()
 
-    # A second call reuses every finished run and evaluation and reports the same numbers.
-    assert rc.main(_argv(tiny_setup, out)) == 0
-    assert capsys.readouterr().err.count("reusing the finished run") == len(rc.TRAINED_RUNS)
-    assert json.loads((out / "en" / "results.json").read_text())["scores"] == results["scores"]
+    # Resume: a second call reuses every run; adding an ablation trains only it (first seed only).
+    assert rc.main([*argv[: -len(MAIN) - 3], "--runs", *MAIN, "mixed", "--results-dir", str(results_dir)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing the finished run") == 2 * len(MAIN)
+    assert "mixed seed 1: 4 steps" in err and "mixed seed 2" not in err
+    again = json.loads((out / "en" / "results.json").read_text())
+    assert again["seeds"]["mixed"] == [1]
+    assert {k: v for k, v in again["scores"].items() if k != "mixed"} == results["scores"]
+    assert "single-task steps beat the mixed sampler" in (out / "en" / "results.md").read_text()
 
     # Deterministic for a seed: a fresh output folder gives the same weights.
     other = tmp_path / "again"
-    assert rc.main(_argv(tiny_setup, other)) == 0
-    again = load_file(str(other / "en" / "models" / "codiemb" / "model.safetensors"))
-    assert all(again[name].equal(tensor) for name, tensor in weights["codiemb"].items())
+    assert rc.main(_argv(tiny_setup, other, "--seeds", "1", "--runs", "codiemb")) == 0
+    fresh = load_file(str(other / "en" / "models" / "codiemb" / "seed1" / "model.safetensors"))
+    assert all(fresh[name].equal(tensor) for name, tensor in codiemb[1].items())
+
+
+def test_equal_steps_budget_halves_each_tasks_updates(tiny_setup, tmp_path):
+    out = tmp_path / "steps"
+    assert rc.main(_argv(tiny_setup, out, "--runs", "codiemb", "--budget", "equal-steps", "--only-dev")) == 0
+    results = json.loads((out / "en" / "results.json").read_text())
+    assert results["budget"]["name"] == "equal-steps"
+    assert results["training"]["codiemb"]["42"]["updates_per_task"] == {"ir": 1, "sts": 1}
 
 
 @pytest.mark.parametrize(
@@ -174,7 +210,8 @@ def test_end_to_end_trains_merges_evaluates_and_resumes(tiny_setup, tmp_path, ca
     [
         (["--naive-threshold", "1.5"], "--naive-threshold must be in"),
         (["--max-steps", "0"], "--max-steps must be a positive integer"),
-        (["--soup-seeds", "1", "--no-specialists-in-soup"], "A soup needs two ingredients"),
+        (["--seeds", "1", "1"], "--seeds must be distinct"),
+        (["--runs", "codiemb", "nope"], "Unknown --runs"),
     ],
 )
 def test_bad_arguments_are_refused_before_work(tiny_setup, tmp_path, capsys, extra, message):
@@ -190,22 +227,24 @@ def test_missing_training_file_is_a_usage_error(tiny_setup, tmp_path, capsys):
     assert "nope.jsonl.gz not found" in capsys.readouterr().err
 
 
-def test_claim_checks_call_small_differences_a_tie():
-    def means(ir, sts):
-        return {"retrieval_mean": ir, "sts_mean": sts, "mean_task_type": (ir + sts) / 2}
+def _evaluation(ir: float, sts: float) -> dict:
+    return {"scores": {"R": ir, "S": sts}, "types": {"R": "retrieval", "S": "sts"}}
 
-    summary = {
-        "naive": means(0.70, 0.40),
-        "codiemb": means(0.70, 0.46),  # +3 pts overall
-        "ir_only": means(0.72, 0.40),
-        "sts_only": means(0.70, 0.47),
-        "delta_soup": means(0.70, 0.461),  # +0.05 pts over the model soup
-        "model_soup": means(0.70, 0.460),
+
+def test_claims_pair_runs_by_seed_with_one_rule():
+    # codiemb beats naive by 3 pts (STS) in every seed -> holds; the soups differ by +-0.1 -> inconclusive.
+    results = {
+        "naive": {1: _evaluation(0.70, 0.40), 2: _evaluation(0.71, 0.42), 3: _evaluation(0.69, 0.41)},
+        "codiemb": {1: _evaluation(0.70, 0.46), 2: _evaluation(0.71, 0.48), 3: _evaluation(0.69, 0.47)},
+        "ir_only": {1: _evaluation(0.72, 0.40), 2: _evaluation(0.73, 0.40), 3: _evaluation(0.70, 0.40)},
+        "sts_only": {1: _evaluation(0.70, 0.50), 2: _evaluation(0.70, 0.51), 3: _evaluation(0.70, 0.52)},
+        "delta_soup": {1: _evaluation(0.70, 0.461), 2: _evaluation(0.70, 0.459), 3: _evaluation(0.70, 0.462)},
+        "model_soup": {1: _evaluation(0.70, 0.460), 2: _evaluation(0.70, 0.460), 3: _evaluation(0.70, 0.460)},
     }
-    geometry = {name: {"anisotropy": 0.5, "effective_rank": 100.0, "condition_number": None} for name in summary}
-    geometry["base"] = geometry["naive"]
-    lines = rc.claims(summary, geometry)
-    assert "+3.00 pts" in lines[0] and lines[0].endswith("-> holds.")
-    assert "IR -2.00 pts vs IR-only, STS -1.00 pts vs STS-only" in lines[1]
-    assert "tie" in lines[2]
-    assert "condition number inf / inf / inf" in lines[3]
+    lines = rc.claims(results, ["R", "S"])
+    assert "+3.00 ± 0.00 pts over 3 seed(s) -> holds" in lines[0]
+    # IR gap -1.67 pts: within 1 pt fails (reversed); STS gap -4 pts: reversed.
+    assert "IR vs ir_only -0.67" in lines[1] and "reversed" in lines[1]
+    assert "-> inconclusive" in lines[2]
+    one_seed = {name: {1: by_seed[1]} for name, by_seed in results.items()}
+    assert "untestable (1 seed)" in rc.claims(one_seed, ["R", "S"])[0]
