@@ -15,6 +15,7 @@ from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.base.sampler import DefaultBatchSampler, MultiDatasetDefaultBatchSampler
+from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size, is_dist_initialized
 
 
@@ -33,7 +34,9 @@ __all__ = [
     "CachedLossMixin",
     "DefaultBatchSampler",
     "MultiDatasetDefaultBatchSampler",
+    "Pooling",
     "SentenceTransformer",
+    "Transformer",
     "all_gather",
     "all_gather_with_grad",
     "embed_columns",
