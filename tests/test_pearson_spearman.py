@@ -725,6 +725,11 @@ def test_two_rank_gathered_gradients_equal_single_process(tiny_model_path, tmp_p
     results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert [result["rank"] for result in results] == [0, 1], output[-4000:]
     for result in results:
+        assert result["terms"] == ["mid_nce_loss", "pearson_loss", "pro_loss", "rank_kl_loss"]
+        assert result["mid_nce_loss"] == pytest.approx(result["reference_mid_nce_loss"], abs=1e-12)
+        assert result["reference_mid_nce_loss"] > 1e-3
+        assert result["local_term_diff"] < 1e-10 and result["local_vs_global_mid_nce"] > 1e-6
+        assert result["max_term_diff"] < 1e-10
         assert result["max_grad_diff"] < 1e-10 and result["max_grad"] > 1e-6
         assert (
             result["rank_losses"][0] == result["rank_losses"][1] == pytest.approx(result["reference_loss"], abs=1e-12)
