@@ -809,3 +809,26 @@ def test_trainer_with_loss_dict_logs_each_term(tiny_model, tmp_path):
         terms = [entry["pearson_loss"], entry["rank_kl_loss"], entry["pro_loss"], entry["mid_nce_loss"]]
         assert all(term == term and term >= 0 for term in terms)  # finite numbers, no NaN
         assert entry["loss"] == pytest.approx(sum(terms), abs=2e-3)  # the trainer logs their sum (rounded to 4 d.p.)
+
+
+def test_trainer_with_the_four_term_loss_lowers_the_training_loss(tiny_model, tmp_path):
+    dataset = _sts_pairs()
+    loss = PearsonSpearmanLoss(tiny_model, return_dict=True)
+
+    def full_batch_terms() -> dict[str, float]:
+        features = [tiny_model.preprocess(dataset["sentence1"]), tiny_model.preprocess(dataset["sentence2"])]
+        with torch.no_grad():
+            terms = loss(features, torch.tensor(dataset["score"]))
+        return {name: value.item() for name, value in terms.items()}
+
+    before = full_batch_terms()
+    trainer = SentenceTransformerTrainer(
+        model=tiny_model, args=_args(tmp_path, max_steps=16, logging_steps=4), train_dataset=dataset, loss=loss
+    )
+    trainer.train()
+    after = full_batch_terms()
+    assert sum(after.values()) < sum(before.values()) - 0.1, (before, after)
+    assert after["mid_nce_loss"] < before["mid_nce_loss"], (before, after)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(entry["mid_nce_loss"] > 0 for entry in logged)
+    assert tiny_model[0].model.config.output_hidden_states is False
