@@ -265,19 +265,22 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
 
     model_path = args.model or _default_model_path()
     print(
-        f"MidNCE benchmark: model={Path(model_path).name} device={args.device} max_seq_length={args.max_seq_length} "
+        f"MidNCE benchmark: model={args.model or 'all-MiniLM-L6-v2 (packaged)'} device={args.device} max_seq_length={args.max_seq_length} "
         f"torch threads={torch.get_num_threads()}, {args.mid_repeats} timing rounds alternating the two losses\n"
         "one training step = forward + backward + AdamW on STSBenchmark test pairs; memory = peak growth over the "
-        "loaded model after a 4-pair warm-up step, each configuration in a fresh process\n"
+        f"loaded model after a 4-pair warm-up step, median of {args.mid_memory_repeats} fresh processes per "
+        "configuration\n"
     )
     rows = []
     for batch_size in args.mid_batch_sizes:
         base = {"model": model_path, "device": args.device, "max_seq_length": args.max_seq_length}
-        peaks = {}
-        for name, weight in (("without", 0.0), ("with", 1.0)):
-            config = {**base, "batch_size": batch_size, "mid_nce_weight": weight}
-            peaks[name] = _run_worker({**config, "kind": "mid-nce"})["peak_mib"]
-            print(f"  measured batch={batch_size} {name} MidNCE: peak {peaks[name]:.0f} MiB", flush=True)
+        samples: dict[str, list[float]] = {"without": [], "with": []}
+        for _ in range(args.mid_memory_repeats):  # alternating fresh processes, as for the times
+            for name, weight in (("without", 0.0), ("with", 1.0)):
+                config = {**base, "batch_size": batch_size, "mid_nce_weight": weight, "kind": "mid-nce"}
+                samples[name].append(_run_worker(config)["peak_mib"])
+        peaks = {name: statistics.median(values) for name, values in samples.items()}
+        print(f"  measured batch={batch_size} peak MiB per fresh process: {samples}", flush=True)
 
         model, batch, step = _mid_nce_setup(model_path, args.device, args.max_seq_length, batch_size)
         features, labels = batch(batch_size)
@@ -539,6 +542,7 @@ def main() -> None:
     parser.add_argument("--ir-repeats", type=int, default=3, help="timed IR training steps per configuration")
     parser.add_argument("--mid-batch-sizes", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--mid-repeats", type=int, default=3, help="timing rounds of the MidNCE training steps")
+    parser.add_argument("--mid-memory-repeats", type=int, default=2, help="fresh processes per MidNCE configuration")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one configuration, in its own process (see _run_worker)
