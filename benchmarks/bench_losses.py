@@ -19,8 +19,8 @@ both see the same load on a shared machine.
 
 MidNCE (``--loss mid-nce``), the middle-layer InfoNCE term of PearsonSpearmanLoss: one training step (forward +
 backward + AdamW step) on STSBenchmark pairs with the term (``mid_nce_weight=1``, the default) against without it
-(``mid_nce_weight=0``), at ``--mid-batch-sizes``. Time: the two alternate in one process, ``--mid-repeats`` rounds after
-a warm-up, medians. Peak memory: each configuration in its own fresh process, measured like the IR benchmark's.
+(``mid_nce_weight=0``), at ``--mid-batch-sizes``. Time: the two alternate in one process, ``--mid-repeats`` rounds
+after a warm-up, medians. Peak memory: each configuration in its own fresh process, measured like the IR benchmark's.
 
 Usage:
     PYTHONPATH=. python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256
@@ -265,7 +265,8 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
 
     model_path = args.model or _default_model_path()
     print(
-        f"MidNCE benchmark: model={args.model or 'all-MiniLM-L6-v2 (packaged)'} device={args.device} max_seq_length={args.max_seq_length} "
+        f"MidNCE benchmark: model={args.model or 'all-MiniLM-L6-v2 (packaged)'} device={args.device} "
+        f"max_seq_length={args.max_seq_length} "
         f"torch threads={torch.get_num_threads()}, {args.mid_repeats} timing rounds alternating the two losses\n"
         "one training step = forward + backward + AdamW on STSBenchmark test pairs; memory = peak growth over the "
         f"loaded model after a 4-pair warm-up step, median of {args.mid_memory_repeats} fresh processes per "

@@ -325,8 +325,8 @@ def _hidden_state_modules(model: nn.Module) -> tuple[Transformer, Pooling]:
     if transformer_index is None:
         names = [type(module).__name__ for module in modules]
         raise ValueError(
-            f"`mid_nce_weight` > 0 needs the hidden states of a sentence-transformers Transformer module, but the model "
-            f"has none (modules: {names}). Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
+            "`mid_nce_weight` > 0 needs the hidden states of a sentence-transformers Transformer module, but the "
+            f"model has none (modules: {names}). Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
         )
     transformer = modules[transformer_index]
     config = getattr(transformer.model, "config", None)
@@ -338,8 +338,8 @@ def _hidden_state_modules(model: nn.Module) -> tuple[Transformer, Pooling]:
     pooling = next((module for module in modules[transformer_index + 1 :] if isinstance(module, Pooling)), None)
     if pooling is None:
         raise ValueError(
-            "`mid_nce_weight` > 0 pools the middle layer with the model's Pooling module, but the model has no Pooling "
-            "module after its Transformer module. Set `mid_nce_weight=0` to train without the middle-layer term."
+            "`mid_nce_weight` > 0 pools the middle layer with the model's Pooling module, but the model has no "
+            "Pooling module after its Transformer module. Set `mid_nce_weight=0` to train without the middle-layer term."
         )
     return transformer, pooling
 
@@ -403,8 +403,9 @@ class PearsonSpearmanLoss(nn.Module):
           the batch has no anchor. Modules after the Pooling module (Dense, Normalize) are not applied to it.
 
         The defaults are the weights and temperatures of the official CoDiEmb code, where the middle-layer term is on
-        in every released training script (``--multi_layer_loss``, weight 1, ``--temperature 0.02``, threshold 1.0). Every term is vectorised on the
-        batch's device (the official code ranks with scipy on the CPU and loops over the batch in Python). PRO
+        in every released training script (``--multi_layer_loss``, weight 1, ``--temperature 0.02``, threshold 1.0).
+        Every term is vectorised on the batch's device (the official code ranks with scipy on the CPU and loops over
+        the batch in Python). PRO
         compares every pair with every lower-labelled pair: on CPU its cost grows with batch size x number of
         distinct labels (near-linear for graded or binary labels), with all-distinct labels (e.g. distilled scores)
         it is quadratic; it runs in row chunks and keeps O(batch) memory for backward. The gold scores are checked
@@ -417,15 +418,16 @@ class PearsonSpearmanLoss(nn.Module):
         Degenerate batches: when all gold scores in a batch are equal (common with binary labels), the Pearson and
         PRO terms are undefined and contribute 0; RankKL is defined (uniform target) and pulls the predicted
         similarities together, as in the official code. Equal predicted similarities (a collapsed model) leave
-        ``r`` undefined too: the Pearson term is then 1 without gradient (the official code gives NaN). A batch with
-        fewer than 2 pairs (e.g. a 1-row last batch
-        without ``dataloader_drop_last``) gives a loss of 0 and logs a warning. NaN or infinite gold scores raise a
-        ``ValueError``.
+        ``r`` undefined too: the Pearson term is then 1 without gradient (the official code gives NaN). A batch
+        without MidNCE anchors gets 0 for that term (with a graph, never NaN). A batch with fewer than 2 pairs (e.g. a
+        1-row last batch without ``dataloader_drop_last``) gives a loss of 0 and logs a warning. NaN or infinite gold
+        scores raise a ``ValueError``.
 
         Middle-layer threshold: ``mid_nce_threshold`` is compared with the raw gold scores, as in the official code,
         so its meaning depends on the label scale. With 0-1 or binary labels the default 1.0 makes only the
-        top-scored (positive) pairs anchors; with 0-5 labels (STS-B) or 0-2 (QBQTC) nearly every pair is an anchor,
-        so the term then also pulls apart-rated pairs together. Keep the official 1.0 to reproduce the paper, or set
+        top-scored (positive) pairs anchors; with 0-5 labels (STS-B) or 0-2 (QBQTC) nearly every pair is an anchor
+        (82% of the STSBenchmark test pairs score >= 1.0), so the term then also pulls weakly related pairs (1-2 of 5)
+        together. Keep the official 1.0 to reproduce the paper, or set
         the threshold for your scale (e.g. 4.0 on 0-5 labels). Cost: the per-column forward passes keep every
         layer's hidden states until the loss is computed; they are saved for backward anyway, so the extra memory is
         small (see the README for measured numbers).
@@ -438,19 +440,19 @@ class PearsonSpearmanLoss(nn.Module):
             temperature: Temperature ``T`` of the rank-KL softmaxes and of the PRO logits.
             gather_across_devices: If True, gather the similarities and gold scores of all ranks (with gradients)
                 before computing the loss, so the correlation terms are over the global batch; the middle-layer
-                embeddings are gathered too, so the MidNCE anchors and candidates are the global batch's. Every rank then
-                computes the same global loss; with DDP's gradient averaging the parameter gradients equal those of
-                one process on the global batch. Every rank must have the same per-device batch size (the default
+                embeddings are gathered too, so the MidNCE anchors and candidates are the global batch's. Every rank
+                then computes the same global loss; with DDP's gradient averaging the parameter gradients equal
+                those of one process on the global batch. Every rank must have the same per-device batch size (the default
                 ``even_batches`` of accelerate, or ``dataloader_drop_last=True``). The official code computes the STS
                 loss per device (no gathering), hence the default False.
             return_dict: If True, return the weighted terms as a dict (``pearson_loss``, ``rank_kl_loss``,
-                ``pro_loss``, ``mid_nce_loss``, terms with weight 0 left out); ``SentenceTransformerTrainer`` sums them and logs each
-                one. If False, return their sum.
+                ``pro_loss``, ``mid_nce_loss``, terms with weight 0 left out); ``SentenceTransformerTrainer`` sums
+                them and logs each one. If False, return their sum.
             similarity_fct: Pairwise similarity between the two columns' embeddings. Default ``util.pairwise_cos_sim``
                 (the method is defined on cosine similarity).
             mid_nce_weight: Weight of the middle-layer InfoNCE term. 0 switches it off: the loss is then the
-                three-term loss exactly and no hidden states are requested. Needs a model whose first module is a
-                sentence-transformers Transformer (returning hidden states) followed by a Pooling module.
+                three-term loss exactly and no hidden states are requested. Needs a sentence-transformers Transformer
+                module that returns hidden states, followed by a Pooling module.
             mid_nce_temperature: Temperature of the middle-layer InfoNCE (official 0.02).
             mid_nce_threshold: Pairs whose raw gold score is at least this are the InfoNCE anchors (official 1.0;
                 see the threshold note above).
@@ -669,7 +671,8 @@ class PearsonSpearmanLoss(nn.Module):
         if middle_embeddings is not None and self.mid_nce_weight > 0:
             if len(middle_embeddings) != 2:
                 raise ValueError(
-                    f"{self.__class__.__name__} expects middle-layer embeddings of 2 columns, got {len(middle_embeddings)}."
+                    f"{self.__class__.__name__} expects middle-layer embeddings of 2 columns, "
+                    f"got {len(middle_embeddings)}."
                 )
             middle_embeddings = [
                 embedding.float() if embedding.dtype in (torch.float16, torch.bfloat16) else embedding
