@@ -20,7 +20,8 @@ both see the same load on a shared machine.
 MidNCE (``--loss mid-nce``), the middle-layer InfoNCE term of PearsonSpearmanLoss: one training step (forward +
 backward + AdamW step) on STSBenchmark pairs with the term (``mid_nce_weight=1``, the default) against without it
 (``mid_nce_weight=0``), at ``--mid-batch-sizes``. Time: the two alternate in one process, ``--mid-repeats`` rounds
-after a warm-up, medians. Peak memory: each configuration in its own fresh process, measured like the IR benchmark's.
+after a warm-up, medians. Peak memory: each configuration in its own fresh process, measured like the IR benchmark's,
+and the activations autograd saves for backward in one step (deterministic, unlike the resident-set peak on CPU).
 
 Usage:
     PYTHONPATH=. python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256
@@ -257,7 +258,23 @@ def _mid_nce_worker(config: dict) -> dict:
     step(loss, *batch(4))
     baseline = _reset_peak(device)
     step(loss, features, labels)
-    return {"peak_mib": _peak_since(baseline, device) / 2**20}
+    peak = _peak_since(baseline, device)
+
+    # The resident-set peak moves by +-10% between fresh processes on CPU (allocator reuse), so also count the
+    # activations autograd saves for backward in one step (unique storages, parameters left out): deterministic, and
+    # where the term's cost would show.
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step(loss, features, labels)
+    return {"peak_mib": peak / 2**20, "saved_mib": sum(storages.values()) / 2**20}
 
 
 def bench_mid_nce(args: argparse.Namespace) -> None:
@@ -270,18 +287,21 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
         f"torch threads={torch.get_num_threads()}, {args.mid_repeats} timing rounds alternating the two losses\n"
         "one training step = forward + backward + AdamW on STSBenchmark test pairs; memory = peak growth over the "
         f"loaded model after a 4-pair warm-up step, median of {args.mid_memory_repeats} fresh processes per "
-        "configuration\n"
+        "configuration; saved activations = unique non-parameter storages autograd keeps for backward in one step\n"
     )
     rows = []
     for batch_size in args.mid_batch_sizes:
         base = {"model": model_path, "device": args.device, "max_seq_length": args.max_seq_length}
         samples: dict[str, list[float]] = {"without": [], "with": []}
+        saved: dict[str, float] = {}
         for _ in range(args.mid_memory_repeats):  # alternating fresh processes, as for the times
             for name, weight in (("without", 0.0), ("with", 1.0)):
                 config = {**base, "batch_size": batch_size, "mid_nce_weight": weight, "kind": "mid-nce"}
-                samples[name].append(_run_worker(config)["peak_mib"])
+                result = _run_worker(config)
+                samples[name].append(result["peak_mib"])
+                saved[name] = result["saved_mib"]
         peaks = {name: statistics.median(values) for name, values in samples.items()}
-        print(f"  measured batch={batch_size} peak MiB per fresh process: {samples}", flush=True)
+        print(f"  measured batch={batch_size} peak MiB per fresh process: {samples}; saved MiB: {saved}", flush=True)
 
         model, batch, step = _mid_nce_setup(model_path, args.device, args.max_seq_length, batch_size)
         features, labels = batch(batch_size)
@@ -292,14 +312,19 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
             args.device,
         )
         print(f"  measured batch={batch_size} s/step: {medians}", flush=True)
-        rows.append((batch_size, medians["without"], medians["with"], peaks["without"], peaks["with"]))
+        rows.append((batch_size, medians, peaks, saved))
 
-    print("\n| batch | s/step without | s/step with | time ratio | peak MiB without | peak MiB with | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for batch_size, time_without, time_with, peak_without, peak_with in rows:
+    print(
+        "\n| batch | s/step without | s/step with | time ratio | peak MiB without | peak MiB with | peak ratio "
+        "| saved activations MiB without | with | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch_size, medians, peaks, saved in rows:
         print(
-            f"| {batch_size} | {time_without:.3f} | {time_with:.3f} | {time_with / time_without:.2f}x "
-            f"| {peak_without:.0f} | {peak_with:.0f} | {peak_with / peak_without:.2f}x |"
+            f"| {batch_size} | {medians['without']:.3f} | {medians['with']:.3f} "
+            f"| {medians['with'] / medians['without']:.2f}x | {peaks['without']:.0f} | {peaks['with']:.0f} "
+            f"| {peaks['with'] / peaks['without']:.2f}x | {saved['without']:.1f} | {saved['with']:.1f} "
+            f"| {saved['with'] / saved['without']:.3f}x |"
         )
 
 
