@@ -238,9 +238,12 @@ def _mid_nce_setup(model_path: str, device: str, max_seq_length: int, batch_size
 
     def step(loss: torch.nn.Module, features: list[dict], labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        # Fresh dicts: the model writes its outputs into the feature dicts it is given.
-        loss([dict(column) for column in features], labels).backward()
+        # Fresh dicts, since the model writes its outputs into the feature dicts it is given; held until after
+        # backward, as the trainer holds its batch.
+        step_features = [dict(column) for column in features]
+        loss(step_features, labels).backward()
         optimizer.step()
+        del step_features
 
     return model, batch, step
 

@@ -14,7 +14,7 @@ from sentence_transformers import (
     SentenceTransformerTrainingArguments,
     util,
 )
-from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+from sentence_transformers.sentence_transformer.losses import AdaptiveLayerLoss, CoSENTLoss, MatryoshkaLoss
 from sentence_transformers.sentence_transformer.modules import Pooling, StaticEmbedding
 from tiny_model import ENGLISH_SENTENCES, build_tiny_decoder, build_tiny_model, build_tokenizer
 from torchrun_harness import run_torchrun
@@ -601,7 +601,6 @@ def test_hidden_states_are_requested_for_the_loss_forward_only(tiny_model, monke
     PearsonSpearmanLoss(model)(features, labels).backward()
     assert seen == [True, True]
     assert hf_model.config.output_hidden_states is False
-    assert not any("all_layer_embeddings" in f for f in features)  # not left behind in the batch
 
     # model.encode and another loss on the same model get no hidden states.
     seen.clear()
@@ -625,6 +624,21 @@ def test_hidden_states_are_requested_for_the_loss_forward_only(tiny_model, monke
     hf_model.config.output_hidden_states = True
     PearsonSpearmanLoss(model)(_features(model, sentences1, sentences2), labels)
     assert hf_model.config.output_hidden_states is True
+
+
+@pytest.mark.parametrize("wrapper", ["matryoshka", "adaptive_layer"])
+def test_four_term_loss_inside_sentence_transformers_wrappers(tiny_model, wrapper):
+    # Both wrappers cache the model's output dict and read it again, `all_layer_embeddings` included.
+    inner = PearsonSpearmanLoss(tiny_model)
+    if wrapper == "matryoshka":
+        loss = MatryoshkaLoss(tiny_model, inner, matryoshka_dims=[32, 16])
+    else:
+        loss = AdaptiveLayerLoss(tiny_model, inner)
+    sentences1, sentences2, labels = MID_NCE_BATCHES["anchors"]
+    value = loss(_features(tiny_model, sentences1, sentences2), torch.tensor(labels))
+    grads = parameter_grads(tiny_model, value)
+    assert torch.isfinite(value) and all(torch.isfinite(grad).all() for grad in grads)
+    assert tiny_model[0].model.config.output_hidden_states is False
 
 
 def test_mid_nce_layer_out_of_range_raises_naming_the_argument(tiny_model):

@@ -578,8 +578,9 @@ class PearsonSpearmanLoss(nn.Module):
 
         One forward pass per column (as ``embed_columns`` does for two columns), with the hidden states requested for
         that pass only. The middle layer is pooled by the model's Pooling module with the column's own features
-        (attention mask, ``prompt_length``), so it is pooled exactly like the final layer. The hidden states are not
-        left in the feature dicts.
+        (attention mask, ``prompt_length``), so it is pooled exactly like the final layer. As with the model's other
+        outputs, the hidden states stay in the column's feature dict (``all_layer_embeddings``) until the batch is
+        dropped; autograd keeps them for backward anyway.
 
         Args:
             sentence_features: One tokenized feature dict per column.
@@ -593,7 +594,9 @@ class PearsonSpearmanLoss(nn.Module):
         for features in sentence_features:
             with _hidden_states_requested(transformer):
                 output = self.model(features)
-            hidden_states = output.pop("all_layer_embeddings", None)
+            # Read, not popped: wrappers such as MatryoshkaLoss and AdaptiveLayerLoss cache this very dict and read
+            # ``all_layer_embeddings`` from it again on their next call.
+            hidden_states = output.get("all_layer_embeddings")
             if hidden_states is None:
                 raise ValueError(
                     f"`mid_nce_weight` > 0 needs hidden states, but the Transformer module "
