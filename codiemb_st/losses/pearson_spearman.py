@@ -351,7 +351,8 @@ def _hidden_states_requested(transformer: Transformer) -> Iterator[None]:
     sentence-transformers' Transformer module stores ``all_layer_embeddings`` only when the model config has
     ``output_hidden_states`` on (a per-call ``output_hidden_states=True`` reaches the model but its hidden states are
     dropped), so the flag is switched on for this block and restored afterwards, also on error: ``model.encode``,
-    other losses and the IR steps never keep every layer.
+    other losses and the IR steps never keep every layer. sentence-transformers' own AdaptiveLayerLoss switches the
+    same flag the same way.
     """
     config = transformer.model.config
     previous = config.output_hidden_states
