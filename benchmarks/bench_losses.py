@@ -17,15 +17,23 @@ STS (``--loss sts``), PearsonSpearmanLoss:
 Times are medians after one warm-up, the contenders alternating round by round (``--repeats`` rounds) so that
 both see the same load on a shared machine.
 
+MidNCE (``--loss mid-nce``), the middle-layer InfoNCE term of PearsonSpearmanLoss: one training step (forward +
+backward + AdamW step) on STSBenchmark pairs with the term (``mid_nce_weight=1``, the default) against without it
+(``mid_nce_weight=0``), at ``--mid-batch-sizes``. Time: the two alternate in one process, ``--mid-repeats`` rounds
+after a warm-up, medians. Peak memory: each configuration in its own fresh process, measured like the IR benchmark's,
+and the activations autograd saves for backward in one step (deterministic, unlike the resident-set peak on CPU).
+
 Usage:
     PYTHONPATH=. python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss sts     # packaged all-MiniLM-L6-v2, CPU
     PYTHONPATH=. python benchmarks/bench_losses.py --loss sts --device cuda --sts-batch-sizes 256 4096 16384
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss mid-nce --mid-batch-sizes 32 256
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -93,6 +101,23 @@ _WORDS = (
 def _ir_texts(count: int, num_words: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(_WORDS) for _ in range(num_words)) + f" {i}" for i in range(count)]
+
+
+def _reset_peak(device: str) -> int:
+    """Reset the peak-memory counter and return the current usage in bytes (the baseline of a measurement)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
+    return _read_rss_kib("VmRSS") * 1024
+
+
+def _peak_since(baseline: int, device: str) -> int:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+    return _read_rss_kib("VmHWM") * 1024 - baseline
 
 
 def _read_rss_kib(field: str) -> int:
@@ -184,6 +209,125 @@ def _ir_worker(config: dict) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "peak_mib": peak / 2**20}
+
+
+def _mid_nce_setup(model_path: str, device: str, max_seq_length: int, batch_size: int):
+    """A MiniLM in training mode, an AdamW optimizer and ``step(loss, features)`` on STSBenchmark pairs."""
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(model_path, device=device)
+    model.max_seq_length = max_seq_length
+    model.train()
+    rows = _stsb_test_rows()
+    if batch_size > len(rows):
+        raise ValueError(f"batch size {batch_size} > {len(rows)} STSBenchmark test pairs")
+
+    def batch(count: int) -> tuple[list[dict], torch.Tensor]:
+        features = [
+            {
+                key: value.to(device) if isinstance(value, torch.Tensor) else value
+                for key, value in model.preprocess([row[column] for row in rows[:count]]).items()
+            }
+            for column in ("sentence1", "sentence2")
+        ]
+        return features, torch.tensor([row["score"] for row in rows[:count]], device=device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step(loss: torch.nn.Module, features: list[dict], labels: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        # Fresh dicts, since the model writes its outputs into the feature dicts it is given; held until after
+        # backward, as the trainer holds its batch.
+        step_features = [dict(column) for column in features]
+        loss(step_features, labels).backward()
+        optimizer.step()
+        del step_features
+
+    return model, batch, step
+
+
+def _mid_nce_worker(config: dict) -> dict:
+    """Peak memory of one training step of one MidNCE configuration, in this (fresh) process."""
+    from codiemb_st import PearsonSpearmanLoss
+
+    device = config["device"]
+    model, batch, step = _mid_nce_setup(config["model"], device, config["max_seq_length"], config["batch_size"])
+    loss = PearsonSpearmanLoss(model, mid_nce_weight=config["mid_nce_weight"])
+    features, labels = batch(config["batch_size"])
+    # Warm up on a 4-pair batch so one-time allocations (AdamW state, gradient buffers, thread pools) are not
+    # counted as the term's memory.
+    step(loss, *batch(4))
+    baseline = _reset_peak(device)
+    step(loss, features, labels)
+    peak = _peak_since(baseline, device)
+
+    # The resident-set peak moves by +-10% between fresh processes on CPU (allocator reuse), so also count the
+    # activations autograd saves for backward in one step (unique storages, parameters left out): deterministic, and
+    # where the term's cost would show.
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step(loss, features, labels)
+    return {"peak_mib": peak / 2**20, "saved_mib": sum(storages.values()) / 2**20}
+
+
+def bench_mid_nce(args: argparse.Namespace) -> None:
+    from codiemb_st import PearsonSpearmanLoss
+
+    model_path = args.model or _default_model_path()
+    print(
+        f"MidNCE benchmark: model={args.model or 'all-MiniLM-L6-v2 (packaged)'} device={args.device} "
+        f"max_seq_length={args.max_seq_length} "
+        f"torch threads={torch.get_num_threads()}, {args.mid_repeats} timing rounds alternating the two losses\n"
+        "one training step = forward + backward + AdamW on STSBenchmark test pairs; memory = peak growth over the "
+        f"loaded model after a 4-pair warm-up step, median of {args.mid_memory_repeats} fresh processes per "
+        "configuration; saved activations = unique non-parameter storages autograd keeps for backward in one step\n"
+    )
+    rows = []
+    for batch_size in args.mid_batch_sizes:
+        base = {"model": model_path, "device": args.device, "max_seq_length": args.max_seq_length}
+        samples: dict[str, list[float]] = {"without": [], "with": []}
+        saved: dict[str, float] = {}
+        for _ in range(args.mid_memory_repeats):  # alternating fresh processes, as for the times
+            for name, weight in (("without", 0.0), ("with", 1.0)):
+                config = {**base, "batch_size": batch_size, "mid_nce_weight": weight, "kind": "mid-nce"}
+                result = _run_worker(config)
+                samples[name].append(result["peak_mib"])
+                saved[name] = result["saved_mib"]
+        peaks = {name: statistics.median(values) for name, values in samples.items()}
+        print(f"  measured batch={batch_size} peak MiB per fresh process: {samples}; saved MiB: {saved}", flush=True)
+
+        model, batch, step = _mid_nce_setup(model_path, args.device, args.max_seq_length, batch_size)
+        features, labels = batch(batch_size)
+        losses = {"without": PearsonSpearmanLoss(model, mid_nce_weight=0.0), "with": PearsonSpearmanLoss(model)}
+        medians = _interleaved_medians(
+            {name: (functools.partial(step, loss, features, labels), 1) for name, loss in losses.items()},
+            args.mid_repeats,
+            args.device,
+        )
+        print(f"  measured batch={batch_size} s/step: {medians}", flush=True)
+        rows.append((batch_size, medians, peaks, saved))
+
+    print(
+        "\n| batch | s/step without | s/step with | time ratio | peak MiB without | peak MiB with | peak ratio "
+        "| saved activations MiB without | with | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch_size, medians, peaks, saved in rows:
+        print(
+            f"| {batch_size} | {medians['without']:.3f} | {medians['with']:.3f} "
+            f"| {medians['with'] / medians['without']:.2f}x | {peaks['without']:.0f} | {peaks['with']:.0f} "
+            f"| {peaks['with'] / peaks['without']:.2f}x | {saved['without']:.1f} | {saved['with']:.1f} "
+            f"| {saved['with'] / saved['without']:.3f}x |"
+        )
 
 
 def _run_worker(config: dict) -> dict:
@@ -410,7 +554,7 @@ def bench_sts(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loss", choices=["ir", "sts", "all"], default="all")
+    parser.add_argument("--loss", choices=["ir", "sts", "mid-nce", "all"], default="all")
     parser.add_argument("--model", default=None, help="SentenceTransformer path (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-seq-length", type=int, default=64)
@@ -424,15 +568,22 @@ def main() -> None:
     parser.add_argument("--ir-mini-batch-size", type=int, default=32)
     parser.add_argument("--ir-num-negatives", type=int, default=1)
     parser.add_argument("--ir-repeats", type=int, default=3, help="timed IR training steps per configuration")
+    parser.add_argument("--mid-batch-sizes", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--mid-repeats", type=int, default=3, help="timing rounds of the MidNCE training steps")
+    parser.add_argument("--mid-memory-repeats", type=int, default=2, help="fresh processes per MidNCE configuration")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:  # one IR configuration, in its own process (see _run_worker)
-        print(json.dumps(_ir_worker(json.loads(args.worker))))
+    if args.worker:  # one configuration, in its own process (see _run_worker)
+        config = json.loads(args.worker)
+        worker = _mid_nce_worker if config.get("kind") == "mid-nce" else _ir_worker
+        print(json.dumps(worker(config)))
         return
     if args.loss in ("ir", "all"):
         bench_ir(args)
     if args.loss in ("sts", "all"):
         bench_sts(args)
+    if args.loss in ("mid-nce", "all"):
+        bench_mid_nce(args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from sentence_transformers.base.sampler import (
     MultiDatasetDefaultBatchSampler,
 )
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss
-from sentence_transformers.sentence_transformer.modules import Pooling
+from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size, is_dist_initialized
 
 
@@ -43,6 +43,7 @@ __all__ = [
     "MultiDatasetDefaultBatchSampler",
     "Pooling",
     "SentenceTransformer",
+    "Transformer",
     "all_gather",
     "all_gather_with_grad",
     "embed_columns",

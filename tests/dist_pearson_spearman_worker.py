@@ -1,5 +1,9 @@
 """torchrun worker for tests/test_pearson_spearman.py: gathered 2-rank DDP loss == one process on the full batch.
 
+The loss has all four terms, the middle-layer InfoNCE (MidNCE) included, whose middle-layer embeddings are gathered
+like the final ones. Without gathering, each rank's MidNCE must be the one of its own slice (the official per-device
+computation).
+
 Usage: torchrun --nproc_per_node 2 tests/dist_pearson_spearman_worker.py MODEL_PATH OUTPUT_DIR
 
 Each rank holds an identical float64 copy of the model and its slice of one global batch. With
@@ -42,7 +46,9 @@ def main(model_path: str, output_dir: str) -> int:
     second = torch.randint(len(SENTENCES), (global_size,), generator=generator).tolist()
     sentences1 = [SENTENCES[i] for i in first]
     sentences2 = [SENTENCES[i] for i in second]
-    labels = torch.randint(0, 4, (global_size,), generator=generator).double()  # graded, with ties
+    # Graded, with ties; labels 0 are not MidNCE anchors (threshold 1.0), so anchors and non-anchors sit on both ranks.
+    labels = torch.randint(0, 4, (global_size,), generator=generator).double()
+    labels[[0, PAIRS_PER_RANK + 1]] = 0.0
 
     # Loaded from one saved folder so every rank has the same weights and vocabulary (building the tiny model's
     # tokenizer is not deterministic across processes). The reload adds an unused, randomly initialised BERT
@@ -66,6 +72,19 @@ def main(model_path: str, output_dir: str) -> int:
     total = sum(terms.values())
     total.backward()
 
+    # Without gathering: every rank's terms are those of one process on its own slice only.
+    with torch.no_grad():
+        local_terms = PearsonSpearmanLoss(model, return_dict=True)(
+            [model.preprocess(sentences1[local]), model.preprocess(sentences2[local])], labels[local]
+        )
+        local_reference = PearsonSpearmanLoss(reference_model, return_dict=True)(
+            [reference_model.preprocess(sentences1[local]), reference_model.preprocess(sentences2[local])],
+            labels[local],
+        )
+    local_diff = max(abs(local_terms[name].item() - local_reference[name].item()) for name in local_reference)
+    # The local term differs from the global one, so the check above can tell gathering from not gathering.
+    local_vs_global = abs(local_terms["mid_nce_loss"].item() - reference_terms["mid_nce_loss"].item())
+
     all_totals = [torch.zeros(1, dtype=torch.float64) for _ in range(world_size)]
     dist.all_gather(all_totals, total.detach().reshape(1))
     term_diff = max(abs(terms[name].item() - reference_terms[name].item()) for name in reference_terms)
@@ -80,6 +99,11 @@ def main(model_path: str, output_dir: str) -> int:
         "reference_loss": sum(reference_terms.values()).item(),
         "rank_losses": [value.item() for value in all_totals],
         "max_term_diff": term_diff,
+        "terms": sorted(terms),
+        "mid_nce_loss": terms["mid_nce_loss"].item(),
+        "reference_mid_nce_loss": reference_terms["mid_nce_loss"].item(),
+        "local_term_diff": local_diff,
+        "local_vs_global_mid_nce": local_vs_global,
         "max_grad_diff": grad_diff,
         "max_grad": grad_scale,
     }
@@ -87,6 +111,9 @@ def main(model_path: str, output_dir: str) -> int:
     ok = (
         sorted(terms) == sorted(reference_terms)
         and term_diff < 1e-10
+        and local_diff < 1e-10
+        and local_vs_global > 1e-6
+        and reference_terms["mid_nce_loss"].item() > 1e-3
         and grad_diff < 1e-10
         and grad_scale > 1e-6
         and max(result["rank_losses"]) - min(result["rank_losses"]) < 1e-12

@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizerFast, Qwen2Config, Qwen2Model
 
 ENGLISH_SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -90,6 +90,31 @@ def build_tiny_model(
     if normalize:
         modules.append(Normalize())
     return SentenceTransformer(modules=modules, device="cpu")
+
+
+def build_tiny_decoder(seed: int = 0, hidden_size: int = 32, num_layers: int = 2, pooling_mode: str = "lasttoken"):
+    """A random Qwen2 decoder (hidden 32, 2 layers) with the same tokenizer, left padding and the given pooling."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a decoder takes no token_type_ids
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    decoder = Qwen2Model(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        transformer = Transformer(tmp, max_seq_length=64)
+    transformer.tokenizer.padding_side = "left"  # decoders pad left, so the last position is a real token
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)
+    return SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
 
 def save_tiny_model(path: str | Path, **kwargs) -> Path:

@@ -1,22 +1,25 @@
-"""CoDiEmb's order-aware STS objective: Pearson + rank-KL + PRO on the cosine scores of a batch of pairs.
+"""CoDiEmb's order-aware STS objective: Pearson + rank-KL + PRO on the cosine scores of a batch of pairs, plus an
+auxiliary InfoNCE on the pooled middle transformer layer (MidNCE).
 
-The three terms are vectorised transcriptions of the released CoDiEmb training code
-(``TencentCloudADP/youtu-embedding``, ``training/CoDiEmb/train/loss.py``), which ranks with scipy on the CPU and
-runs PRO as a Python loop over the batch. Here every term stays on the batch's device as a few tensor ops.
+The terms are vectorised transcriptions of the released CoDiEmb training code
+(``TencentCloudADP/youtu-embedding``, ``training/CoDiEmb/train/loss.py`` and ``model.py``), which ranks with scipy on
+the CPU and runs PRO as a Python loop over the batch. Here every term stays on the batch's device as a few tensor ops.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from sentence_transformers import util
 from torch import Tensor, nn
 
-from codiemb_st._compat import SentenceTransformer, all_gather_with_grad, embed_columns
+from codiemb_st._compat import Pooling, SentenceTransformer, Transformer, all_gather_with_grad, embed_columns
 from codiemb_st.citation import CODIEMB_CITATION
 
 logger = logging.getLogger(__name__)
@@ -264,6 +267,102 @@ class _ProLoss(torch.autograd.Function):
         return grad_output * gradient, None, None, None, None, None
 
 
+def mid_nce_loss(
+    embeddings1: Tensor, embeddings2: Tensor, labels: Tensor, temperature: float, threshold: float
+) -> Tensor:
+    """CoDiEmb's auxiliary STS InfoNCE (L_MidNCE) on given (middle-layer) embeddings of the pairs.
+
+    Both sides are L2-normalised; the anchors are the pairs whose raw gold score is ``>= threshold``; anchor ``i``'s
+    positive is its own second sentence and its candidates are the second sentences of all pairs (in-batch
+    negatives), so ``l_i = -log softmax(cos(a_i, b_j) / T over j)[i]``. The loss is the mean of ``l_i`` over the
+    anchors, and 0 (still attached to the graph, so DDP and the trainer see an ordinary loss) when there is none.
+    Computed for every row and masked, so there is no host sync and no data-dependent branch.
+
+    Args:
+        embeddings1: (batch_size, dim) embeddings of the first sentences.
+        embeddings2: (batch_size, dim) embeddings of the second sentences.
+        labels: 1-D gold scores on their raw scale, one per pair.
+        temperature: InfoNCE temperature T (the official 0.02).
+        threshold: pairs with a gold score at or above it are anchors (the official 1.0, on the raw label scale).
+
+    Returns:
+        Scalar tensor.
+    """
+    if embeddings1.ndim != 2 or embeddings2.shape != embeddings1.shape or labels.shape != embeddings1.shape[:1]:
+        raise ValueError(
+            "Expected two (batch_size, dim) embedding tensors of the same shape and 1-D labels of length batch_size, "
+            f"got {tuple(embeddings1.shape)}, {tuple(embeddings2.shape)} and {tuple(labels.shape)}."
+        )
+    logits = F.normalize(embeddings1, dim=-1) @ F.normalize(embeddings2, dim=-1).T / temperature
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    per_pair = F.cross_entropy(logits, targets, reduction="none")
+    anchors = labels >= threshold
+    return torch.where(anchors, per_pair, 0.0).sum() / anchors.sum().clamp_min(1).to(per_pair.dtype)
+
+
+# Keys of a model output that belong to the final layer and must not leak into the middle layer's pooling:
+# ``cls_token_embeddings`` would make CLS pooling return the final layer's CLS vector.
+_FINAL_LAYER_KEYS = frozenset(
+    {"token_embeddings", "sentence_embedding", "cls_token_embeddings", "all_layer_embeddings"}
+)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrap the SentenceTransformer.
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _hidden_state_modules(model: nn.Module) -> tuple[Transformer, Pooling]:
+    """The Transformer module whose hidden states MidNCE reads and the Pooling module that pools them."""
+    modules = list(_unwrap(model).children())
+    transformer_index = next((i for i, module in enumerate(modules) if isinstance(module, Transformer)), None)
+    if transformer_index is None:
+        names = [type(module).__name__ for module in modules]
+        raise ValueError(
+            "`mid_nce_weight` > 0 needs the hidden states of a sentence-transformers Transformer module, but the "
+            f"model has none (modules: {names}). Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
+        )
+    transformer = modules[transformer_index]
+    config = getattr(transformer.model, "config", None)
+    if config is None or not hasattr(config, "output_hidden_states"):
+        raise ValueError(
+            f"`mid_nce_weight` > 0 needs hidden states, but the Transformer module's model "
+            f"({type(transformer.model).__name__}) has no config with `output_hidden_states`. Set `mid_nce_weight=0`."
+        )
+    pooling = next((module for module in modules[transformer_index + 1 :] if isinstance(module, Pooling)), None)
+    if pooling is None:
+        raise ValueError(
+            "`mid_nce_weight` > 0 pools the middle layer with the model's Pooling module, but the model has no "
+            "Pooling module after its Transformer module. Set `mid_nce_weight=0` to train without the middle-layer term."
+        )
+    return transformer, pooling
+
+
+@contextmanager
+def _hidden_states_requested(transformer: Transformer) -> Iterator[None]:
+    """Make the Transformer module return all hidden states for the calls inside the block only.
+
+    sentence-transformers' Transformer module stores ``all_layer_embeddings`` only when the model config has
+    ``output_hidden_states`` on (a per-call ``output_hidden_states=True`` reaches the model but its hidden states are
+    dropped), so the flag is switched on for this block and restored afterwards, also on error: ``model.encode``,
+    other losses and the IR steps never keep every layer. sentence-transformers' own AdaptiveLayerLoss switches the
+    same flag the same way.
+    """
+    config = transformer.model.config
+    previous = config.output_hidden_states
+    config.output_hidden_states = True
+    try:
+        yield
+    finally:
+        config.output_hidden_states = previous
+
+
 class PearsonSpearmanLoss(nn.Module):
     def __init__(
         self,
@@ -275,23 +374,39 @@ class PearsonSpearmanLoss(nn.Module):
         gather_across_devices: bool = False,
         return_dict: bool = False,
         similarity_fct: Callable[[Tensor, Tensor], Tensor] = util.pairwise_cos_sim,
+        mid_nce_weight: float = 1.0,
+        mid_nce_temperature: float = 0.02,
+        mid_nce_threshold: float = 1.0,
+        mid_nce_layer: int | None = None,
     ) -> None:
         """
         CoDiEmb's order-aware loss for semantic textual similarity (STS). STS is judged by the Spearman correlation
         between predicted and gold similarities over all pairs, so instead of pushing each pair towards a target
         score, this loss scores the whole batch at once against the gold scores with three terms, computed on the
-        cosine similarities ``s`` of the batch's pairs and their gold scores ``y``:
+        cosine similarities ``s`` of the batch's pairs and their gold scores ``y``, plus CoDiEmb's auxiliary
+        InfoNCE on a middle transformer layer:
 
-        ``loss = pearson_weight * (1 - pearson(s, y)) + rank_kl_weight * RankKL + pro_weight * PRO``
+        ``loss = pearson_weight * (1 - pearson(s, y)) + rank_kl_weight * RankKL + pro_weight * PRO
+        + mid_nce_weight * MidNCE``
 
         - **Pearson**: ``1 - r`` with ``r`` the population Pearson correlation over the batch (Pcc-tuning).
         - **RankKL**: ``KL(P || Q)`` ("batchmean") between ``P = softmax(t / T)``, with ``t`` the gold ranks
           (descending, ties averaged) normalised to [0, 1], and ``Q = softmax(s / T)``.
         - **PRO**: a listwise loss: every pair must out-score all pairs with a lower gold score, the logits
           weighted by the label gaps (``w_j = y_k - y_j``, own weight ``max_j w_j``), divided by ``T``.
+        - **MidNCE**: InfoNCE on the middle layer. The Transformer module's hidden states (a tuple that starts with
+          the embedding output) are requested for this loss's own forward pass only; layer
+          ``hidden_states[len(hidden_states) // 2]`` (or ``mid_nce_layer``) is pooled by the model's own Pooling
+          module (same mode; prompt tokens it excludes stay excluded) and L2-normalised, giving ``a_i`` and ``b_i``
+          for the two sentences. The anchors are the pairs with a raw gold score ``y_i >= mid_nce_threshold``; each
+          anchor's positive is its own second sentence and its candidates are the second sentences of the whole
+          batch: ``MidNCE = mean over anchors i of -log softmax_j(cos(a_i, b_j) / mid_nce_temperature)[i]``, 0 when
+          the batch has no anchor. Modules after the Pooling module (Dense, Normalize) are not applied to it.
 
-        The defaults are the weights and temperature of the official CoDiEmb code. Every term is vectorised on the
-        batch's device (the official code ranks with scipy on the CPU and loops over the batch in Python). PRO
+        The defaults are the weights and temperatures of the official CoDiEmb code, where the middle-layer term is on
+        in every released training script (``--multi_layer_loss``, weight 1, ``--temperature 0.02``, threshold 1.0).
+        Every term is vectorised on the batch's device (the official code ranks with scipy on the CPU and loops over
+        the batch in Python). PRO
         compares every pair with every lower-labelled pair: on CPU its cost grows with batch size x number of
         distinct labels (near-linear for graded or binary labels), with all-distinct labels (e.g. distilled scores)
         it is quadratic; it runs in row chunks and keeps O(batch) memory for backward. The gold scores are checked
@@ -304,10 +419,19 @@ class PearsonSpearmanLoss(nn.Module):
         Degenerate batches: when all gold scores in a batch are equal (common with binary labels), the Pearson and
         PRO terms are undefined and contribute 0; RankKL is defined (uniform target) and pulls the predicted
         similarities together, as in the official code. Equal predicted similarities (a collapsed model) leave
-        ``r`` undefined too: the Pearson term is then 1 without gradient (the official code gives NaN). A batch with
-        fewer than 2 pairs (e.g. a 1-row last batch
-        without ``dataloader_drop_last``) gives a loss of 0 and logs a warning. NaN or infinite gold scores raise a
-        ``ValueError``.
+        ``r`` undefined too: the Pearson term is then 1 without gradient (the official code gives NaN). A batch
+        without MidNCE anchors gets 0 for that term (with a graph, never NaN). A batch with fewer than 2 pairs (e.g. a
+        1-row last batch without ``dataloader_drop_last``) gives a loss of 0 and logs a warning. NaN or infinite gold
+        scores raise a ``ValueError``.
+
+        Middle-layer threshold: ``mid_nce_threshold`` is compared with the raw gold scores, as in the official code,
+        so its meaning depends on the label scale. With 0-1 or binary labels the default 1.0 makes only the
+        top-scored (positive) pairs anchors; with 0-5 labels (STS-B) or 0-2 (QBQTC) nearly every pair is an anchor
+        (82% of the STSBenchmark test pairs score >= 1.0), so the term then also pulls weakly related pairs (1-2 of 5)
+        together. Keep the official 1.0 to reproduce the paper, or set
+        the threshold for your scale (e.g. 4.0 on 0-5 labels). Cost: the per-column forward passes keep every
+        layer's hidden states until the loss is computed; they are saved for backward anyway, so the extra memory is
+        small (see the README for measured numbers).
 
         Args:
             model: SentenceTransformer model.
@@ -316,16 +440,26 @@ class PearsonSpearmanLoss(nn.Module):
             pro_weight: Weight of the PRO term.
             temperature: Temperature ``T`` of the rank-KL softmaxes and of the PRO logits.
             gather_across_devices: If True, gather the similarities and gold scores of all ranks (with gradients)
-                before computing the loss, so the correlation terms are over the global batch. Every rank then
-                computes the same global loss; with DDP's gradient averaging the parameter gradients equal those of
-                one process on the global batch. Every rank must have the same per-device batch size (the default
+                before computing the loss, so the correlation terms are over the global batch; the middle-layer
+                embeddings are gathered too, so the MidNCE anchors and candidates are the global batch's. Every rank
+                then computes the same global loss; with DDP's gradient averaging the parameter gradients equal
+                those of one process on the global batch. Every rank must have the same per-device batch size (the default
                 ``even_batches`` of accelerate, or ``dataloader_drop_last=True``). The official code computes the STS
                 loss per device (no gathering), hence the default False.
             return_dict: If True, return the weighted terms as a dict (``pearson_loss``, ``rank_kl_loss``,
-                ``pro_loss``, terms with weight 0 left out); ``SentenceTransformerTrainer`` sums them and logs each
-                one. If False, return their sum.
+                ``pro_loss``, ``mid_nce_loss``, terms with weight 0 left out); ``SentenceTransformerTrainer`` sums
+                them and logs each one. If False, return their sum.
             similarity_fct: Pairwise similarity between the two columns' embeddings. Default ``util.pairwise_cos_sim``
                 (the method is defined on cosine similarity).
+            mid_nce_weight: Weight of the middle-layer InfoNCE term. 0 switches it off: the loss is then the
+                three-term loss exactly and no hidden states are requested. Needs a sentence-transformers Transformer
+                module that returns hidden states, followed by a Pooling module.
+            mid_nce_temperature: Temperature of the middle-layer InfoNCE (official 0.02).
+            mid_nce_threshold: Pairs whose raw gold score is at least this are the InfoNCE anchors (official 1.0;
+                see the threshold note above).
+            mid_nce_layer: Index into the hidden-states tuple (0 = embedding output, ``len - 1`` = last layer;
+                negative indices count from the end). Default None: ``len(hidden_states) // 2``, as in the official
+                code.
 
         References:
             - CoDiEmb: https://arxiv.org/abs/2508.11442 (official code: https://github.com/TencentCloudADP/youtu-embedding)
@@ -335,13 +469,16 @@ class PearsonSpearmanLoss(nn.Module):
 
         Requirements:
             - Pairs of texts with a graded (or binary) gold similarity score, several distinct scores per batch.
+            - For the middle-layer term (``mid_nce_weight > 0``): a Transformer module followed by a Pooling module,
+              encoder or decoder backbone.
 
         Inputs:
-            +--------------------------------+------------------------+
-            | Texts                          | Labels                 |
-            +================================+========================+
-            | (sentence_A, sentence_B) pairs | float similarity score |
-            +--------------------------------+------------------------+
+            +--------------------------------+-------------------------------------------------------------+
+            | Texts                          | Labels                                                      |
+            +================================+=============================================================+
+            | (sentence_A, sentence_B) pairs | float similarity score (raw scale: MidNCE anchors are pairs |
+            |                                | scored ``>= mid_nce_threshold``)                            |
+            +--------------------------------+-------------------------------------------------------------+
 
         Relations:
             - :class:`~sentence_transformers.sentence_transformer.losses.CoSENTLoss` also ranks pairs by their gold
@@ -371,19 +508,30 @@ class PearsonSpearmanLoss(nn.Module):
                 trainer.train()
         """
         super().__init__()
-        weights = {"pearson_weight": pearson_weight, "rank_kl_weight": rank_kl_weight, "pro_weight": pro_weight}
+        weights = {
+            "pearson_weight": pearson_weight,
+            "rank_kl_weight": rank_kl_weight,
+            "pro_weight": pro_weight,
+            "mid_nce_weight": mid_nce_weight,
+        }
         for name, weight in weights.items():
             _check_real(name, weight)
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {weight!r}.")
         if not any(weight > 0 for weight in weights.values()):
             raise ValueError(
-                "At least one of `pearson_weight`, `rank_kl_weight`, `pro_weight` must be > 0; all are 0, "
-                "so the loss would be constant."
+                "At least one of `pearson_weight`, `rank_kl_weight`, `pro_weight`, `mid_nce_weight` must be > 0; "
+                "all are 0, so the loss would be constant."
             )
-        _check_real("temperature", temperature)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
+        for name, value in (("temperature", temperature), ("mid_nce_temperature", mid_nce_temperature)):
+            _check_real(name, value)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+        _check_real("mid_nce_threshold", mid_nce_threshold)
+        if not math.isfinite(mid_nce_threshold):
+            raise ValueError(f"`mid_nce_threshold` must be a finite number, got {mid_nce_threshold!r}.")
+        if mid_nce_layer is not None and (isinstance(mid_nce_layer, bool) or not isinstance(mid_nce_layer, int)):
+            raise TypeError(f"`mid_nce_layer` must be an int or None, got {type(mid_nce_layer).__name__}.")
         if not isinstance(gather_across_devices, bool):
             raise TypeError(f"`gather_across_devices` must be a bool, got {type(gather_across_devices).__name__}.")
         if not isinstance(return_dict, bool):
@@ -399,6 +547,16 @@ class PearsonSpearmanLoss(nn.Module):
         self.gather_across_devices = gather_across_devices
         self.return_dict = return_dict
         self.similarity_fct = similarity_fct
+        self.mid_nce_weight = float(mid_nce_weight)
+        self.mid_nce_temperature = float(mid_nce_temperature)
+        self.mid_nce_threshold = float(mid_nce_threshold)
+        self.mid_nce_layer = mid_nce_layer
+        if model is not None and self.mid_nce_weight > 0:
+            # Fail before training starts: the model can expose hidden states and the layer exists.
+            transformer, _ = _hidden_state_modules(model)
+            num_layers = getattr(transformer.model.config, "num_hidden_layers", None)
+            if isinstance(num_layers, int) and not isinstance(num_layers, bool):
+                self._middle_layer_index(num_layers + 1)
 
     def forward(
         self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None
@@ -409,17 +567,73 @@ class PearsonSpearmanLoss(nn.Module):
                 f"{self.__class__.__name__} expects exactly 2 text columns (sentence1, sentence2) followed by a score "
                 f"column, but got {len(sentence_features)} text columns. Remove or reorder the extra columns."
             )
-        embeddings = embed_columns(self.model, sentence_features)
-        return self.compute_loss_from_embeddings(embeddings, labels)
+        if self.mid_nce_weight == 0:
+            # Exactly the three-term path: no hidden states requested.
+            embeddings = embed_columns(self.model, sentence_features)
+            return self.compute_loss_from_embeddings(embeddings, labels)
+        embeddings, middle_embeddings = self.embed_with_middle_layer(sentence_features)
+        return self.compute_loss_from_embeddings(embeddings, labels, middle_embeddings=middle_embeddings)
+
+    def embed_with_middle_layer(self, sentence_features: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        """Embed each column, returning its final embeddings and its pooled middle-layer embeddings.
+
+        One forward pass per column (as ``embed_columns`` does for two columns), with the hidden states requested for
+        that pass only. The middle layer is pooled by the model's Pooling module with the column's own features
+        (attention mask, ``prompt_length``), so it is pooled exactly like the final layer. As with the model's other
+        outputs, the hidden states stay in the column's feature dict (``all_layer_embeddings``) until the batch is
+        dropped; autograd keeps them for backward anyway.
+
+        Args:
+            sentence_features: One tokenized feature dict per column.
+
+        Returns:
+            ``(final, middle)``: per column, the (batch_size, dim) sentence embeddings and the unnormalised pooled
+            middle-layer embeddings.
+        """
+        transformer, pooling = _hidden_state_modules(self.model)
+        final, middle = [], []
+        for features in sentence_features:
+            with _hidden_states_requested(transformer):
+                output = self.model(features)
+            # Read, not popped: wrappers such as MatryoshkaLoss and AdaptiveLayerLoss cache this very dict and read
+            # ``all_layer_embeddings`` from it again on their next call.
+            hidden_states = output.get("all_layer_embeddings")
+            if hidden_states is None:
+                raise ValueError(
+                    f"`mid_nce_weight` > 0 needs hidden states, but the Transformer module "
+                    f"({type(transformer.model).__name__}) returned none with `output_hidden_states=True`. "
+                    "Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
+                )
+            layer_features = {key: value for key, value in output.items() if key not in _FINAL_LAYER_KEYS}
+            layer_features["token_embeddings"] = hidden_states[self._middle_layer_index(len(hidden_states))]
+            middle.append(pooling(layer_features)["sentence_embedding"])
+            final.append(output["sentence_embedding"])
+        return final, middle
+
+    def _middle_layer_index(self, num_hidden_states: int) -> int:
+        if self.mid_nce_layer is None:
+            return num_hidden_states // 2
+        if not -num_hidden_states <= self.mid_nce_layer < num_hidden_states:
+            raise ValueError(
+                f"`mid_nce_layer`={self.mid_nce_layer} is out of range: the Transformer module returns "
+                f"{num_hidden_states} hidden states (the embedding output and {num_hidden_states - 1} layers), so it "
+                f"must be in [{-num_hidden_states}, {num_hidden_states - 1}]."
+            )
+        return self.mid_nce_layer
 
     def compute_loss_from_embeddings(
-        self, embeddings: list[Tensor], labels: Tensor | None
+        self,
+        embeddings: list[Tensor],
+        labels: Tensor | None,
+        middle_embeddings: list[Tensor] | None = None,
     ) -> Tensor | dict[str, Tensor]:
         """Compute the loss from the embeddings of the two columns.
 
         Args:
             embeddings: Two tensors of shape (batch_size, dim): the embeddings of sentence1 and sentence2.
             labels: Gold similarity scores, one per pair.
+            middle_embeddings: The two columns' pooled middle-layer embeddings for the MidNCE term (see
+                ``embed_with_middle_layer``); None leaves the term out.
 
         Returns:
             The weighted sum of the terms, or the weighted terms as a dict when ``return_dict`` is True.
@@ -427,14 +641,18 @@ class PearsonSpearmanLoss(nn.Module):
         if len(embeddings) != 2:
             raise ValueError(f"{self.__class__.__name__} expects embeddings of 2 columns, got {len(embeddings)}.")
         scores = self.similarity_fct(embeddings[0], embeddings[1])
-        return self.compute_loss_from_scores(scores, labels)
+        return self.compute_loss_from_scores(scores, labels, middle_embeddings=middle_embeddings)
 
-    def compute_loss_from_scores(self, scores: Tensor, labels: Tensor | None) -> Tensor | dict[str, Tensor]:
+    def compute_loss_from_scores(
+        self, scores: Tensor, labels: Tensor | None, middle_embeddings: list[Tensor] | None = None
+    ) -> Tensor | dict[str, Tensor]:
         """Compute the loss from the pairs' predicted similarities (gathered across devices if enabled).
 
         Args:
             scores: 1-D predicted similarity of each pair.
             labels: Gold similarity scores, one per pair.
+            middle_embeddings: The two columns' pooled middle-layer embeddings, (batch_size, dim) each, for the
+                MidNCE term; None (or ``mid_nce_weight=0``) leaves the term out.
 
         Returns:
             The weighted sum of the terms, or the weighted terms as a dict when ``return_dict`` is True.
@@ -454,9 +672,24 @@ class PearsonSpearmanLoss(nn.Module):
             scores = scores.float()
         labels = labels.reshape(-1).to(device=scores.device, dtype=scores.dtype)
 
+        if middle_embeddings is not None and self.mid_nce_weight > 0:
+            if len(middle_embeddings) != 2:
+                raise ValueError(
+                    f"{self.__class__.__name__} expects middle-layer embeddings of 2 columns, "
+                    f"got {len(middle_embeddings)}."
+                )
+            middle_embeddings = [
+                embedding.float() if embedding.dtype in (torch.float16, torch.bfloat16) else embedding
+                for embedding in middle_embeddings
+            ]
+        else:
+            middle_embeddings = None
+
         if self.gather_across_devices:
             scores = all_gather_with_grad(scores)
             labels = all_gather_with_grad(labels)
+            if middle_embeddings is not None:
+                middle_embeddings = [all_gather_with_grad(embedding) for embedding in middle_embeddings]
 
         # One host sync per batch. Checked on the gathered labels so that every rank raises together.
         if not bool(torch.isfinite(labels).all()):
@@ -464,17 +697,34 @@ class PearsonSpearmanLoss(nn.Module):
                 f"{self.__class__.__name__} got NaN or infinite gold scores; clean or drop those rows of the score column."
             )
 
-        terms = self._weighted_terms(scores, labels)
+        terms = self._weighted_terms(scores, labels, middle_embeddings)
+        if not terms:
+            raise ValueError(
+                f"{self.__class__.__name__} has only the middle-layer term switched on, which needs the middle-layer "
+                "embeddings: call the loss on the features (forward) or pass `middle_embeddings`."
+            )
         if self.return_dict:
             return terms
         return torch.stack(list(terms.values())).sum()
 
-    def _weighted_terms(self, scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def _weighted_terms(
+        self, scores: Tensor, labels: Tensor, middle_embeddings: list[Tensor] | None
+    ) -> dict[str, Tensor]:
         weighted = [
             ("pearson_loss", self.pearson_weight, lambda: pearson_loss(scores, labels)),
             ("rank_kl_loss", self.rank_kl_weight, lambda: rank_kl_loss(scores, labels, self.temperature)),
             ("pro_loss", self.pro_weight, lambda: pro_loss(scores, labels, self.temperature)),
         ]
+        if middle_embeddings is not None:
+            weighted.append(
+                (
+                    "mid_nce_loss",
+                    self.mid_nce_weight,
+                    lambda: mid_nce_loss(
+                        *middle_embeddings, labels, self.mid_nce_temperature, self.mid_nce_threshold
+                    ).to(scores.dtype),
+                )
+            )
         if scores.numel() < 2:
             logger.warning(
                 "%s got a batch of %d pair(s); correlations need at least 2, so this batch contributes 0. "
@@ -494,6 +744,10 @@ class PearsonSpearmanLoss(nn.Module):
             "temperature": self.temperature,
             "gather_across_devices": self.gather_across_devices,
             "similarity_fct": getattr(self.similarity_fct, "__name__", repr(self.similarity_fct)),
+            "mid_nce_weight": self.mid_nce_weight,
+            "mid_nce_temperature": self.mid_nce_temperature,
+            "mid_nce_threshold": self.mid_nce_threshold,
+            "mid_nce_layer": self.mid_nce_layer,
         }
 
     @property
