@@ -372,7 +372,6 @@ class PearsonSpearmanLoss(nn.Module):
                 trainer.train()
         """
         super().__init__()
-        _input_checks.check_inverse_temperature(type(self).__name__, temperature)
         weights = {"pearson_weight": pearson_weight, "rank_kl_weight": rank_kl_weight, "pro_weight": pro_weight}
         for name, weight in weights.items():
             _check_real(name, weight)
@@ -390,6 +389,7 @@ class PearsonSpearmanLoss(nn.Module):
             raise TypeError(f"`gather_across_devices` must be a bool, got {type(gather_across_devices).__name__}.")
         if not isinstance(return_dict, bool):
             raise TypeError(f"`return_dict` must be a bool, got {type(return_dict).__name__}.")
+        _input_checks.check_inverse_temperature(type(self).__name__, temperature)
         if not callable(similarity_fct):
             raise TypeError(f"`similarity_fct` must be callable, got {type(similarity_fct).__name__}.")
 
