@@ -775,11 +775,14 @@ MERGE_ARGUMENT_CASES = [
 
 
 def test_failed_merges_by_argument_leave_nothing(env):
-    """The argument cases of merge_to_folder leave no folder at the (nested) output path either."""
+    """The argument cases of merge_to_folder leave the inputs unchanged and no folder at the (nested) output path."""
+    before = {name: _fingerprint(path) for name, path in env.merge_inputs.items()}
     for case in MERGE_ARGUMENT_CASES:
         if case.id.startswith(("checkpoint", "base", "output")):
             run_case(case, env)
             assert not (env.tmp / "nested").exists(), case.id
+            assert not list(env.merge_inputs["ckpt0"].glob("merged*")), case.id
+    assert {name: _fingerprint(path) for name, path in env.merge_inputs.items()} == before
 
 
 # ---------------------------------------------------------------------------------------------------------------------
