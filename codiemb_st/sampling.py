@@ -154,7 +154,8 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         self.gradient_accumulation_steps = _resolve_against_trainer(
             "gradient_accumulation_steps", gradient_accumulation_steps, trainer_args, default=1
         )
-        world_size = _resolve_against_trainer("world_size", world_size, trainer_args, default=None)
+        if world_size is not None:  # unset: torch.distributed's world size, as accelerate deals batches by it
+            _resolve_against_trainer("world_size", world_size, trainer_args, default=None)
         self.world_size = world_size if world_size is not None else get_world_size()
         self.batches_per_step = self.world_size * self.gradient_accumulation_steps
 
