@@ -964,7 +964,7 @@ EVALUATION_CASES = [
         "task-json-scores-reversed",
         lambda e: LocalTaskInfo.from_folder(_sts_folder(e, [GOOD_PAIR], {"min_score": 5, "max_score": 0})),
         ValueError,
-        r"`min_score` \(5\) must be below `max_score` \(0\)",
+        r"`min_score` \(5\) is above `max_score` \(0\)",
     ),
     Case(
         "task-json-missing-passages-value",

@@ -111,9 +111,9 @@ class LocalTaskInfo:
             if value is not None and not _is_finite_number(value):
                 raise ValueError(f"{meta_path}: `{key}` must be a finite number; got {value!r}.")
         if meta.get("min_score") is not None and meta.get("max_score") is not None:
-            if meta["min_score"] >= meta["max_score"]:
+            if meta["min_score"] > meta["max_score"]:
                 raise ValueError(
-                    f"{meta_path}: `min_score` ({meta['min_score']}) must be below `max_score` ({meta['max_score']})."
+                    f"{meta_path}: `min_score` ({meta['min_score']}) is above `max_score` ({meta['max_score']})."
                 )
         missing_passages = meta.get("missing_passages", "error")
         if missing_passages not in _MISSING_PASSAGES:
