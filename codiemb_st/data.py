@@ -27,8 +27,11 @@ from typing import Any, Literal
 from datasets import Dataset
 
 from codiemb_st.file_io import read_jsonl
+from codiemb_st.validation import check_int
 
 logger = logging.getLogger(__name__)
+
+_TASK_TYPES = ("ir", "sts")
 
 RecordSource = str | os.PathLike | Dataset | Iterable[Mapping[str, Any]]
 """A JSONL file (``.jsonl`` or gzip-compressed ``.jsonl.gz``), a ``datasets.Dataset`` or an iterable of dicts."""
@@ -105,8 +108,9 @@ def ir_dataset_from_records(
             train_ir = ir_dataset_from_records("en_snli.jsonl.gz", num_positives=1, num_negatives=1)
             # columns: anchor, positive_1, negative_1
     """
-    _check_count("num_positives", num_positives, minimum=1)
-    _check_count("num_negatives", num_negatives, minimum=0)
+    check_int("num_positives", num_positives, minimum=1)
+    check_int("num_negatives", num_negatives, minimum=0)
+    check_int("seed", seed)
     rng = random.Random(seed)
     columns: dict[str, list[str]] = {"anchor": []}
     columns.update({f"positive_{k}": [] for k in range(1, num_positives + 1)})
@@ -223,17 +227,25 @@ def dataset_from_records(
     if task is None:
         if not isinstance(source, (str, os.PathLike, Dataset)):
             source = list(source)  # read twice: once to infer the task, once to convert
-        _, first = next(iter(read_records(source)), (None, None))
+        location, first = next(iter(read_records(source)), (None, None))
         if first is None:
             raise ValueError(f"No records in {_describe(source)}.")
-        task = first.get("task_type") or ("sts" if "sentence1" in first or "sentence2" in first else "ir")
+        task = first.get("task_type")
+        if task is None:
+            task = "sts" if "sentence1" in first or "sentence2" in first else "ir"
+        elif task not in _TASK_TYPES:
+            # Blame the record's field, not the `task` argument the caller did not pass.
+            raise ValueError(
+                f"{location}: `task_type` must be 'ir' or 'sts'; got {task!r}. Fix the field, or pass task='ir' or "
+                "task='sts' to convert every record as that task."
+            )
+    elif task not in _TASK_TYPES:
+        raise ValueError(f"`task` must be 'ir', 'sts' or None; got {task!r}.")
     if task == "ir":
         return ir_dataset_from_records(source, **kwargs)
-    if task == "sts":
-        if kwargs:
-            raise TypeError(f"STS conversion takes no options; got {sorted(kwargs)}.")
-        return sts_dataset_from_records(source)
-    raise ValueError(f"`task` must be 'ir', 'sts' or None; got {task!r}.")
+    if kwargs:
+        raise TypeError(f"STS conversion takes no options; got {sorted(kwargs)}.")
+    return sts_dataset_from_records(source)
 
 
 class _DrawStats:
@@ -294,12 +306,14 @@ def _check_is_object(record: Any, location: str) -> Mapping[str, Any]:
 
 def _check_task_type(record: Mapping[str, Any], expected: str, location: str) -> None:
     task_type = record.get("task_type")
-    if task_type is not None and task_type != expected:
+    if task_type is None or task_type == expected:
+        return
+    if task_type in _TASK_TYPES:
         other = "sts_dataset_from_records" if task_type == "sts" else "ir_dataset_from_records"
         raise ValueError(
-            f"{location}: record has task_type {task_type!r}, expected {expected!r}"
-            + (f"; convert this file with {other}." if task_type in ("ir", "sts") else ".")
+            f"{location}: record has task_type {task_type!r}, expected {expected!r}; convert this file with {other}."
         )
+    raise ValueError(f"{location}: `task_type` must be 'ir' or 'sts' (or absent); got {task_type!r}.")
 
 
 def _text(value: Any, field: str, location: str) -> str:
@@ -323,11 +337,6 @@ def _score(value: Any, field: str, location: str) -> float:
         got = "missing" if value is None else repr(value)
         raise ValueError(f"{location}: `{field}` must be a finite number; got {got}.")
     return float(value)
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
 
 
 def _describe(source: RecordSource) -> str:

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, ConcatDataset
 
-from codiemb_st._compat import DefaultBatchSampler, MultiDatasetDefaultBatchSampler, get_world_size
+from codiemb_st._compat import (
+    DefaultBatchSampler,
+    MultiDatasetDefaultBatchSampler,
+    calling_trainer_args,
+    get_world_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         batch_sizes: Mapping[str, int] | None = None,
         dataset_names: Sequence[str] | Mapping[str, Any] | None = None,
         world_size: int | None = None,
-        gradient_accumulation_steps: int = 1,
+        gradient_accumulation_steps: int | None = None,
     ) -> None:
         """
         A multi-dataset batch sampler for CoDiEmb-style training: every batch holds one dataset, every rank
@@ -76,7 +81,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
                 multi_dataset_batch_sampler=RoundRobinTaskBatchSampler.with_options(
                     tasks={"ir": ["scifact", "snli"], "sts": ["stsb"]},
                     batch_sizes={"ir": 8, "sts": 32},
-                    gradient_accumulation_steps=1,  # the same as args.gradient_accumulation_steps
+                    # gradient_accumulation_steps: taken from the trainer's arguments
                 ),
             )
 
@@ -101,13 +106,15 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
                 default they are read from the ``dataset_name`` column the trainer adds to every row when ``loss``
                 or ``prompts`` is a dict keyed by dataset name (always the case with one loss per task).
             world_size: Number of data-parallel processes. Default: ``torch.distributed``'s world size (1 when not
-                distributed).
-            gradient_accumulation_steps: Set it to ``args.gradient_accumulation_steps`` so that each optimizer step
-                holds one dataset. With 1 (the default) every forward step is still single-dataset on all ranks.
+                distributed). A value that differs from the trainer's ``args.world_size`` raises ``ValueError``.
+            gradient_accumulation_steps: Forward steps per optimizer step. ``None`` (default): the trainer's
+                ``args.gradient_accumulation_steps`` when the trainer builds the sampler, else 1. A value that
+                differs from the trainer's raises ``ValueError``: every optimizer step would mix datasets.
 
         Raises:
             ValueError: On unknown, missing or repeated dataset names in ``tasks``, unknown task names in
-                ``batch_sizes``, non-positive sizes, or a dataset with fewer rows than one step needs.
+                ``batch_sizes``, non-positive sizes, a dataset with fewer rows than one step needs, or a
+                ``gradient_accumulation_steps`` / ``world_size`` that differs from the trainer's.
             TypeError: On options of the wrong type.
 
         Example:
@@ -141,9 +148,16 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         super().__init__(dataset, batch_samplers=batch_samplers, generator=generator, seed=seed)
         _check_options(tasks, batch_sizes, world_size, gradient_accumulation_steps)
 
+        # The trainer calls the factory with (dataset, batch_samplers, generator, seed) only; its own settings are
+        # read from the caller so that a mismatch cannot silently mix datasets within an optimizer step.
+        trainer_args = calling_trainer_args()
+        self.gradient_accumulation_steps = _resolve_against_trainer(
+            "gradient_accumulation_steps", gradient_accumulation_steps, trainer_args, default=1
+        )
+        if world_size is not None:  # unset: torch.distributed's world size, as accelerate deals batches by it
+            _resolve_against_trainer("world_size", world_size, trainer_args, default=None)
         self.world_size = world_size if world_size is not None else get_world_size()
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.batches_per_step = self.world_size * gradient_accumulation_steps
+        self.batches_per_step = self.world_size * self.gradient_accumulation_steps
 
         self.dataset_names = _resolve_dataset_names(dataset, dataset_names, explicit_tasks=tasks is not None)
         self.dataset_tasks = _resolve_tasks(dataset, self.dataset_names, tasks)
@@ -198,7 +212,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         batch_sizes: Mapping[str, int] | None = None,
         dataset_names: Sequence[str] | Mapping[str, Any] | None = None,
         world_size: int | None = None,
-        gradient_accumulation_steps: int = 1,
+        gradient_accumulation_steps: int | None = None,
     ) -> functools.partial[RoundRobinTaskBatchSampler]:
         """Bind the options; pass the result as ``multi_dataset_batch_sampler`` in the training arguments.
 
@@ -293,7 +307,7 @@ def _check_options(
     tasks: Mapping[str, Sequence[str]] | None,
     batch_sizes: Mapping[str, int] | None,
     world_size: int | None,
-    gradient_accumulation_steps: int,
+    gradient_accumulation_steps: int | None,
 ) -> None:
     if tasks is not None:
         if not isinstance(tasks, Mapping) or not tasks:
@@ -317,10 +331,31 @@ def _check_options(
                 raise ValueError(f"`batch_sizes[{task!r}]` must be a positive integer; got {size!r}.")
     if world_size is not None and not _is_positive_int(world_size):
         raise ValueError(f"`world_size` must be a positive integer or None; got {world_size!r}.")
-    if not _is_positive_int(gradient_accumulation_steps):
+    if gradient_accumulation_steps is not None and not _is_positive_int(gradient_accumulation_steps):
         raise ValueError(
-            f"`gradient_accumulation_steps` must be a positive integer; got {gradient_accumulation_steps!r}."
+            f"`gradient_accumulation_steps` must be a positive integer or None; got {gradient_accumulation_steps!r}."
         )
+
+
+def _resolve_against_trainer(name: str, value: int | None, trainer_args: Any, default: int | None) -> int | None:
+    """``value``, or the trainer's setting when ``value`` is None; refuses a value that differs from the trainer's."""
+    trainer_value = getattr(trainer_args, name, None) if trainer_args is not None else None
+    if not _is_positive_int(trainer_value):
+        trainer_value = None
+    if value is None:
+        return trainer_value if trainer_value is not None else default
+    if trainer_value is not None and value != trainer_value:
+        consequence = (
+            "every optimizer step would mix batches of different datasets (and tasks)"
+            if name == "gradient_accumulation_steps"
+            else "the ranks would be dealt batches of different datasets in the same step"
+        )
+        raise ValueError(
+            f"RoundRobinTaskBatchSampler: `{name}`={value} but the trainer has {name}={trainer_value} "
+            f"(SentenceTransformerTrainingArguments.{name}): {consequence}. Leave `{name}` unset in with_options() "
+            f"(the trainer's value is used) or set it to {trainer_value}."
+        )
+    return value
 
 
 def _names_list(dataset_names: Sequence[str] | Mapping[str, Any]) -> list[str]:

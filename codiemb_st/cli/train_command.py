@@ -118,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
 
-    model = SentenceTransformer(args.model or _default_model(), device="cuda" if torch.cuda.is_available() else "cpu")
-    model.max_seq_length = args.max_seq_length
-    recipe.use_instructions(model, query=args.ir_instruction, sts=args.sts_instruction)
+    # Read the records before loading the model: a bad file is reported at once, not after a model download.
     try:
         data = recipe.load_task_datasets(
             ir_files or [],
@@ -129,8 +127,16 @@ def run(args: argparse.Namespace) -> int:
             num_negatives=args.num_negatives,
             seed=args.seed,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    model_name = args.model or _default_model()
+    try:
+        model = SentenceTransformer(model_name, device="cuda" if torch.cuda.is_available() else "cpu")
+    except (OSError, ValueError) as error:  # a missing folder, an unknown hub name, no network
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"Could not load --model {model_name!r}: {first_line}") from None
+    model.max_seq_length = args.max_seq_length
+    recipe.use_instructions(model, query=args.ir_instruction, sts=args.sts_instruction)
     # Cross-device negatives for IR whenever there is more than one process (the official setting).
     loss = recipe.build_task_losses(
         model,
@@ -148,7 +154,12 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         eval_data_dir = args.eval_data_dir or shared_data_path("eval")
         # mteb's own metrics; the same instructions as in training, on queries (retrieval) and both sentences (STS).
-        eval_tasks = prepare_tasks(args.eval, data_dir=eval_data_dir, corpus_cap=args.eval_corpus_cap, seed=args.seed)
+        try:
+            eval_tasks = prepare_tasks(
+                args.eval, data_dir=eval_data_dir, corpus_cap=args.eval_corpus_cap, seed=args.seed
+            )
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise UsageError(f"--eval: {error}") from None
         eval_prompts = {}
         for task in eval_tasks:
             if task.type == "retrieval" and args.ir_instruction:

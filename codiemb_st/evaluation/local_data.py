@@ -8,6 +8,12 @@ Folder layout (as in ``shared/data/eval/<Task>/``):
 - Retrieval (BEIR layout): ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
   ``qrels/<split>.tsv`` with a ``query-id<TAB>corpus-id<TAB>score`` header.
 
+Bad data is refused with the file (and line) to fix: a gold score that is missing, ``null``, a string, NaN or
+infinite; a text that is not a string; a repeated id; a qrels judgment of a passage that is not in ``corpus.jsonl``
+(mteb would count it as relevant but never retrievable and lower nDCG without a word). A folder whose corpus is
+knowingly incomplete can opt in with ``"missing_passages": "drop"`` in ``task.json``: those judgments are then
+dropped with a warning, and nDCG is computed over the passages that exist.
+
 When ``mteb_task`` names an mteb task, that task's own class is used (``mteb.get_task(mteb_task,
 eval_splits=[split])``) and the data is injected, so the score is mteb's own computation. Otherwise a generic task of
 the right kind is built from the folder's metadata.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +40,8 @@ logger = logging.getLogger(__name__)
 # ISO 639-1 codes used in task.json -> the mteb "<ISO 639-3>-<script>" codes a generic task needs.
 _MTEB_LANGUAGES = {"zh": "cmn-Hans", "en": "eng-Latn"}
 _KINDS = {"sts": ("STS", "cosine_spearman"), "retrieval": ("Retrieval", "ndcg_at_10")}
+# task.json "missing_passages": what to do with qrels judgments of passages that are not in corpus.jsonl.
+_MISSING_PASSAGES = ("error", "drop")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class LocalTaskInfo:
         path: The folder.
         min_score: Lowest possible STS gold score (``None``: taken from the data).
         max_score: Highest possible STS gold score (``None``: taken from the data).
+        missing_passages: ``"error"`` (default): a qrels judgment of a passage missing from the corpus is an
+            error; ``"drop"``: such judgments are dropped with a warning.
     """
 
     name: str
@@ -60,6 +71,7 @@ class LocalTaskInfo:
     path: Path
     min_score: float | None = None
     max_score: float | None = None
+    missing_passages: str = "error"
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> LocalTaskInfo:
@@ -77,14 +89,37 @@ class LocalTaskInfo:
             )
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{meta_path} is not UTF-8 text ({error.reason}); save it as UTF-8.") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"{meta_path} is not valid JSON: {error}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"{meta_path} must hold a JSON object (name, type, split, ...); got {type(meta).__name__}."
+            )
         missing = [key for key in ("name", "type", "split") if not meta.get(key)]
         if missing:
             raise ValueError(f"{meta_path} lacks the required field(s) {missing}.")
+        for key in ("name", "type", "split", "language", "main_score", "mteb_task"):
+            if meta.get(key) is not None and not isinstance(meta[key], str):
+                raise ValueError(f"{meta_path}: `{key}` must be a string; got {meta[key]!r}.")
         kind = meta["type"]
         if kind not in _KINDS:
             raise ValueError(f"{meta_path}: type must be one of {sorted(_KINDS)}, got {kind!r}.")
+        for key in ("min_score", "max_score"):
+            value = meta.get(key)
+            if value is not None and not _is_finite_number(value):
+                raise ValueError(f"{meta_path}: `{key}` must be a finite number; got {value!r}.")
+        if meta.get("min_score") is not None and meta.get("max_score") is not None:
+            if meta["min_score"] > meta["max_score"]:
+                raise ValueError(
+                    f"{meta_path}: `min_score` ({meta['min_score']}) is above `max_score` ({meta['max_score']})."
+                )
+        missing_passages = meta.get("missing_passages", "error")
+        if missing_passages not in _MISSING_PASSAGES:
+            raise ValueError(
+                f"{meta_path}: `missing_passages` must be one of {list(_MISSING_PASSAGES)}; got {missing_passages!r}."
+            )
         return cls(
             name=meta["name"],
             type=kind,
@@ -95,7 +130,12 @@ class LocalTaskInfo:
             path=folder,
             min_score=meta.get("min_score"),
             max_score=meta.get("max_score"),
+            missing_passages=missing_passages,
         )
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def find_local_tasks(data_dir: str | Path) -> list[LocalTaskInfo]:
@@ -111,16 +151,37 @@ def find_local_tasks(data_dir: str | Path) -> list[LocalTaskInfo]:
     return sorted(infos, key=lambda info: info.name)
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
+def _read_jsonl(
+    path: Path, required: tuple[str, ...], *, texts: tuple[str, ...] = (), unique_id: str | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a task's JSONL file, each checked: ``required`` fields present, ``texts`` fields strings and the
+    ``unique_id`` field a string or integer that no other row repeats (errors name ``path:line``)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found.")
     rows = []
+    seen: dict[str, str] = {}
     for location, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise ValueError(f"{location}: expected a JSON object, got {type(row).__name__}.")
         missing = [key for key in required if key not in row]
         if missing:
             raise ValueError(f"{location} lacks the field(s) {missing}.")
+        for key in texts:
+            value = row.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{location}: `{key}` must be a string; got {value!r}.")
+            if key in required and value is None:
+                raise ValueError(f"{location}: `{key}` must be a string; got null.")
+        if unique_id is not None:
+            value = row[unique_id]
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+                raise ValueError(f"{location}: `{unique_id}` must be a non-empty string or integer; got {value!r}.")
+            key = str(value)
+            if key in seen:
+                raise ValueError(
+                    f"{location}: `{unique_id}` {value!r} repeats the id of {seen[key]}; ids must be unique."
+                )
+            seen[key] = location
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no rows.")
@@ -128,17 +189,36 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
 
 
 def read_sts_split(info: LocalTaskInfo) -> Dataset:
-    """The STS pairs of ``<folder>/<split>.jsonl`` as a ``Dataset(sentence1, sentence2, score)``."""
+    """The STS pairs of ``<folder>/<split>.jsonl`` as a ``Dataset(sentence1, sentence2, score)``.
+
+    Raises:
+        ValueError: If a row lacks a field, a sentence is not a string or a score is not a finite number (``null``,
+            a string, NaN, infinite), naming ``path:line``.
+    """
     from datasets import Dataset
 
-    rows = _read_jsonl(info.path / f"{info.split}.jsonl", ("sentence1", "sentence2", "score"))
-    return Dataset.from_dict(
-        {
-            "sentence1": [str(row["sentence1"]) for row in rows],
-            "sentence2": [str(row["sentence2"]) for row in rows],
-            "score": [float(row["score"]) for row in rows],
-        }
-    )
+    path = info.path / f"{info.split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found.")
+    columns: dict[str, list[Any]] = {"sentence1": [], "sentence2": [], "score": []}
+    for location, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{location}: expected a JSON object, got {type(row).__name__}.")
+        missing = [key for key in columns if key not in row]
+        if missing:
+            raise ValueError(f"{location} lacks the field(s) {missing}.")
+        for key in ("sentence1", "sentence2"):
+            if not isinstance(row[key], str):
+                raise ValueError(f"{location}: `{key}` must be a string; got {row[key]!r}.")
+        # A NaN score would make Spearman (and every mean over tasks) NaN without a word; null or a string would
+        # fail later without the line.
+        if not _is_finite_number(row["score"]):
+            raise ValueError(f"{location}: `score` must be a finite number; got {row['score']!r}.")
+        for key in columns:
+            columns[key].append(float(row[key]) if key == "score" else row[key])
+    if not columns["score"]:
+        raise ValueError(f"{path} has no rows.")
+    return Dataset.from_dict(columns)
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
@@ -146,21 +226,32 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found.")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        header = next(reader, None)
-        if header is None or [column.strip() for column in header[:3]] != ["query-id", "corpus-id", "score"]:
-            raise ValueError(f"{path} must start with the header 'query-id<TAB>corpus-id<TAB>score', got {header!r}.")
-        for line_number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 3:
-                raise ValueError(f"{path}:{line_number} needs three tab-separated columns, got {row!r}.")
-            try:
-                score = int(float(row[2]))
-            except ValueError:
-                raise ValueError(f"{path}:{line_number}: score {row[2]!r} is not a number.") from None
-            qrels.setdefault(row[0], {})[row[1]] = score
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8.") from None
+    reader = csv.reader(text.splitlines(), delimiter="\t")
+    header = next(reader, None)
+    if header is None or [column.strip() for column in header[:3]] != ["query-id", "corpus-id", "score"]:
+        raise ValueError(f"{path} must start with the header 'query-id<TAB>corpus-id<TAB>score', got {header!r}.")
+    for line_number, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        location = f"{path}:{line_number}"
+        if len(row) < 3:
+            raise ValueError(f"{location} needs three tab-separated columns, got {row!r}.")
+        if not row[0] or not row[1]:
+            raise ValueError(f"{location}: empty query-id or corpus-id in {row!r}.")
+        try:
+            value = float(row[2])
+        except ValueError:
+            raise ValueError(f"{location}: score {row[2]!r} is not a number.") from None
+        # int() would turn a grade of 0.5 into 0 (not relevant) and fail on NaN/inf: refuse them instead.
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"{location}: score {row[2]!r} must be an integer relevance grade.")
+        if row[1] in qrels.get(row[0], {}):
+            raise ValueError(f"{location}: query {row[0]!r} judges passage {row[1]!r} twice.")
+        qrels.setdefault(row[0], {})[row[1]] = int(value)
     if not qrels:
         raise ValueError(f"{path} has no judgments.")
     return qrels
@@ -174,13 +265,13 @@ def read_retrieval_split(info: LocalTaskInfo) -> dict[str, Any]:
     from datasets import Dataset
 
     qrels = read_qrels(info.path / "qrels" / f"{info.split}.tsv")
-    corpus_rows = _read_jsonl(info.path / "corpus.jsonl", ("_id", "text"))
-    query_rows = _read_jsonl(info.path / "queries.jsonl", ("_id", "text"))
+    corpus_rows = _read_jsonl(info.path / "corpus.jsonl", ("_id", "text"), texts=("title", "text"), unique_id="_id")
+    query_rows = _read_jsonl(info.path / "queries.jsonl", ("_id", "text"), texts=("text",), unique_id="_id")
     corpus = Dataset.from_dict(
         {
             "id": [str(row["_id"]) for row in corpus_rows],
-            "title": [str(row.get("title") or "") for row in corpus_rows],
-            "text": [str(row["text"]) for row in corpus_rows],
+            "title": [row.get("title") or "" for row in corpus_rows],
+            "text": [row["text"] for row in corpus_rows],
         }
     )
     queries = [row for row in query_rows if str(row["_id"]) in qrels]
@@ -190,13 +281,32 @@ def read_retrieval_split(info: LocalTaskInfo) -> dict[str, Any]:
             f"{info.path}: {unknown_queries} query id(s) in qrels/{info.split}.tsv are not in queries.jsonl."
         )
     corpus_ids = set(corpus["id"])
-    missing_docs = {doc for docs in qrels.values() for doc in docs} - corpus_ids
+    missing_docs = sorted({doc for docs in qrels.values() for doc in docs} - corpus_ids)
     if missing_docs:
-        logger.warning("%s: %d judged passage id(s) are not in corpus.jsonl.", info.path, len(missing_docs))
+        # mteb counts such a judgment as relevant but never retrievable: nDCG drops (0.8 instead of 1.0) silently.
+        qrels_file = info.path / "qrels" / f"{info.split}.tsv"
+        if info.missing_passages != "drop":
+            raise ValueError(
+                f"{qrels_file} judges {len(missing_docs)} passage id(s) that are not in {info.path / 'corpus.jsonl'} "
+                f"(e.g. {missing_docs[:5]}); they would lower every score. Add the passages, remove those lines, or "
+                'set "missing_passages": "drop" in task.json to drop them.'
+            )
+        logger.warning(
+            "%s: dropped the judgments of %d passage id(s) not in corpus.jsonl (missing_passages=drop), e.g. %s.",
+            qrels_file,
+            len(missing_docs),
+            missing_docs[:5],
+        )
+        qrels = {
+            query: kept
+            for query, docs in qrels.items()
+            if (kept := {doc: grade for doc, grade in docs.items() if doc in corpus_ids})
+        }
+        queries = [row for row in queries if str(row["_id"]) in qrels]
     return {
         "corpus": corpus,
         "queries": Dataset.from_dict(
-            {"id": [str(row["_id"]) for row in queries], "text": [str(row["text"]) for row in queries]}
+            {"id": [str(row["_id"]) for row in queries], "text": [row["text"] for row in queries]}
         ),
         "relevant_docs": qrels,
         "top_ranked": None,

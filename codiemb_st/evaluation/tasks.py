@@ -235,6 +235,24 @@ def _find_local(name: str | Path, local_tasks: Sequence[LocalTaskInfo]) -> Local
     return None
 
 
+def _unknown_task_message(
+    name: str, data_dir: str | Path | None, local_tasks: Sequence[LocalTaskInfo], error: KeyError
+) -> str:
+    """One line (the command line prints the first line of an error): what was searched and what to do."""
+    if data_dir is None:
+        searched = "no local folders were searched (no data_dir given)"
+    else:
+        names = ", ".join(sorted(info.path.name for info in local_tasks)) or "none"
+        searched = f"no task folder in {Path(data_dir).absolute()} matches it by name, folder or mteb_task ({names})"
+    if Path(name).is_dir():
+        searched = f"the folder {name} has no task.json, and {searched}"
+    mteb_reason = str(error.args[0]) if error.args else "not found"
+    return (
+        f"Unknown task {name!r}: {searched}; mteb has no task of that name either ({mteb_reason}). Pass a task "
+        "folder, a data_dir holding it, or an mteb task name."
+    )
+
+
 def prepare_task(
     task: str | Path | LocalTaskInfo | AbsTask | PreparedTask,
     *,
@@ -258,7 +276,8 @@ def prepare_task(
 
     Raises:
         TypeError: If ``task`` has an unsupported type.
-        ValueError: If a given mteb task evaluates several splits.
+        ValueError: If a given mteb task evaluates several splits, or a task name matches no local folder and no
+            mteb task (the message lists the folders searched).
         Exception: Whatever mteb raises when hub data cannot be loaded (e.g. offline).
     """
     import mteb
@@ -272,11 +291,16 @@ def prepare_task(
     if isinstance(task, LocalTaskInfo):
         info = task
     elif isinstance(task, (str, Path)):
-        info = _find_local(task, find_local_tasks(data_dir) if data_dir is not None else [])
+        local_tasks = find_local_tasks(data_dir) if data_dir is not None else []
+        info = _find_local(task, local_tasks)
         if info is None:
             name = str(task)
             split = get_task_spec(name).split if name in _BY_NAME else None
-            task = mteb.get_task(name, eval_splits=[split] if split else None)
+            try:
+                task = mteb.get_task(name, eval_splits=[split] if split else None)
+            except KeyError as error:
+                # mteb's bare KeyError says nothing about the local folders that were searched first.
+                raise ValueError(_unknown_task_message(name, data_dir, local_tasks, error)) from None
     elif isinstance(task, AbsTask):
         info = None
     else:

@@ -20,6 +20,7 @@ from codiemb_st._compat import (
     is_dist_initialized,
 )
 from codiemb_st.citation import CODIEMB_CITATION
+from codiemb_st.losses import _input_checks
 from codiemb_st.losses._text_identity import hash_columns
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
                 trainer.train()
         """
         super().__init__()
+        _input_checks.check_infonce_options(type(self).__name__, model, temperature)
         if isinstance(num_positives, bool) or not isinstance(num_positives, int) or num_positives < 1:
             raise ValueError(f"num_positives must be an integer >= 1, got {num_positives!r}.")
         if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
@@ -171,6 +173,8 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
+        if (zero := _input_checks.ir_batch_fallback(self, sentence_features)) is not None:
+            return zero
         self._check_num_columns(len(sentence_features))
         # The text identities travel to calculate_loss as its "labels": no state is kept on self between the
         # forward pass and the GradCache backward pass. IR datasets have no label column.
@@ -194,6 +198,8 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
         Returns:
             The scalar loss, differentiable w.r.t. ``embeddings``.
         """
+        if (zero := _input_checks.ir_batch_fallback(self, embeddings)) is not None:
+            return zero
         self._check_num_columns(len(embeddings))
         if not self.mask_duplicates:
             text_ids = None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from codiemb_st._compat import Pooling, SentenceTransformer, Transformer, all_gather_with_grad, embed_columns
 from codiemb_st.citation import CODIEMB_CITATION
+from codiemb_st.losses import _input_checks
 
 logger = logging.getLogger(__name__)
 
@@ -536,6 +537,7 @@ class PearsonSpearmanLoss(nn.Module):
             raise TypeError(f"`gather_across_devices` must be a bool, got {type(gather_across_devices).__name__}.")
         if not isinstance(return_dict, bool):
             raise TypeError(f"`return_dict` must be a bool, got {type(return_dict).__name__}.")
+        _input_checks.check_inverse_temperature(type(self).__name__, temperature)
         if not callable(similarity_fct):
             raise TypeError(f"`similarity_fct` must be callable, got {type(similarity_fct).__name__}.")
 
@@ -562,6 +564,8 @@ class PearsonSpearmanLoss(nn.Module):
         self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None
     ) -> Tensor | dict[str, Tensor]:
         sentence_features = list(sentence_features)
+        if (zero := _input_checks.sts_batch_fallback(self, sentence_features, labels)) is not None:
+            return zero
         if len(sentence_features) != 2:
             raise ValueError(
                 f"{self.__class__.__name__} expects exactly 2 text columns (sentence1, sentence2) followed by a score "
@@ -657,6 +661,7 @@ class PearsonSpearmanLoss(nn.Module):
         Returns:
             The weighted sum of the terms, or the weighted terms as a dict when ``return_dict`` is True.
         """
+        _input_checks.check_sts_labels(type(self).__name__, labels)
         if labels is None:
             raise ValueError(
                 f"{self.__class__.__name__} needs a gold similarity per pair, but the batch has no labels. "

@@ -51,6 +51,32 @@ TOKENIZER_FILES = (
 WeightFileKey = tuple[int, str]
 
 
+def read_json_file(file: Path, role: str, expected: type | None = None) -> Any:
+    """The JSON value in ``file`` of the input ``role``; a malformed file names the role, the file and what to do.
+
+    Args:
+        file: The JSON file.
+        role: The input it belongs to (e.g. ``"checkpoints[1]"``, ``"base"``), for the message.
+        expected: ``dict`` or ``list`` to require that kind of value (``None``: any).
+
+    Raises:
+        ValueError: If the file is not UTF-8, not valid JSON, or not of the ``expected`` kind.
+    """
+    try:
+        value = json.loads(file.read_text(encoding="utf8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{role}: {file} is not UTF-8 text ({error.reason}); the model folder is damaged.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{role}: {file} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); the model "
+            "folder is damaged or was not saved completely. Save the model again with SentenceTransformer.save()."
+        ) from None
+    if expected is not None and not isinstance(value, expected):
+        kind = "an object" if expected is dict else "a list"
+        raise ValueError(f"{role}: {file} must hold {kind}; got {type(value).__name__}.")
+    return value
+
+
 @dataclass
 class WeightFile:
     """One logical safetensors weight file of a module (a single file, or the shards behind an index)."""
@@ -87,9 +113,16 @@ class ModelFolder:
                 f"{role} {str(path)!r} has no modules.json, so it is not a sentence-transformers model folder. "
                 "Load it with SentenceTransformer(...) and pass the object, or save that object with .save(folder)."
             )
-        modules = json.loads(modules_file.read_text(encoding="utf8"))
-        if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
+        modules = read_json_file(modules_file, role, list)
+        if not all(isinstance(m, dict) and isinstance(m.get("type"), str) for m in modules):
             raise ValueError(f"{role}: {modules_file} is not a list of modules with a 'type' each.")
+        for module in modules:
+            module_path = module.get("path", "")
+            if not isinstance(module_path, str) or Path(module_path).is_absolute() or ".." in Path(module_path).parts:
+                raise ValueError(
+                    f"{role}: {modules_file} gives module {module.get('name', module['type'])!r} the path "
+                    f"{module_path!r}; a module path must be a folder name inside the model folder."
+                )
         weight_files: dict[WeightFileKey, WeightFile] = {}
         for index, module in enumerate(modules):
             for weight_file in _find_weight_files(path, index, module.get("path", ""), role):
@@ -106,9 +139,10 @@ class ModelFolder:
     def weight_file_paths(self) -> set[Path]:
         return {file for weight_file in self.weight_files.values() for file in weight_file.files}
 
-    def read_json(self, relative_path: str | Path) -> Any | None:
+    def read_json(self, relative_path: str | Path, expected: type | None = None) -> Any | None:
+        """The JSON value of a file in the folder, ``None`` if there is none (malformed: see :func:`read_json_file`)."""
         file = self.path / relative_path
-        return json.loads(file.read_text(encoding="utf8")) if file.is_file() else None
+        return read_json_file(file, self.role, expected) if file.is_file() else None
 
 
 def _module_scope(root: Path, module_path: str) -> list[Path]:
@@ -126,7 +160,9 @@ def _find_weight_files(root: Path, index: int, module_path: str, role: str) -> l
     files = _module_scope(root, module_path)
     sharded: dict[Path, list[Path]] = {}
     for index_file in (f for f in files if f.name.endswith(".safetensors.index.json")):
-        weight_map = json.loads(index_file.read_text(encoding="utf8")).get("weight_map", {})
+        weight_map = read_json_file(index_file, role, dict).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ValueError(f"{role}: {index_file} has no valid `weight_map` (tensor name -> shard file).")
         sharded[index_file] = sorted({index_file.parent / shard for shard in weight_map.values()})
     shard_files = {shard for shards in sharded.values() for shard in shards}
 
@@ -195,7 +231,13 @@ def _config_files(folder: ModelFolder, index: int) -> dict[str, Any]:
             for f in _module_scope(folder.path, folder.modules[index].get("path", ""))
             if f.suffix == ".json" and f.name not in TOKENIZER_FILES and not f.name.endswith(".index.json")
         ]
-    return {f.relative_to(module_folder).as_posix(): json.loads(f.read_text(encoding="utf8")) for f in files}
+    # config.json must be an object: its model_type is compared across inputs.
+    return {
+        f.relative_to(module_folder).as_posix(): read_json_file(
+            f, folder.role, dict if f.name in ("config.json", "sentence_bert_config.json") else None
+        )
+        for f in files
+    }
 
 
 def _differing_keys(a: Any, b: Any) -> str:
@@ -245,8 +287,8 @@ def check_compatible(reference: ModelFolder, other: ModelFolder, *, is_checkpoin
 
     _check_vocabulary(reference, other)
     if is_checkpoint:
-        ref_model_config = reference.read_json("config_sentence_transformers.json") or {}
-        other_model_config = other.read_json("config_sentence_transformers.json") or {}
+        ref_model_config = reference.read_json("config_sentence_transformers.json", dict) or {}
+        other_model_config = other.read_json("config_sentence_transformers.json", dict) or {}
         for key in ("prompts", "default_prompt_name", "similarity_fn_name"):
             if ref_model_config.get(key) != other_model_config.get(key):
                 logger.warning(f"{key} differs between {ref} and {role}; the merged model uses {ref}'s.")
@@ -263,8 +305,8 @@ def _check_vocabulary(reference: ModelFolder, other: ModelFolder) -> None:
                 raise ValueError(f"The tokenizer vocabulary ({name}) of {other.role} differs from {reference.role}'s.")
         a, b = ref_folder / "tokenizer.json", other_folder / "tokenizer.json"
         if a.is_file() and b.is_file():
-            vocab_a = json.loads(a.read_text(encoding="utf8")).get("model")
-            vocab_b = json.loads(b.read_text(encoding="utf8")).get("model")
+            vocab_a = read_json_file(a, reference.role, dict).get("model")
+            vocab_b = read_json_file(b, other.role, dict).get("model")
             if vocab_a != vocab_b:
                 raise ValueError(
                     f"The tokenizer vocabulary (tokenizer.json) of {other.role} differs from {reference.role}'s."
