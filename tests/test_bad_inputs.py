@@ -192,6 +192,12 @@ LOSS_CASES = [
         r"`temperature`=1e-39 .*overflows float32",
     ),
     Case(
+        "sts-mid-nce-temperature-overflows",
+        lambda e: PearsonSpearmanLoss(e.model, mid_nce_temperature=1e-40),
+        ValueError,
+        r"`mid_nce_temperature`=1e-40 .*overflows float32",
+    ),
+    Case(
         "sts-temperature-inf",
         lambda e: PearsonSpearmanLoss(e.model, temperature=float("inf")),
         ValueError,
@@ -276,6 +282,7 @@ FALLBACK_CASES = [
     "sts-empty-batch",
     "sts-empty-batch-dict",
     "sts-one-pair",
+    "sts-empty-batch-mid-nce-only",
 ]
 
 
@@ -298,8 +305,13 @@ def test_batches_too_small_for_a_loss_give_zero_and_a_warning(case, model, caplo
         expected = r"batch of 0 pair\(s\).*contributes 0"
     elif case == "sts-empty-batch-dict":
         terms = PearsonSpearmanLoss(model, return_dict=True)([_empty(model), _empty(model)], torch.zeros(0))
-        assert set(terms) == {"pearson_loss", "rank_kl_loss", "pro_loss"}
+        # The same four keys as every other step (the trainer logs each term).
+        assert set(terms) == {"pearson_loss", "rank_kl_loss", "pro_loss", "mid_nce_loss"}
         loss = sum(terms.values())
+        expected = r"batch of 0 pair\(s\)"
+    elif case == "sts-empty-batch-mid-nce-only":
+        only_mid = PearsonSpearmanLoss(model, pearson_weight=0, rank_kl_weight=0, pro_weight=0)
+        loss = only_mid([_empty(model), _empty(model)], torch.zeros(0))
         expected = r"batch of 0 pair\(s\)"
     else:
         loss = PearsonSpearmanLoss(model)([features(model, ["a"]), features(model, ["b"])], torch.tensor([1.0]))

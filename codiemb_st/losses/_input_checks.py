@@ -44,7 +44,7 @@ def check_model(loss_name: str, model: Any) -> None:
         raise TypeError(f"{loss_name}: `model` must be a SentenceTransformer; got {type(model).__name__}.{hint}")
 
 
-def check_inverse_temperature(loss_name: str, temperature: Any) -> None:
+def check_inverse_temperature(loss_name: str, temperature: Any, argument: str = "temperature") -> None:
     """Refuse a positive ``temperature`` whose inverse is not a finite float32 number.
 
     Only checks what the loss's own range checks cannot see; non-numbers and values <= 0 are left to them.
@@ -60,7 +60,7 @@ def check_inverse_temperature(loss_name: str, temperature: Any) -> None:
         inverse = float("inf")
     if not inverse <= _FLOAT32_MAX:
         raise ValueError(
-            f"{loss_name}: `temperature`={temperature!r} is so small that 1/temperature ({inverse:.3g}) overflows "
+            f"{loss_name}: `{argument}`={temperature!r} is so small that 1/{argument} ({inverse:.3g}) overflows "
             f"float32 (max {_FLOAT32_MAX:.3g}): the scaled similarities would be infinite and the loss NaN. Use a "
             "temperature such as 0.01-0.1 (the official CoDiEmb values are 0.02 for IR and 0.05 for STS)."
         )
@@ -193,7 +193,13 @@ def sts_batch_fallback(loss: nn.Module, sentence_features: Sequence[Any], labels
     # Embedding zero texts fails inside the transformer (a reshape error), so hand the loss zero scores that are
     # attached to the parameters instead; it applies its own rule (and message) for short batches.
     no_scores = zero_loss(loss.model).reshape(1)[:0]
-    return loss.compute_loss_from_scores(no_scores, labels)
+    # The middle-layer term (if on) gets no embeddings either: no anchor, so it is 0 like the other terms.
+    no_middle = [no_scores.reshape(0, 1), no_scores.reshape(0, 1)] if getattr(loss, "mid_nce_weight", 0) > 0 else None
+    return (
+        loss.compute_loss_from_scores(no_scores, labels, no_middle)
+        if no_middle
+        else loss.compute_loss_from_scores(no_scores, labels)
+    )
 
 
 __all__ = [

@@ -538,6 +538,7 @@ class PearsonSpearmanLoss(nn.Module):
         if not isinstance(return_dict, bool):
             raise TypeError(f"`return_dict` must be a bool, got {type(return_dict).__name__}.")
         _input_checks.check_inverse_temperature(type(self).__name__, temperature)
+        _input_checks.check_inverse_temperature(type(self).__name__, mid_nce_temperature, "mid_nce_temperature")
         if not callable(similarity_fct):
             raise TypeError(f"`similarity_fct` must be callable, got {type(similarity_fct).__name__}.")
 
