@@ -20,6 +20,7 @@ from codiemb_st._compat import (
     is_dist_initialized,
 )
 from codiemb_st.citation import CODIEMB_CITATION
+from codiemb_st.losses._sharding import check_gradient_caching_supported
 from codiemb_st.losses._text_identity import hash_columns
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         self._check_num_columns(len(sentence_features))
+        if torch.is_grad_enabled():  # DeepSpeed ZeRO-2/3 cannot take GradCache's per-mini-batch gradients
+            check_gradient_caching_supported(type(self).__name__)
         # The text identities travel to calculate_loss as its "labels": no state is kept on self between the
         # forward pass and the GradCache backward pass. IR datasets have no label column.
         text_ids = hash_columns(sentence_features) if self.mask_duplicates else None
