@@ -245,3 +245,34 @@ def test_an_adapter_as_base_is_refused(decoder_lora, tmp_path):
     _, adapters, fulls = decoder_lora
     with pytest.raises(ValueError, match="base must be the full pre-trained model"):
         DeltaSoup().merge_to_folder([adapters[0]], tmp_path / "out", base_model=adapters[1])
+
+
+def test_gpt2_conv1d_adapters_with_fan_in_fan_out(tmp_path):
+    """GPT-2 stores Linear weights transposed (Conv1D, ``in x out``); peft then sets fan_in_fan_out: δ = (B A)^T."""
+    import tempfile
+
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from tiny_decoder import build_decoder_tokenizer
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    tokenizer = build_decoder_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2Model(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        transformer = Transformer(tmp, max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="lasttoken")], device="cpu")
+    base = tmp_path / "base"
+    model.save(str(base))
+    configs = [
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+        peft.LoraConfig(
+            r=2, lora_alpha=2, target_modules=["c_proj", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+        ),
+    ]
+    pairs = [save_lora_checkpoint(base, tmp_path / f"g{i}", config, seed=i) for i, config in enumerate(configs)]
+    assert json.loads((pairs[0][0] / "adapter_config.json").read_text())["fan_in_fan_out"]
+    expected = TaskArithmetic().merge_to_folder([full for _, full in pairs], tmp_path / "ref", base_model=base)
+    merged = TaskArithmetic().merge_to_folder([adapter for adapter, _ in pairs], tmp_path / "merged", base_model=base)
+    assert_same_weights(merged, expected)
