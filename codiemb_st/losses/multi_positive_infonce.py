@@ -20,13 +20,14 @@ from codiemb_st._compat import (
     is_dist_initialized,
 )
 from codiemb_st.citation import CODIEMB_CITATION
+from codiemb_st.losses._autocast_replay import AutocastReplayMixin
 from codiemb_st.losses._sharding import check_gradient_caching_supported
 from codiemb_st.losses._text_identity import hash_columns
 
 logger = logging.getLogger(__name__)
 
 
-class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
+class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Module):
     def __init__(
         self,
         model: SentenceTransformer,
