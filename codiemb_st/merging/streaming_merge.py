@@ -11,6 +11,9 @@ What the merged folder contains:
   whose pipeline is being merged, and their module configurations must agree. Not copied: README.md (the model card
   of one checkpoint does not describe the merge), weights in other formats (.bin, .pt, ...) and ONNX/OpenVINO exports,
   which would be stale. A ``merge_config.json`` records the method and its parameters.
+- For LoRA adapter checkpoints (a Transformer folder with ``adapter_config.json`` + ``adapter_model.safetensors``,
+  see :mod:`codiemb_st.merging.adapters`): the weights are read as base + scaling · B A, the output holds the full
+  weights and the base's ``config.json`` instead of the adapter files, so it loads without peft.
 
 Memory: tensors are read in row slices of at most :data:`SLICE_BUDGET_BYTES` (all inputs together, in the compute
 dtype), merged, and appended to the output file, so peak memory is a few slices, whatever the number and size of the
