@@ -276,3 +276,31 @@ def test_gpt2_conv1d_adapters_with_fan_in_fan_out(tmp_path):
     expected = TaskArithmetic().merge_to_folder([full for _, full in pairs], tmp_path / "ref", base_model=base)
     merged = TaskArithmetic().merge_to_folder([adapter for adapter, _ in pairs], tmp_path / "merged", base_model=base)
     assert_same_weights(merged, expected)
+
+
+def test_adapter_checkpoints_are_read_in_row_slices(decoder_lora, tmp_path, monkeypatch):
+    """Streaming: with a small slice budget, no read of the base or of a materialised checkpoint exceeds a slice."""
+    from codiemb_st.merging import adapters, safetensors_stream
+
+    base, adapter_folders, _ = decoder_lora
+    budget = 4 * 4 * 32 * 2  # 2 rows of hidden 32 for 4 inputs in float32
+    monkeypatch.setattr(streaming_merge, "SLICE_BUDGET_BYTES", budget)
+    largest = {"base": 0, "materialised": 0}  # elements per read
+    base_read, adapter_read = safetensors_stream.RowReader.read, adapters.AdapterRowReader.read
+
+    def tracked_base_read(self, name, start=None, stop=None, out=None):
+        values = base_read(self, name, start, stop, out)
+        if not name.startswith("base_model."):  # the adapter's own small A/B matrices are read whole, on purpose
+            largest["base"] = max(largest["base"], values.numel())
+        return values
+
+    def tracked_adapter_read(self, name, start=None, stop=None, out=None):
+        values = adapter_read(self, name, start, stop, out)
+        largest["materialised"] = max(largest["materialised"], values.numel())
+        return values
+
+    monkeypatch.setattr(safetensors_stream.RowReader, "read", tracked_base_read)
+    monkeypatch.setattr(adapters.AdapterRowReader, "read", tracked_adapter_read)
+    DeltaSoup().merge_to_folder(adapter_folders, tmp_path / "merged", base_model=base, show_progress_bar=False)
+    # A slice holds at most budget / (4 inputs x 4 bytes) = 64 elements (the largest tensor has 215 x 32).
+    assert 0 < largest["materialised"] <= 64 and 0 < largest["base"] <= 64, largest
