@@ -147,11 +147,6 @@ def synthetic_records(num_queries: int, num_pairs: int, seed: int) -> tuple[list
     return ir, sts
 
 
-def layer_class_name(model) -> str:
-    layers = model[0].model.base_model.layers if hasattr(model[0].model, "base_model") else model[0].model.layers
-    return type(layers[0]).__name__
-
-
 def decoder_layers(model):
     inner = model[0].model
     for candidate in (
@@ -242,7 +237,10 @@ def sharding_arguments(args: argparse.Namespace, model) -> dict[str, Any]:
     if args.sharding == "fsdp2":
         return {
             "fsdp": "full_shard",
-            "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": [layer_class_name(model)]},
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "transformer_layer_cls_to_wrap": [type(decoder_layers(model)[0]).__name__],
+            },
         }
     if args.sharding.startswith("deepspeed"):
         stage = int(args.sharding[-1])
