@@ -13,7 +13,7 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
-from sentence_transformers.base.losses.gradcache import CachedLossMixin, has_static_embedding_input
+from sentence_transformers.base.losses.gradcache import CachedLossMixin, RandContext, has_static_embedding_input
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.base.sampler import (
     DefaultBatchSampler,
@@ -91,6 +91,7 @@ __all__ = [
     "MultiDatasetBatchSamplers",
     "MultiDatasetDefaultBatchSampler",
     "Pooling",
+    "RandContext",
     "SentenceTransformer",
     "Transformer",
     "all_gather",

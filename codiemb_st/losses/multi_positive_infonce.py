@@ -21,12 +21,14 @@ from codiemb_st._compat import (
 )
 from codiemb_st.citation import CODIEMB_CITATION
 from codiemb_st.losses import _input_checks
+from codiemb_st.losses._autocast_replay import AutocastReplayMixin
+from codiemb_st.losses._sharding import check_gradient_caching_supported
 from codiemb_st.losses._text_identity import hash_columns
 
 logger = logging.getLogger(__name__)
 
 
-class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
+class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Module):
     def __init__(
         self,
         model: SentenceTransformer,
@@ -176,6 +178,8 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
         if (zero := _input_checks.ir_batch_fallback(self, sentence_features)) is not None:
             return zero
         self._check_num_columns(len(sentence_features))
+        if torch.is_grad_enabled():  # DeepSpeed ZeRO-2/3 cannot take GradCache's per-mini-batch gradients
+            check_gradient_caching_supported(type(self).__name__)
         # The text identities travel to calculate_loss as its "labels": no state is kept on self between the
         # forward pass and the GradCache backward pass. IR datasets have no label column.
         text_ids = hash_columns(sentence_features) if self.mask_duplicates else None

@@ -9,6 +9,10 @@ be sharded (``model.safetensors.index.json`` plus shard files).
 
 Weight files are identified by (module index, path inside the module folder), so inputs whose modules live in
 differently named folders still line up.
+
+A module folder holding a LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``, see
+:mod:`codiemb_st.merging.adapters`) has no weights of its own: :meth:`ModelFolder.attach_base` gives it the base
+model's weight files, read through :class:`~codiemb_st.merging.adapters.AdapterRowReader` as θ_0 + δ.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
+
+from codiemb_st.merging.adapters import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    AdapterRowReader,
+    LoraAdapter,
+    is_adapter_folder,
+)
+from codiemb_st.merging.safetensors_stream import RowReader
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +113,10 @@ class ModelFolder:
     role: str
     modules: list[dict[str, Any]]
     weight_files: dict[WeightFileKey, WeightFile]
+    #: Module index -> the LoRA adapter that module holds instead of weights (see :meth:`attach_base`).
+    adapters: dict[int, LoraAdapter] = field(default_factory=dict)
+    #: The base model whose weights the adapters apply to, once attached.
+    base: ModelFolder | None = None
 
     @classmethod
     def open(cls, path: str | Path, role: str) -> ModelFolder:
@@ -124,10 +141,76 @@ class ModelFolder:
                     f"{module_path!r}; a module path must be a folder name inside the model folder."
                 )
         weight_files: dict[WeightFileKey, WeightFile] = {}
+        adapters: dict[int, LoraAdapter] = {}
         for index, module in enumerate(modules):
-            for weight_file in _find_weight_files(path, index, module.get("path", ""), role):
+            module_path = module.get("path", "")
+            if is_adapter_folder(path / module_path):
+                adapters[index] = LoraAdapter.open(path / module_path, f"{role} (module {index})")
+            for weight_file in _find_weight_files(path, index, module_path, role):
+                if index in adapters and weight_file.files[0].name == ADAPTER_WEIGHTS_NAME:
+                    continue  # the adapter's matrices are not weights of the module; attach_base materialises them
                 weight_files[weight_file.key] = weight_file
-        return cls(path=path, role=role, modules=modules, weight_files=weight_files)
+        return cls(path=path, role=role, modules=modules, weight_files=weight_files, adapters=adapters)
+
+    def attach_base(self, base: ModelFolder) -> None:
+        """Give the adapter modules the base model's weight files, checked against the adapters.
+
+        After this, the folder looks like a full checkpoint (same weight files, tensor names and shapes as the
+        base); :meth:`row_reader` reads its adapted tensors as θ_0 + δ.
+
+        Raises:
+            ValueError: If the base holds adapters itself, or an adapter does not fit the base's tensors.
+        """
+        if base.adapters:
+            raise ValueError(
+                f"{base.role} {str(base.path)!r} holds a LoRA adapter; the base must be the full pre-trained model "
+                "the adapters were trained on."
+            )
+        for index, adapter in self.adapters.items():
+            if len(base.modules) <= index:
+                raise ValueError(f"{self.role} has an adapter in module {index}, which {base.role} does not have.")
+            base_files = {key: file for key, file in base.weight_files.items() if key[0] == index}
+            if not base_files:
+                raise ValueError(
+                    f"{base.role} has no safetensors weights in module {index} for the adapter of {self.role}."
+                )
+            own = {key: file for key, file in self.weight_files.items() if key[0] == index}
+            if own:
+                raise ValueError(
+                    f"{self.role}: module {index} holds both an adapter and weight files {sorted(k[1] for k in own)}."
+                )
+            specs = {name: spec for file in base_files.values() for name, spec in file.specs.items()}
+            adapter.check_base(specs, base.role)
+            self.weight_files.update(base_files)
+        self.base = base
+
+    def row_reader(self, key: WeightFileKey) -> RowReader | AdapterRowReader:
+        """A reader of one logical weight file: the stored tensors, or θ_0 + δ for a module holding an adapter."""
+        tensor_files = self.weight_files[key].tensor_files
+        if key[0] in self.adapters:
+            if self.base is None:
+                raise ValueError(f"{self.role} holds a LoRA adapter: attach its base model first (attach_base).")
+            return AdapterRowReader(tensor_files, self.adapters[key[0]])
+        return RowReader(tensor_files)
+
+    def adapter_file_paths(self) -> set[Path]:
+        """The adapters' own files (adapter_config.json, adapter_model.safetensors)."""
+        return {file for adapter in self.adapters.values() for file in adapter.files}
+
+    def base_config_files(self) -> list[tuple[Path, Path]]:
+        """(file in the base, path relative to this folder) for the configuration files an adapter module lacks.
+
+        A module saved as an adapter has no ``config.json``; a merged (full) model needs the base's.
+        """
+        if self.base is None:
+            return []
+        copies = []
+        for index in self.adapters:
+            source = self.base.module_folder(index) / "config.json"
+            target = self.module_folder(index) / "config.json"
+            if source.is_file() and not target.is_file():
+                copies.append((source, target.relative_to(self.path)))
+        return copies
 
     def module_folder(self, index: int) -> Path:
         return self.path / self.modules[index].get("path", "")
@@ -229,15 +312,24 @@ def _config_files(folder: ModelFolder, index: int) -> dict[str, Any]:
         files = [
             f
             for f in _module_scope(folder.path, folder.modules[index].get("path", ""))
-            if f.suffix == ".json" and f.name not in TOKENIZER_FILES and not f.name.endswith(".index.json")
+            if f.suffix == ".json"
+            and f.name not in TOKENIZER_FILES
+            and f.name != ADAPTER_CONFIG_NAME  # adapters may differ (rank, targets); they are checked on their own
+            and not f.name.endswith(".index.json")
         ]
     # config.json must be an object: its model_type is compared across inputs.
-    return {
+    configs = {
         f.relative_to(module_folder).as_posix(): read_json_file(
             f, folder.role, dict if f.name in ("config.json", "sentence_bert_config.json") else None
         )
         for f in files
     }
+    if index in folder.adapters and "config.json" not in configs and folder.base is not None:
+        # An adapter module has no config.json of its own: its architecture is the base's.
+        base_config = folder.base.module_folder(index) / "config.json"
+        if base_config.is_file():
+            configs["config.json"] = read_json_file(base_config, folder.base.role, dict)
+    return configs
 
 
 def _differing_keys(a: Any, b: Any) -> str:
@@ -341,6 +433,33 @@ def _check_tensors(reference: ModelFolder, other: ModelFolder, is_checkpoint: bo
                 raise ValueError(f"Tensor {name!r} has shape {other_shape} in {role} and {shape} in {ref}.")
             if is_float_dtype(dtype) != is_float_dtype(other_dtype):
                 raise ValueError(f"Tensor {name!r} has dtype {other_dtype} in {role} and {dtype} in {ref}.")
+
+
+def check_adapter_bases(folders: list[ModelFolder]) -> None:
+    """Refuse LoRA checkpoints recorded as trained on different base models (``base_model_name_or_path``).
+
+    The names are compared as written (local folders by their resolved path). Shapes are checked against the base
+    in :meth:`ModelFolder.attach_base`; two bases of identical shapes can only be told apart by this name.
+    """
+    seen: dict[int, tuple[str, str | None]] = {}  # module index -> (role, normalised base name)
+    for folder in folders:
+        for index, adapter in folder.adapters.items():
+            name = _normalised_base_name(adapter.base_model_name_or_path)
+            if index not in seen:
+                seen[index] = (folder.role, name)
+            elif seen[index][1] != name:
+                raise ValueError(
+                    f"{folder.role} is a LoRA adapter on base_model_name_or_path={adapter.base_model_name_or_path!r}, "
+                    f"{seen[index][0]} on {seen[index][1]!r}: adapters on different base models cannot be merged (their "
+                    "deltas are relative to different weights). If both names denote the same model, make them equal "
+                    "in adapter_config.json."
+                )
+
+
+def _normalised_base_name(name: str | None) -> str | None:
+    if name and Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name
 
 
 def is_float_dtype(safetensors_dtype: str) -> bool:

@@ -11,6 +11,9 @@ What the merged folder contains:
   whose pipeline is being merged, and their module configurations must agree. Not copied: README.md (the model card
   of one checkpoint does not describe the merge), weights in other formats (.bin, .pt, ...) and ONNX/OpenVINO exports,
   which would be stale. A ``merge_config.json`` records the method and its parameters.
+- For LoRA adapter checkpoints (a Transformer folder with ``adapter_config.json`` + ``adapter_model.safetensors``,
+  see :mod:`codiemb_st.merging.adapters`): the weights are read as base + scaling · B A, the output holds the full
+  weights and the base's ``config.json`` instead of the adapter files, so it loads without peft.
 
 Memory: tensors are read in row slices of at most :data:`SLICE_BUDGET_BYTES` (all inputs together, in the compute
 dtype), merged, and appended to the output file, so peak memory is a few slices, whatever the number and size of the
@@ -44,6 +47,7 @@ from codiemb_st.merging.model_folder import (
     UNMERGEABLE_WEIGHT_SUFFIXES,
     ModelFolder,
     WeightFile,
+    check_adapter_bases,
     check_compatible,
     is_float_dtype,
 )
@@ -118,6 +122,7 @@ def merge_model_folders(
         _check_output_path(output_path, [*checkpoint_paths, *([base_path] if base_path is not None else [])])
         folders = [ModelFolder.open(path, f"checkpoints[{i}]") for i, path in enumerate(checkpoint_paths)]
         base_folder = ModelFolder.open(base_path, "base") if base_path is not None else None
+        _attach_adapter_base(method, folders, base_folder)
         for folder in folders[1:]:
             check_compatible(folders[0], folder, is_checkpoint=True)
         if base_folder is not None:
@@ -132,6 +137,8 @@ def merge_model_folders(
             raise
         try:
             _copy_non_weight_files(folders[0], tmp)
+            for source, relative in folders[0].base_config_files():  # an adapter module has no config.json
+                shutil.copy2(source, tmp / relative)
             for key in folders[0].weight_files:
                 target = tmp / (folders[0].module_folder(key[0]) / key[1]).relative_to(folders[0].path)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +148,9 @@ def merge_model_folders(
                 "parameters": method.get_config_dict(),
                 "num_checkpoints": len(folders),
             }
+            adapters = [folder.role for folder in folders if folder.adapters]
+            if adapters:
+                config["lora_checkpoints"] = adapters  # materialised as base + scaling * B A
             (tmp / "merge_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf8")
             if output_path.is_dir() and not any(output_path.iterdir()):
                 output_path.rmdir()  # an empty folder the caller prepared
@@ -151,6 +161,22 @@ def merge_model_folders(
             raise
     logger.info(f"Merged {len(folders)} checkpoints with {method!r} into {output_path}")
     return output_path
+
+
+def _attach_adapter_base(method: RowMerger, folders: list[ModelFolder], base_folder: ModelFolder | None) -> None:
+    """Let LoRA adapter checkpoints read as base + δ: they need the base model, whatever the method."""
+    adapters = [folder for folder in folders if folder.adapters]
+    if not adapters:
+        return
+    if base_folder is None:
+        raise ValueError(
+            f"{adapters[0].role} is a LoRA adapter checkpoint, so base_model= is required (also for "
+            f"{type(method).__name__}): its weights are the base model's plus scaling * B A. Pass the pre-trained "
+            "model the adapters were trained on."
+        )
+    check_adapter_bases(adapters)
+    for folder in adapters:
+        folder.attach_base(base_folder)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -220,7 +246,7 @@ def _check_output_path(output_path: Path, inputs: list[Path]) -> None:
 
 
 def _copy_non_weight_files(template: ModelFolder, destination: Path) -> None:
-    weight_files = template.weight_file_paths()
+    weight_files = template.weight_file_paths() | template.adapter_file_paths()
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         ignored = set()
@@ -246,7 +272,7 @@ def _merge_weight_file(
     num_checkpoints = len(inputs) - (1 if method.requires_base else 0)
     roles = [folder.role for folder in inputs]
     with ExitStack() as stack:
-        readers = [stack.enter_context(RowReader(folder.weight_files[key].tensor_files)) for folder in inputs]
+        readers = [stack.enter_context(folder.row_reader(key)) for folder in inputs]
         writer = stack.enter_context(SafetensorsStreamWriter(target, template.specs, template.metadata))
         description = f"Merging {inputs[0].module_class(key[0])} ({key[1]})"
         for name in tqdm(template.specs, desc=description, unit="tensor", disable=not show_progress_bar):
