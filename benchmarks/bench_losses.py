@@ -25,7 +25,7 @@ Times are medians after one warm-up, the contenders alternating round by round (
 both see the same load on a shared machine.
 
 Usage:
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256 \
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256 \\
         --max-seq-length 32 --ir-live-memory
     PYTHONPATH=. python benchmarks/bench_losses.py --loss ir --device cuda --ir-batch-sizes 32 128 256 --ir-repeats 10
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss sts     # packaged all-MiniLM-L6-v2, CPU
@@ -296,8 +296,9 @@ def bench_ir(args: argparse.Namespace) -> None:
         f"IR loss benchmark: model={Path(base['model']).name} device={args.device} max_seq_length={args.max_seq_length}"
         f" mini_batch_size={args.ir_mini_batch_size} hard negatives={args.ir_num_negatives} rounds={args.ir_repeats}"
         f" torch threads={torch.get_num_threads()}\n"
-        "time = seconds per training step (zero_grad + forward + backward); the contenders of a row group alternate"
-        " step by step in one process; ratio = median over rounds of (contender / baseline) in the same round\n"
+        f"time = {'CPU seconds of the process' if args.device == 'cpu' else 'seconds'} per training step (zero_grad +"
+        " forward + backward); the contenders of a row group alternate step by step in one process; ratio = median"
+        " over rounds of (contender / baseline) in the same round; wall ratio = the same on the wall clock\n"
         "memory = peak growth over the loaded model during the first full step, one fresh process per contender\n",
         flush=True,
     )

@@ -295,9 +295,11 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
         """How many of the step's mini-batches (the last ones) to embed with gradients in the first pass.
 
         All of them (single pass) when every column fits in one mini-batch or the step has at most ``keep_graphs``
-        mini-batches -- on every rank, when gathering: a rank that took the single pass while another replays would
-        run its backward collectives at a different time, so the ranks decide together (max over ranks). Otherwise
-        at most ``keep_graphs``, leaving at least one mini-batch to replay.
+        mini-batches. When gathering, that must hold on every rank (max over ranks): the path decides which passes
+        and backward calls a rank runs, and ranks whose sequences of collectives depend on their own data are what
+        deadlocks gathering. (The loss's collectives run in the forward pass on both paths today; deciding together
+        keeps the ranks in step by construction, whatever a path does.) Otherwise at most ``keep_graphs``, leaving
+        at least one mini-batch to replay, so that a rank never takes the single pass alone.
         """
         most_per_column = max(len(column_ranges) for column_ranges in ranges)
         total = sum(len(column_ranges) for column_ranges in ranges)
