@@ -170,8 +170,9 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
             the ones the replay would reproduce), the loss is computed by the same chunked code, and the incoming
             gradient scales every mini-batch. With ``gather_across_devices=True`` the ranks agree on the path with
             one small ``all_reduce`` (token budgets can make one rank's batch fit and another's not). Under DDP a
-            single pass synchronises once like an uncached loss, and kept graphs accumulate locally until the
-            replay's last mini-batch synchronises. DDP with ``static_graph=True`` always uses the plain passes.
+            single pass synchronises once like an uncached loss, and kept graphs (under DDP taken from the last
+            column only, so a replay of the same modules follows them) accumulate locally until the replay's last
+            mini-batch synchronises. DDP with ``static_graph=True`` always uses the plain passes.
 
         References:
             - CoDiEmb: A Collaborative yet Distinct Framework for Unified Representation Learning in Information
@@ -288,10 +289,13 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
             minibatch_ranges(feature, self.mini_batch_size, self.mini_batch_num_tokens)
             for feature in sentence_features
         ]
-        num_kept = self._num_kept_graphs(ranges, sentence_features)
+        ddp = isinstance(model, DistributedDataParallel)
+        num_kept = self._num_kept_graphs(ranges, sentence_features, ddp)
         return self._forward_keeping_graphs(sentence_features, labels, ranges, num_kept, model)
 
-    def _num_kept_graphs(self, ranges: list[list[tuple[int, int]]], sentence_features: list[dict[str, Tensor]]) -> int:
+    def _num_kept_graphs(
+        self, ranges: list[list[tuple[int, int]]], sentence_features: list[dict[str, Tensor]], ddp: bool
+    ) -> int:
         """How many of the step's mini-batches (the last ones) to embed with gradients in the first pass.
 
         All of them (single pass) when every column fits in one mini-batch or the step has at most ``keep_graphs``
@@ -300,6 +304,11 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
         deadlocks gathering. (The loss's collectives run in the forward pass on both paths today; deciding together
         keeps the ranks in step by construction, whatever a path does.) Otherwise at most ``keep_graphs``, leaving
         at least one mini-batch to replay, so that a rank never takes the single pass alone.
+
+        Under DDP the kept graphs accumulate locally and rely on a replayed mini-batch to synchronise them, which a
+        frozen one cannot (e.g. a Router whose query route is frozen). A mini-batch of the same column goes through
+        the same modules, so under DDP graphs are kept from the last column only, one of whose mini-batches is
+        always replayed: then a trainable kept graph always has a trainable replay after it.
         """
         most_per_column = max(len(column_ranges) for column_ranges in ranges)
         total = sum(len(column_ranges) for column_ranges in ranges)
@@ -311,6 +320,8 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
             global_most_per_column, global_total = stats.tolist()
         if global_most_per_column == 1 or global_total <= self.keep_graphs:
             return total
+        if ddp:
+            return min(self.keep_graphs, len(ranges[-1]) - 1)
         return min(self.keep_graphs, total - 1)
 
     def _forward_keeping_graphs(
@@ -335,7 +346,7 @@ class MultiPositiveCachedInfoNCELoss(CachedLossMixin, nn.Module):
         # back-propagated after it and the mixin's hook synchronises on the last of them. A single pass is an
         # ordinary forward/backward and synchronises as usual.
         ddp = isinstance(model, DistributedDataParallel)
-        kept_context = model.no_sync if ddp and not single_pass else nullcontext
+        kept_context = model.no_sync if ddp and num_kept and not single_pass else nullcontext
 
         # First pass, in the order of the plain passes, so every mini-batch draws the same random numbers (dropout
         # masks) as it would there; a replay reproduces exactly these, so a kept graph is what a replay would build.
