@@ -1,11 +1,18 @@
 """Benchmark the codiemb-st losses against baselines measured in the same run.
 
-IR (``--loss ir``), MultiPositiveCachedInfoNCELoss: seconds per training step (forward + backward) and peak memory
-against sentence-transformers' CachedMultipleNegativesRankingLoss and MultipleNegativesRankingLoss at P = 1, and at
-P = 2 against encoding all columns without caching and looping over the positive slots. Every configuration runs in
-its own fresh process: peak memory is the growth of the resident set (VmHWM) over the state after loading the model
-and tokenizing the batch (GPU: torch.cuda.max_memory_allocated); time is the median of --ir-repeats steps after a
-warm-up step.
+IR (``--loss ir``), MultiPositiveCachedInfoNCELoss at P = 1 against the baseline of the issue-17 targets: at a batch
+that fits in one mini-batch per column (single pass), sentence-transformers' MultipleNegativesRankingLoss (targets:
+time and peak memory <= 1.05x; CachedMultipleNegativesRankingLoss shown for context); at larger batches,
+CachedMultipleNegativesRankingLoss (targets: time <= 0.95x, peak memory <= 1.0x), for every ``--ir-keep-graphs``
+value. Time: the contenders of a batch size alternate step by step in one process for ``--ir-repeats`` rounds after
+a warm-up, and the ratio is the median over rounds of contender / baseline in the same round; on the CPU the time is
+the process's CPU time (one torch thread; the wall clock of a shared machine also measures the neighbours), on CUDA
+the synchronised wall clock. Memory: every contender in its own fresh process, the growth of the resident set
+(VmHWM) over the state after loading the model and a 4-row warm-up step (``--ir-live-memory`` repeats it with a fixed
+glibc mmap threshold, which makes the peak track live tensors), or torch.cuda.max_memory_allocated on CUDA.
+``--device cuda`` adds bf16 autocast rows (the model's forward wrapped as accelerate does for ``bf16=True``, so the
+GradCache replay is autocast too); ``--ir-multi-positive`` adds P = 2 against encoding every column and looping over
+the positive slots.
 
 STS (``--loss sts``), PearsonSpearmanLoss:
   1. Loss only: forward + backward of the loss on given cosine scores at several batch sizes, against a transcription
@@ -24,7 +31,9 @@ after a warm-up, medians. Peak memory: each configuration in its own fresh proce
 and the activations autograd saves for backward in one step (deterministic, unlike the resident-set peak on CPU).
 
 Usage:
-    PYTHONPATH=. python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256 \\
+        --max-seq-length 32 --ir-live-memory
+    PYTHONPATH=. python benchmarks/bench_losses.py --loss ir --device cuda --ir-batch-sizes 32 128 256 --ir-repeats 10
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss sts     # packaged all-MiniLM-L6-v2, CPU
     PYTHONPATH=. python benchmarks/bench_losses.py --loss sts --device cuda --sts-batch-sizes 256 4096 16384
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss mid-nce --mid-batch-sizes 32 256
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -127,23 +137,29 @@ def _read_rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def _ir_worker(config: dict) -> dict:
-    """Run one configuration in this (fresh) process and return its timings and peak memory."""
-    import torch
-    import torch.nn.functional as F
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MultipleNegativesRankingLoss,
-    )
+def _contender_label(contender: dict) -> str:
+    names = {"MNRL": "ST MNRL", "CMNRL": "ST CachedMNRL", "naive-loop": "encode all + loop over slots"}
+    return names.get(contender["loss"]) or f"ours (keep_graphs={contender['keep_graphs']})"
 
-    from codiemb_st import MultiPositiveCachedInfoNCELoss
+
+def _ir_setup(config: dict) -> tuple:
+    """Load the model and the tokenized batch of one IR configuration (in this process)."""
+    from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(0)
     device = config["device"]
     model = SentenceTransformer(config["model"], device=device)
     model.max_seq_length = config["max_seq_length"]
     model.train()
+    if config["autocast"] == "bf16":
+        from accelerate.utils import convert_outputs_to_fp32
+
+        # What the trainer does with bf16=True (accelerate's prepare_model): the model's forward runs under bf16
+        # autocast and returns fp32 outputs. Wrapping the forward, not the step, means the GradCache replay (which
+        # runs in the backward pass) is autocast too, as in training.
+        model.forward = convert_outputs_to_fp32(
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(model.forward)
+        )
     batch, num_pos, num_neg = config["batch_size"], config["num_positives"], config["num_negatives"]
     columns = [_ir_texts(batch, 12, seed=0)] + [_ir_texts(batch, 40, seed=1 + c) for c in range(num_pos + num_neg)]
 
@@ -152,17 +168,33 @@ def _ir_worker(config: dict) -> dict:
 
     features = [tokenize(column) for column in columns]
     warmup_features = [tokenize(column[:4]) for column in columns]
-    scale = 1.0 / config["temperature"]
-    mini_batch = config["mini_batch_size"]
+    return model, features, warmup_features
 
-    name = config["loss"]
+
+def _ir_step(model, config: dict, contender: dict) -> Callable[[list[dict]], None]:
+    """One training step (zero_grad, forward, backward) of ``contender`` on given features."""
+    import torch.nn.functional as F
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    from codiemb_st import MultiPositiveCachedInfoNCELoss
+
+    scale = 1.0 / config["temperature"]
+    mini_batch, num_pos = config["mini_batch_size"], config["num_positives"]
+    name = contender["loss"]
     if name == "MNRL":
         loss_fn = MultipleNegativesRankingLoss(model, scale=scale)
     elif name == "CMNRL":
         loss_fn = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=mini_batch)
     elif name == "ours":
         loss_fn = MultiPositiveCachedInfoNCELoss(
-            model, num_positives=num_pos, temperature=config["temperature"], mini_batch_size=mini_batch
+            model,
+            num_positives=num_pos,
+            temperature=config["temperature"],
+            mini_batch_size=mini_batch,
+            keep_graphs=contender["keep_graphs"],
         )
     elif name == "naive-loop":
 
@@ -179,15 +211,20 @@ def _ir_worker(config: dict) -> dict:
     else:
         raise ValueError(f"unknown loss {name!r}")
 
-    def step(step_features: list[dict] = features) -> None:
+    def step(step_features: list[dict]) -> None:
         model.zero_grad(set_to_none=True)
         loss_fn(step_features, None).backward()
 
-    # Warm up on a 4-row batch so one-time allocations (kernels, thread pools, gradient buffers) are not counted
-    # as the loss's memory.
-    step(warmup_features)
+    return step
 
-    cuda = device.startswith("cuda")
+
+def _ir_memory_worker(config: dict) -> dict:
+    """Peak memory of one contender's first full training step, in this (fresh) process."""
+    model, features, warmup_features = _ir_setup(config)
+    step = _ir_step(model, config, config["contender"])
+    # Warm up on a 4-row batch so one-time allocations (kernels, thread pools) are not counted as the loss's memory.
+    step(warmup_features)
+    cuda = config["device"].startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -195,20 +232,13 @@ def _ir_worker(config: dict) -> dict:
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
         baseline = _read_rss_kib("VmRSS") * 1024
-    step()  # the first full step is the memory measurement
+    step(features)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
         peak = _read_rss_kib("VmHWM") * 1024 - baseline
-    times = []
-    for _ in range(config["repeats"]):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_mib": peak / 2**20}
+    return {"peak_mib": peak / 2**20}
 
 
 def _mid_nce_setup(model_path: str, device: str, max_seq_length: int, batch_size: int):
@@ -298,8 +328,12 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
         saved: dict[str, float] = {}
         for _ in range(args.mid_memory_repeats):  # alternating fresh processes, as for the times
             for name, weight in (("without", 0.0), ("with", 1.0)):
-                config = {**base, "batch_size": batch_size, "mid_nce_weight": weight, "kind": "mid-nce"}
-                result = _run_worker(config)
+                config = {
+                    **base,
+                    "batch_size": batch_size,
+                    "mid_nce_weight": weight,
+                }
+                result = _run_worker("mid-nce", config)
                 samples[name].append(result["peak_mib"])
                 saved[name] = result["saved_mib"]
         peaks = {name: statistics.median(values) for name, values in samples.items()}
@@ -330,12 +364,70 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
         )
 
 
-def _run_worker(config: dict) -> dict:
-    command = [sys.executable, __file__, "--worker", json.dumps(config)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+def _ir_time_worker(config: dict) -> dict:
+    """Seconds per step of every contender of one configuration, alternating them round by round (one process)."""
+    model, features, warmup_features = _ir_setup(config)
+    steps = {_contender_label(c): _ir_step(model, config, c) for c in config["contenders"]}
+    for step in steps.values():  # warm-up: small batch, then one untimed full step
+        step(warmup_features)
+        step(features)
+    # Wall clock and the process's CPU time. On a shared CPU the wall clock also measures the neighbours; with one
+    # torch thread, CPU time measures the step's own work. On CUDA only the (synchronised) wall clock means anything.
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    cpu_times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(config["rounds"]):
+        for label, step in steps.items():
+            cpu_start = time.process_time()
+            times[label].append(_timed(lambda step=step: step(features), config["device"]))
+            cpu_times[label].append(time.process_time() - cpu_start)
+    return {"times": times, "cpu_times": cpu_times}
+
+
+def _run_worker(mode: str, config: dict, env: dict[str, str] | None = None) -> dict:
+    command = [sys.executable, __file__, "--worker", json.dumps({"mode": mode, **config})]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"worker failed for {config}:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{mode} worker failed for {config}:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _ir_groups(args: argparse.Namespace) -> list[dict]:
+    """The comparisons: per batch size, the baseline named by the issue's targets and our loss against it."""
+    autocasts = args.ir_autocast or (["none", "bf16"] if args.device.startswith("cuda") else ["none"])
+    groups = []
+    for autocast in autocasts:
+        for batch in args.ir_batch_sizes:
+            ours = [{"loss": "ours", "keep_graphs": k} for k in args.ir_keep_graphs]
+            if batch <= args.ir_mini_batch_size:
+                # The whole step fits in one mini-batch per column: our single pass against the uncached MNRL
+                # (targets: time and memory <= 1.05x), with ST's cached loss for context.
+                baseline = {"loss": "MNRL", "keep_graphs": None}
+                others = [{"loss": "CMNRL", "keep_graphs": None}, *ours[:1]]
+                target = (1.05, 1.05)
+            else:  # several mini-batches: against ST's cached loss (targets: time <= 0.95x, memory <= 1.0x)
+                baseline = {"loss": "CMNRL", "keep_graphs": None}
+                others, target = ours, (0.95, 1.0)
+            groups.append(
+                {
+                    "num_positives": 1,
+                    "batch": batch,
+                    "autocast": autocast,
+                    "contenders": [baseline, *others],
+                    "target": target,
+                }
+            )
+            if args.ir_multi_positive:  # P = 2: against encoding every column and looping over the slots
+                baseline = {"loss": "naive-loop", "keep_graphs": None}
+                groups.append(
+                    {
+                        "num_positives": 2,
+                        "batch": batch,
+                        "autocast": autocast,
+                        "contenders": [baseline, *ours[:1]],
+                        "target": None,
+                    }
+                )
+    return groups
 
 
 def bench_ir(args: argparse.Namespace) -> None:
@@ -345,49 +437,87 @@ def bench_ir(args: argparse.Namespace) -> None:
         "max_seq_length": args.max_seq_length,
         "mini_batch_size": args.ir_mini_batch_size,
         "temperature": 0.02,
-        "repeats": args.ir_repeats,
         "num_negatives": args.ir_num_negatives,
     }
     print(
         f"IR loss benchmark: model={Path(base['model']).name} device={args.device} max_seq_length={args.max_seq_length}"
-        f" mini_batch_size={args.ir_mini_batch_size} hard negatives={args.ir_num_negatives} repeats={args.ir_repeats}\n"
-        "time = median seconds per training step (forward + backward); memory = peak growth over the loaded model\n"
+        f" mini_batch_size={args.ir_mini_batch_size} hard negatives={args.ir_num_negatives} rounds={args.ir_repeats}"
+        f" torch threads={torch.get_num_threads()}\n"
+        f"time = {'CPU seconds of the process' if args.device == 'cpu' else 'seconds'} per training step (zero_grad +"
+        " forward + backward); the contenders of a row group alternate step by step in one process; ratio = median"
+        " over rounds of (contender / baseline) in the same round; wall ratio = the same on the wall clock\n"
+        "memory = peak growth over the loaded model during the first full step, one fresh process per contender\n",
+        flush=True,
     )
     rows = []
-    for batch in args.ir_batch_sizes:
-        for num_pos, losses, baseline in ((1, ("CMNRL", "MNRL", "ours"), "CMNRL"), (2, ("naive-loop", "ours"), None)):
-            results = {}
-            for name in losses:
-                results[name] = _run_worker({**base, "loss": name, "batch_size": batch, "num_positives": num_pos})
-                print(f"  measured P={num_pos} batch={batch} {name}: {results[name]}", flush=True)
-            reference = results[baseline or "naive-loop"]
-            for name, result in results.items():
-                rows.append(
-                    (
-                        num_pos,
-                        batch,
-                        name,
-                        result["seconds"],
-                        result["peak_mib"],
-                        result["seconds"] / reference["seconds"],
-                        result["peak_mib"] / reference["peak_mib"],
-                        baseline or "naive-loop",
-                    )
-                )
+    for group in _ir_groups(args):
+        config = {
+            **base,
+            "batch_size": group["batch"],
+            "num_positives": group["num_positives"],
+            "autocast": group["autocast"],
+        }
+        timing = _run_worker("time", {**config, "contenders": group["contenders"], "rounds": args.ir_repeats})
+        # CPU time on the CPU (see _ir_time_worker), wall clock on an accelerator.
+        times = timing["cpu_times"] if args.device == "cpu" else timing["times"]
+        peaks, live_peaks = {}, {}
+        for contender in group["contenders"]:
+            label = _contender_label(contender)
+            peaks[label] = _run_worker("memory", {**config, "contender": contender})["peak_mib"]
+            if args.ir_live_memory:
+                # glibc's dynamic mmap threshold keeps freed tensors in the heap, so the resident-set peak depends
+                # on the order of allocations as well as on what is alive; with a fixed threshold every large
+                # tensor is unmapped when freed and the peak tracks the live tensors.
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                live_peaks[label] = _run_worker("memory", {**config, "contender": contender}, env=env)["peak_mib"]
+        baseline = _contender_label(group["contenders"][0])
+        for contender in group["contenders"]:
+            label = _contender_label(contender)
+            round_ratios = [t / b for t, b in zip(times[label], times[baseline])]
+            wall_ratios = [t / b for t, b in zip(timing["times"][label], timing["times"][baseline])]
+            row = {
+                "wall_seconds": statistics.median(timing["times"][label]),
+                "wall_ratio": statistics.median(wall_ratios),
+                "live_peak_mib": live_peaks.get(label),
+                "live_memory_ratio": live_peaks[label] / live_peaks[baseline] if live_peaks else None,
+                "precision": "bf16 autocast" if group["autocast"] == "bf16" else "fp32",
+                "P": group["num_positives"],
+                "batch": group["batch"],
+                "label": label,
+                "seconds": statistics.median(times[label]),
+                "time_ratio": statistics.median(round_ratios),
+                "ratio_range": (min(round_ratios), max(round_ratios)),
+                "peak_mib": peaks[label],
+                "memory_ratio": peaks[label] / peaks[baseline],
+                "baseline": baseline,
+                "target": group["target"] if contender["loss"] == "ours" else None,
+            }
+            rows.append(row)
+            print(f"  measured {row}", flush=True)
 
-    print("\n| P | batch | loss | s/step | peak MiB | time ratio | memory ratio | vs |")
-    print("|---|---|---|---|---|---|---|---|")
-    for num_pos, batch, name, seconds, peak, time_ratio, mem_ratio, versus in rows:
-        print(
-            f"| {num_pos} | {batch} | {name} | {seconds:.3f} | {peak:.0f} | {time_ratio:.2f}x | {mem_ratio:.2f}x "
-            f"| {versus} |"
-        )
-    ours_p1 = {batch: peak for num_pos, batch, name, _, peak, *_ in rows if num_pos == 1 and name == "ours"}
-    smallest, largest = min(ours_p1), max(ours_p1)
+    clock = "CPU s" if args.device == "cpu" else "s"
+    live = args.ir_live_memory
     print(
-        f"\nMultiPositiveCachedInfoNCELoss peak memory, batch {largest} / batch {smallest}: "
-        f"{ours_p1[largest] / ours_p1[smallest]:.2f}x (target <= 1.3x)"
+        f"\n| precision | P | batch | loss | {clock}/step | time ratio (min-max over rounds) | wall ratio | peak MiB "
+        "| memory ratio |" + (" live peak MiB | live ratio |" if live else "") + " vs | target (time, memory) |"
     )
+    print("|---" * (12 if live else 10) + "|")
+    for row in rows:
+        low, high = row["ratio_range"]
+        target = ""
+        if row["target"]:
+            time_target, memory_target = row["target"]
+            time_ok = "met" if row["time_ratio"] <= time_target else "not met"
+            memory_ok = "met" if row["memory_ratio"] <= memory_target else "not met"
+            target = f"<= {time_target}x: {time_ok}; <= {memory_target}x: {memory_ok}"
+            if live:
+                target += f" (live: {'met' if row['live_memory_ratio'] <= memory_target else 'not met'})"
+        live_cells = f" {row['live_peak_mib']:.0f} | {row['live_memory_ratio']:.2f}x |" if live else ""
+        print(
+            f"| {row['precision']} | {row['P']} | {row['batch']} | {row['label']} | {row['seconds']:.2f} "
+            f"| {row['time_ratio']:.2f}x ({low:.2f}-{high:.2f}) | {row['wall_ratio']:.2f}x | {row['peak_mib']:.0f} "
+            f"| {row['memory_ratio']:.2f}x |{live_cells} {row['baseline']} | {target} |"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -567,15 +697,38 @@ def main() -> None:
     parser.add_argument("--ir-batch-sizes", type=int, nargs="+", default=[32, 128, 256])
     parser.add_argument("--ir-mini-batch-size", type=int, default=32)
     parser.add_argument("--ir-num-negatives", type=int, default=1)
-    parser.add_argument("--ir-repeats", type=int, default=3, help="timed IR training steps per configuration")
+    parser.add_argument("--ir-repeats", type=int, default=3, help="interleaved IR timing rounds (after warm-up)")
+    parser.add_argument(
+        "--ir-keep-graphs",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="keep_graphs values of MultiPositiveCachedInfoNCELoss to measure (the first one also at batch <= mini)",
+    )
+    parser.add_argument(
+        "--ir-autocast",
+        choices=["none", "bf16"],
+        nargs="+",
+        default=None,
+        help="autocast modes of the IR rows (default: none and bf16 on CUDA, none on CPU)",
+    )
+    parser.add_argument(
+        "--ir-multi-positive", action="store_true", help="also compare P = 2 against encoding all and looping"
+    )
+    parser.add_argument(
+        "--ir-live-memory",
+        action="store_true",
+        help="CPU: also measure each peak with a fixed glibc mmap threshold (tracks live tensors, see bench_ir)",
+    )
     parser.add_argument("--mid-batch-sizes", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--mid-repeats", type=int, default=3, help="timing rounds of the MidNCE training steps")
     parser.add_argument("--mid-memory-repeats", type=int, default=2, help="fresh processes per MidNCE configuration")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:  # one configuration, in its own process (see _run_worker)
+    if args.worker:  # one IR measurement, in its own process (see _run_worker)
         config = json.loads(args.worker)
-        worker = _mid_nce_worker if config.get("kind") == "mid-nce" else _ir_worker
+        workers = {"time": _ir_time_worker, "memory": _ir_memory_worker, "mid-nce": _mid_nce_worker}
+        worker = workers[config["mode"]]
         print(json.dumps(worker(config)))
         return
     if args.loss in ("ir", "all"):

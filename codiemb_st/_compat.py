@@ -14,6 +14,12 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from sentence_transformers.base.losses.gradcache import CachedLossMixin, RandContext, has_static_embedding_input
+
+# Private GradCache helpers, reused so that the adaptive passes of MultiPositiveCachedInfoNCELoss split a batch into
+# exactly the mini-batches of the classic passes and replay them with the mixin's own backward hook (RNG replay, DDP
+# no_sync handling, frozen-mini-batch flush). Checked against sentence-transformers 6.2.
+from sentence_transformers.base.losses.gradcache import _backward_hook as gradcache_replay_hook
+from sentence_transformers.base.losses.gradcache import _minibatch_ranges as minibatch_ranges
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.base.sampler import (
     DefaultBatchSampler,
@@ -100,9 +106,11 @@ __all__ = [
     "embed_columns",
     "get_rank",
     "get_world_size",
+    "gradcache_replay_hook",
     "has_static_embedding_input",
     "is_adaptive_layer_loss_active",
     "is_dist_initialized",
     "is_distributed_inference_active",
     "unwrap_model",
+    "minibatch_ranges",
 ]

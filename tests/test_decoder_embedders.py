@@ -214,11 +214,20 @@ def test_gradcache_replay_runs_under_the_autocast_of_its_forward_pass():
         lambda module, inputs, output: seen.append((torch.is_grad_enabled(), output.dtype))
     )
     features = tokenize_with_prompt(model, make_ir_columns(batch_size=4, num_positives=1, num_negatives=0, seed=8))
-    loss_fn = MultiPositiveCachedInfoNCELoss(model, num_positives=1, mini_batch_size=2)
+    # keep_graphs=0: the plain two passes, every mini-batch replayed.
+    loss_fn = MultiPositiveCachedInfoNCELoss(model, num_positives=1, mini_batch_size=2, keep_graphs=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = loss_fn(features, None)
     loss.backward()  # outside autocast, as the trainer does
     assert [grad for grad, _ in seen] == [False, False, False, False, True, True, True, True]
+    assert all(dtype == torch.bfloat16 for _, dtype in seen)
+    # The default keeps the last mini-batch's graph (built under the forward's autocast) and replays the others.
+    seen.clear()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = MultiPositiveCachedInfoNCELoss(model, num_positives=1, mini_batch_size=2)(features, None)
+    loss.backward()
+    assert [grad for grad, _ in seen] == [False, False, False, True, True, True, True]
     assert all(dtype == torch.bfloat16 for _, dtype in seen)
     # Without autocast nothing changes: both passes in the model's dtype.
     seen.clear()

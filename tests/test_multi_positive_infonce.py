@@ -166,7 +166,8 @@ def test_dropout_is_replayed_in_the_cached_backward_pass():
     with torch.no_grad():  # dropout is really on: two plain passes differ
         assert not torch.allclose(model(features[0])["sentence_embedding"], model(features[0])["sentence_embedding"])
 
-    loss_fn = MultiPositiveCachedInfoNCELoss(model, num_positives=2, mini_batch_size=3)
+    # keep_graphs=0: the plain two passes, every mini-batch embedded twice (kept graphs: see test_gradcache_paths.py).
+    loss_fn = MultiPositiveCachedInfoNCELoss(model, num_positives=2, mini_batch_size=3, keep_graphs=0)
     recorded: dict[bool, list[torch.Tensor]] = {False: [], True: []}
     embed_minibatch = loss_fn.embed_minibatch
 
