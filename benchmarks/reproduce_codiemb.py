@@ -631,7 +631,7 @@ def claims(results: dict[str, dict[int, dict[str, Any]]], names: Sequence[str]) 
     )
     for a, b, text, key in ablations:
         if b in results:
-            lines.append(f"- {text}: {compare(a, b, key)}.")
+            lines.append(f"Ablation/baseline: {text}: {compare(a, b, key)}.")
     return lines
 
 

@@ -248,3 +248,20 @@ def test_claims_pair_runs_by_seed_with_one_rule():
     assert "-> inconclusive" in lines[2]
     one_seed = {name: {1: by_seed[1]} for name, by_seed in results.items()}
     assert "untestable (1 seed)" in rc.claims(one_seed, ["R", "S"])[0]
+
+
+def test_baseline_and_ablation_runs_build_their_own_sts_loss(tiny_model):
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+
+    from codiemb_st import PearsonSpearmanLoss, recipe
+
+    data = recipe.load_task_datasets(
+        {}, {"s": [{"sentence1": "a b", "sentence2": "b c", "score": 1.0}] * 2}, num_negatives=0
+    )
+    expected = {"codiemb": 1.0, "codiemb_no_midnce": 0.0}
+    for run, weight in expected.items():
+        (loss,) = set(recipe.build_task_losses(tiny_model, data, **dict(rc.RUNS[run].sts_options)).values())
+        assert isinstance(loss, PearsonSpearmanLoss) and loss.mid_nce_weight == weight
+    assert isinstance(recipe.build_task_losses(tiny_model, data, sts_loss="cosent")["s"], CoSENTLoss)
+    assert rc.RUNS["codiemb_cosent"].sts_loss == "cosent" and rc.RUNS["mixed"].sampler == "proportional"
+    assert [run for run, spec in rc.RUNS.items() if not spec.ablation] == ["ir_only", "sts_only", "naive", "codiemb"]
