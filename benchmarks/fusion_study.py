@@ -308,9 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = out / "models"
     ir, sts, ir_dev, sts_dev = load_data(args)
     needed = {name.split("@")[0] for s in args.sets for name in SETS[s]}
-    logs = {}
     if args.stage != "eval":
         logs = {name: train_run(name, base, ir, sts, args, models) for name in RUNS if name in needed | set(SEEDS)}
+    else:  # the finished runs' logs
+        logs = {
+            n: json.loads((models / n / "train_log.json").read_text())
+            for n in RUNS
+            if (models / n / "train_log.json").is_file()
+        }
     if args.stage == "train":
         return 0
     # Evaluate a capped subset of the held-out records (the hold-out itself, never trained on, stays fixed).
@@ -389,9 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **evaluate(result.path, False),
             }
             picked[label] = label
-        # Test budget: the two references, the best data-free rule on dev, and the greedy soups.
+        # Test budget: the two references, the best data-free rule on dev and the two greedy soups.
         best_label = picked[best_family]
-        for label in dict.fromkeys(["model_soup", "delta_soup", best_label, "greedy_model_soup"]):
+        for label in dict.fromkeys(["model_soup", "delta_soup", best_label, "greedy_model_soup", "greedy_best"]):
             rows[label] |= evaluate(out / "merged" / set_name / label, True)
         block_picked = {f: picked[f] for f in picked}
         results["sets"][set_name] = {
@@ -449,8 +454,11 @@ def report(results: dict[str, Any]) -> str:
                 cells += [f"{row['test'][IR] * 100:.2f}", f"{row['test'][STS] * 100:.2f}"]
             else:
                 cells += ["", "", "", ""]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            chosen = f" (kept: {', '.join(Path(c).name for c in row['chosen'])})" if "chosen" in row else ""
+            lines.append(f"| {label}{chosen} | " + " | ".join(cells) + " |")
         lines.append("")
+    training = ", ".join(f"{name} {log['seconds'] / 60:.1f}" for name, log in results.get("training", {}).items())
+    lines += [f"Training minutes (1 thread, shared CPU): {training}.", ""]
     lines += ["## Ingredients", "", "| model | dev overall | test overall |", "|---|---:|---:|"]
     for name, row in {"base": results["base"], **results["ingredients"]}.items():
         test = row.get("test", {}).get(OVERALL)
