@@ -6,6 +6,9 @@ Compares, each in its own subprocess (so peak RSS is the child's own ``resource.
 - ``deltasoup``: ``DeltaSoup().merge(checkpoints, base, output_path)``: stream-merge, write the folder, load it.
 - ``deltasoup-folder``: ``DeltaSoup().merge_to_folder(...)``: stream-merge and write only (no model loaded).
 - ``modelsoup``: ``ModelSoup().merge(checkpoints, output_path=...)``: the same uniform average as ST's linear merge.
+- ``modelstock-folder``, ``ties-folder``, ``deltasoup-variant-folder``: ``ModelStock()``, ``TIES()`` and
+  ``DeltaSoup(sign_consensus=True, rescale=True)`` ``.merge_to_folder(...)``: the methods with whole-tensor statistics
+  (TIES: two radix-select passes for its exact top-k thresholds, then the merge pass).
 - ``st-linear``: ``SentenceTransformer.merge(checkpoints, method="linear")`` then ``.save(output)`` (needs mergekit,
   ``pip install "sentence-transformers[merge]"``; skipped if missing).
 - ``naive``: load every checkpoint, average the state dicts, ``load_state_dict`` into the first one, ``.save(output)``.
@@ -35,7 +38,19 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("load", "deltasoup", "deltasoup-folder", "modelsoup", "st-linear", "naive")
+MODES = (
+    "load",
+    "deltasoup",
+    "deltasoup-folder",
+    "modelsoup",
+    "modelstock-folder",
+    "ties-folder",
+    "deltasoup-variant-folder",
+    "st-linear",
+    "naive",
+)
+#: merge_to_folder modes: no model is loaded afterwards.
+FOLDER_MODES = ("deltasoup-folder", "modelstock-folder", "ties-folder", "deltasoup-variant-folder")
 
 
 def peak_rss_mb() -> float:
@@ -85,7 +100,7 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_st.merging import DeltaSoup, ModelSoup
+    from codiemb_st.merging import TIES, DeltaSoup, ModelSoup, ModelStock
 
     checkpoints = [workdir / f"ckpt{c}" for c in range(num_checkpoints)]
     base = workdir / "base"
@@ -95,9 +110,16 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
     if mode == "load":
         model = SentenceTransformer(str(base), device="cpu")
     elif mode == "deltasoup":
-        model = DeltaSoup().merge(checkpoints, base, output_path=output, show_progress_bar=False)
+        model = DeltaSoup().merge(checkpoints, base_model=base, output_path=output, show_progress_bar=False)
     elif mode == "deltasoup-folder":
         DeltaSoup().merge_to_folder(checkpoints, output, base_model=base, show_progress_bar=False)
+    elif mode in ("modelstock-folder", "ties-folder", "deltasoup-variant-folder"):
+        method = {
+            "modelstock-folder": ModelStock(),
+            "ties-folder": TIES(),
+            "deltasoup-variant-folder": DeltaSoup(sign_consensus=True, rescale=True),
+        }[mode]
+        method.merge_to_folder(checkpoints, output, base_model=base, show_progress_bar=False)
     elif mode == "modelsoup":
         model = ModelSoup().merge(checkpoints, output_path=output, show_progress_bar=False)
     elif mode == "st-linear":
@@ -119,7 +141,7 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
         model.save(str(output))
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    if mode != "deltasoup-folder":
+    if mode not in FOLDER_MODES:
         # transformers maps safetensors weights lazily: read every parameter once so that the model is really in
         # memory (as it is after its first encode), for the reference and for every merge that returns a model.
         sum(float(p.detach().sum()) for p in model.parameters())

@@ -82,6 +82,17 @@ def check_positive_float(name: str, value: Any) -> float:
     return check_finite_float(name, value, minimum=0.0, strict_minimum=True)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (not 0/1, not a string).
+
+    Raises:
+        TypeError: If ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False; got {type(value).__name__} {value!r}.")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
     """``value`` if it is one of ``choices``.
 
@@ -94,6 +105,7 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
 
 
 __all__ = [
+    "check_bool",
     "check_choice",
     "check_finite_float",
     "check_int",

@@ -177,6 +177,29 @@ def test_merge_from_the_shell_equals_the_python_api(merge_inputs, tmp_path):
     assert all(torch.equal(cli[k], api[k]) for k in cli)
 
 
+def test_merge_cli_offers_the_fusion_methods_and_boolean_options(merge_inputs, tmp_path):
+    from codiemb_st.merging import TIES, ModelStock
+
+    base, checkpoints = merge_inputs
+    argv = ["merge", *map(str, checkpoints), "--base-model", str(base), "--no-progress"]
+    cases = [
+        (["--method", "ties", "--density", "0.3", "--scale", "0.9"], TIES(density=0.3, scale=0.9)),
+        (["--method", "model_stock"], ModelStock()),
+        (["--sign-consensus", "true", "--rescale", "false"], DeltaSoup(sign_consensus=True)),
+    ]
+    for index, (extra, method) in enumerate(cases):
+        assert main([*argv, *extra, "--output", str(tmp_path / f"cli{index}")]) == 0
+        expected = method.merge_to_folder(
+            checkpoints, tmp_path / f"api{index}", base_model=base, show_progress_bar=False
+        )
+        cli, api = _merged_tensors(tmp_path / f"cli{index}"), _merged_tensors(expected)
+        assert all(torch.equal(cli[k], api[k]) for k in cli)
+        config = json.loads((tmp_path / f"cli{index}" / "merge_config.json").read_text())
+        assert config["parameters"] == method.get_config_dict()
+    with pytest.raises(SystemExit):
+        main([*argv, "--sign-consensus", "maybe", "--output", str(tmp_path / "bad")])
+
+
 def test_merge_cli_refuses_bad_options_and_leaves_nothing(merge_inputs, tmp_path, capsys):
     base, checkpoints = merge_inputs
     paths = list(map(str, checkpoints))

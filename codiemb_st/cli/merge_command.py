@@ -8,6 +8,8 @@ Examples:
     codiemb-st merge runs/a runs/b runs/c --base-model models/base --output merged
     codiemb-st merge runs/a runs/b --method model_soup --output soup
     codiemb-st merge runs/a runs/b --base-model models/base --method delta_soup --power 2 --granularity row --output m
+    codiemb-st merge runs/a runs/b runs/c --base-model models/base --method ties --density 0.2 --output m
+    codiemb-st merge runs/a runs/b runs/c --base-model models/base --method delta_soup --sign-consensus true --output m
 """
 
 from __future__ import annotations
@@ -45,11 +47,25 @@ def _converter(method_name: str, parameter: inspect.Parameter) -> Any:
     if typing.get_origin(hint) is typing.Literal:
         return str, typing.get_args(hint)  # e.g. Literal["element", "row", "tensor"]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if any(a is bool for a in args):
+        return _parse_bool, None  # e.g. --sign-consensus true
     if any(a is float for a in args):
         return float, None
     if any(a is int for a in args):
         return int, None
     return str, None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_parse_bool.__name__ = "bool"  # argparse names the type in its error message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,17 +1,41 @@
 """Model merging for sentence-transformers checkpoints: DeltaSoup (CoDiEmb's delta-guided fusion) and baselines.
 
-- :class:`DeltaSoup`: per-parameter weights from how far each checkpoint moved from the base model.
+- :class:`DeltaSoup`: per-parameter weights from how far each checkpoint moved from the base model (with
+  sign-consensus and norm-rescaling variants).
 - :class:`ModelSoup`: the uniform average of the checkpoints.
 - :class:`TaskArithmetic`: the base plus the scaled sum of the checkpoints' deltas.
+- :class:`ModelStock`: the average pulled towards the base by the deltas' mean pairwise cosine, per tensor.
+- :class:`TIES`: trim each delta to its largest entries, elect signs, average the agreeing entries.
+- :class:`GreedySoup`: add checkpoints one by one while an evaluator's score does not drop, with any method above.
 
-All share :meth:`MergeMethod.merge` (stream model folders, return a SentenceTransformer),
+All data-free methods share :meth:`MergeMethod.merge` (stream model folders, return a SentenceTransformer),
 :meth:`MergeMethod.merge_to_folder` and the pure per-tensor :meth:`MergeMethod.merge_tensors`. Layers, one way:
 :mod:`~codiemb_st.merging.tensor_math` (per-tensor math, no I/O) <- :mod:`~codiemb_st.merging.streaming_merge`
-(model folders, safetensors streaming) <- :mod:`~codiemb_st.merging.methods` (the public methods).
+(model folders, safetensors streaming) <- :mod:`~codiemb_st.merging.methods` (the public methods) <-
+:mod:`~codiemb_st.merging.greedy_soup` (evaluator-guided).
 """
 
 from __future__ import annotations
 
-from codiemb_st.merging.methods import MERGE_METHODS, DeltaSoup, MergeMethod, ModelSoup, TaskArithmetic
+from codiemb_st.merging.greedy_soup import GreedySoup, GreedySoupResult
+from codiemb_st.merging.methods import (
+    MERGE_METHODS,
+    TIES,
+    DeltaSoup,
+    MergeMethod,
+    ModelSoup,
+    ModelStock,
+    TaskArithmetic,
+)
 
-__all__ = ["MERGE_METHODS", "DeltaSoup", "MergeMethod", "ModelSoup", "TaskArithmetic"]
+__all__ = [
+    "MERGE_METHODS",
+    "TIES",
+    "DeltaSoup",
+    "GreedySoup",
+    "GreedySoupResult",
+    "MergeMethod",
+    "ModelSoup",
+    "ModelStock",
+    "TaskArithmetic",
+]

@@ -1,4 +1,6 @@
-"""Merge methods: DeltaSoup (CoDiEmb's delta-guided fusion), ModelSoup and TaskArithmetic — the public merge API.
+"""Merge methods: DeltaSoup (CoDiEmb's delta-guided fusion), ModelSoup, TaskArithmetic, ModelStock and TIES — the
+public data-free merge API (:class:`~codiemb_st.merging.greedy_soup.GreedySoup`, which needs an evaluator, builds on
+these).
 
 Each method is a small object holding its parameters. Its math is the pure per-tensor functions of
 :mod:`codiemb_st.merging.tensor_math` (exposed as :meth:`MergeMethod.merge_tensors` and, on row slices,
@@ -20,14 +22,26 @@ from codiemb_st.merging.streaming_merge import merge_and_load, merge_model_folde
 from codiemb_st.merging.tensor_math import (
     GRANULARITIES,
     Granularity,
-    delta_log_statistics,
+    NormStatistics,
+    RadixSelectState,
+    delta_gram,
+    delta_log_scores,
+    delta_soup_delta,
     delta_soup_rows,
     delta_weights,
+    fold_statistics,
     merge_whole_tensor,
     model_soup_rows,
+    model_stock_ratio,
+    model_stock_rows,
+    rescale_factor,
+    sign_consensus_,
     task_arithmetic_rows,
+    ties_rows,
+    topk_threshold_accumulate,
+    topk_threshold_finish,
 )
-from codiemb_st.validation import check_choice, check_finite_float
+from codiemb_st.validation import check_bool, check_choice, check_finite_float
 
 if TYPE_CHECKING:
     from codiemb_st._compat import SentenceTransformer
@@ -43,14 +57,23 @@ class MergeMethod(ABC):
     #: Whether the method needs the base (pre-trained) model θ_0.
     requires_base: ClassVar[bool] = True
     #: Whether merging identical checkpoints returns them (then identical inputs are copied bit for bit).
-    keeps_agreement: ClassVar[bool] = True
+    keeps_agreement: bool = True
+    #: The fewest checkpoints the method can merge.
+    min_checkpoints: ClassVar[int] = 1
 
     @property
     def needs_tensor_statistics(self) -> bool:
         """Whether the weights of a row depend on the whole tensor (then tensors are read twice when streamed)."""
         return False
 
-    def accumulate_statistics(self, statistics: Tensor | None, checkpoints: Tensor, base: Tensor | None) -> Tensor:
+    def finish_statistics_pass(self, statistics: Any) -> tuple[Any, bool]:
+        """Close one pass over all slices of a tensor: returns the statistics and whether another pass is needed.
+
+        The default is one pass. Methods that need several (TIES's exact top-k threshold) override it.
+        """
+        return statistics, False
+
+    def accumulate_statistics(self, statistics: Any, checkpoints: Tensor, base: Tensor | None) -> Any:
         """Fold one slice of rows into the per-tensor statistics (only when :attr:`needs_tensor_statistics`).
 
         Args:
@@ -64,7 +87,7 @@ class MergeMethod(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not use per-tensor statistics.")
 
     @abstractmethod
-    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
+    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
         """Merge one slice of rows.
 
         Args:
@@ -77,6 +100,10 @@ class MergeMethod(ABC):
         Returns:
             The merged slice, shape ``(rows, ...)``, in the compute dtype.
         """
+
+    def _statistics_of(self, checkpoints: Tensor, base: Tensor | None) -> Any:
+        """The per-tensor statistics of rows that are a whole tensor (``merge_rows`` called without statistics)."""
+        return fold_statistics(self, lambda: [(checkpoints, base)])
 
     def merge_tensors(self, tensors: Sequence[Tensor], base: Tensor | None = None) -> Tensor:
         """Merge one tensor of K checkpoints: the pure per-tensor function.
@@ -178,7 +205,7 @@ class ModelSoup(MergeMethod):
     requires_base = False
     keeps_agreement = True
 
-    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
+    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
         return model_soup_rows(checkpoints)
 
 
@@ -208,7 +235,7 @@ class TaskArithmetic(MergeMethod):
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = check_finite_float("scale", scale)
 
-    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
+    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
         return task_arithmetic_rows(checkpoints, base, self.scale)
 
     def get_config_dict(self) -> dict[str, Any]:
@@ -242,6 +269,23 @@ class DeltaSoup(MergeMethod):
       they are softmax_c(r_c / T) instead: T → 0 picks the largest score, large T tends to uniform weights, and no
       checkpoint ever gets weight 0.
 
+    Variants (off by default; measured in ``benchmarks/fusion_study.py``, see the README):
+
+    - ``sign_consensus``: TIES-style sign election before weighting. With the elected sign
+      s = sign(Σ_c δ_c) per parameter and the mask m_c = 1[sign(δ_c) = s], the merge is
+      θ = θ_0 + Σ_c w_c ⊙ (m_c ⊙ δ_c), the weights computed from the masked deltas m_c ⊙ δ_c (element-wise:
+      w_c = m_c |δ_c|^p / Σ_c' m_c' |δ_c'|^p), so checkpoints that pull a parameter against the majority do not
+      cancel it out. Where Σ_c δ_c = 0 the parameter stays at θ_0.
+    - ``rescale``: per tensor, scale the merged delta back to the checkpoints' mean delta norm,
+      θ = θ_0 + f · Σ_c w_c ⊙ δ_c with f = mean_c ‖δ_c‖ / ‖Σ_c w_c ⊙ δ_c‖ (f = 1 where the merged delta is 0):
+      averaging deltas that point in different directions shrinks them (interference), and this undoes the
+      shrinkage. Needs whole-tensor statistics (one extra read of each tensor).
+    - Layer-wise statistics are ``granularity="tensor"``: one weight per checkpoint and tensor.
+
+    Measured (``benchmarks/fusion_study.py``, en track, README "Fusion study"): no weighting beat the uniform
+    :class:`ModelSoup` by more than seed noise; the element-wise default trailed it in every checkpoint set (by more
+    than the noise for seed and learning-rate soups), ``granularity="tensor"`` tied it when the runs were alike.
+
     Scores are computed relative to the largest |δ| of the group, so a large power does not underflow. Where all
     deltas are 0 the weights are uniform (and the result is θ_0). Tensors on which all checkpoints agree are returned
     unchanged, so K = 1 returns the checkpoint. The math runs in float32 (float64 for float64 weights).
@@ -251,11 +295,15 @@ class DeltaSoup(MergeMethod):
         granularity: ``"element"`` (default), ``"row"`` or ``"tensor"``.
         temperature: Optional softmax temperature T > 0 applied to the normalised scores. Defaults to None (use the
             normalised scores directly).
+        sign_consensus: Mask the deltas that disagree with the elected sign first (see above). Defaults to False.
+        rescale: Rescale each tensor's merged delta to the checkpoints' mean delta norm (see above). Defaults to
+            False.
 
     References:
         - Zhang et al., "CoDiEmb: A Collaborative yet Distinct Framework for Unified Representation Learning in
           Information Retrieval and Semantic Textual Similarity", 2025. https://arxiv.org/abs/2508.11442
         - Wortsman et al., "Model soups", ICML 2022 (the uniform baseline, :class:`ModelSoup`).
+        - Yadav et al., "TIES-Merging", NeurIPS 2023 (the sign election of ``sign_consensus``).
 
     Example:
         ::
@@ -271,9 +319,15 @@ class DeltaSoup(MergeMethod):
     """
 
     requires_base = True
-    keeps_agreement = True
 
-    def __init__(self, power: float = 1.0, granularity: Granularity = "element", temperature: float | None = None):
+    def __init__(
+        self,
+        power: float = 1.0,
+        granularity: Granularity = "element",
+        temperature: float | None = None,
+        sign_consensus: bool = False,
+        rescale: bool = False,
+    ) -> None:
         power = check_finite_float("power", power, minimum=0.0)
         check_choice("granularity", granularity, GRANULARITIES)
         if temperature is not None:
@@ -281,17 +335,55 @@ class DeltaSoup(MergeMethod):
         self.power = float(power)
         self.granularity = granularity
         self.temperature = None if temperature is None else float(temperature)
+        self.sign_consensus = check_bool("sign_consensus", sign_consensus)
+        self.rescale = check_bool("rescale", rescale)
+        # Rescaling multiplies a whole tensor by one factor, so a row slice on which all checkpoints agree is not
+        # returned unchanged: it must go through the math, not be copied.
+        self.keeps_agreement = not self.rescale
+
+    @property
+    def _tensor_weights(self) -> bool:
+        return self.granularity == "tensor" and self.power != 0
 
     @property
     def needs_tensor_statistics(self) -> bool:
-        return self.granularity == "tensor" and self.power != 0
+        return self._tensor_weights or self.rescale
 
-    def accumulate_statistics(self, statistics: Tensor | None, checkpoints: Tensor, base: Tensor | None) -> Tensor:
-        """Per-tensor statistics: log Σ |δ_c|^p over the rows seen so far, one float64 value per checkpoint."""
-        return delta_log_statistics(statistics, checkpoints, base, self.power)
+    def _deltas(self, checkpoints: Tensor, base: Tensor) -> Tensor:
+        deltas = checkpoints - base  # a fresh tensor: statistics passes must not modify the slice
+        return sign_consensus_(deltas) if self.sign_consensus else deltas
+
+    def accumulate_statistics(self, statistics: Any, checkpoints: Tensor, base: Tensor | None) -> Any:
+        """Per-tensor statistics: log Σ |δ_c|^p per checkpoint (tensor granularity; a float64 tensor ``(K,)``);
+        with ``rescale``, a :class:`~codiemb_st.merging.tensor_math.NormStatistics` holding those and the sums of
+        squares of the deltas and of the merged delta."""
+        deltas = self._deltas(checkpoints, base)
+        if not self.rescale:
+            return delta_log_scores(statistics, deltas, self.power)
+        state = statistics if statistics is not None else NormStatistics(weights_done=not self._tensor_weights)
+        if not state.weights_done:
+            state.log_scores = delta_log_scores(state.log_scores, deltas, self.power)
+            return state
+        squares = deltas.flatten(start_dim=1).double().pow(2).sum(dim=1)
+        merged = delta_soup_delta(deltas, self.power, self.granularity, self.temperature, state.log_scores)
+        merged_squares = merged.double().pow(2).sum()
+        state.delta_squares = squares if state.delta_squares is None else state.delta_squares + squares
+        state.merged_squares = (
+            merged_squares if state.merged_squares is None else state.merged_squares + merged_squares
+        )
+        return state
+
+    def finish_statistics_pass(self, statistics: Any) -> tuple[Any, bool]:
+        if not self.rescale:
+            return statistics, False
+        if not statistics.weights_done:  # the log-score pass is done: pass again for the norms
+            statistics.weights_done = True
+            return statistics, True
+        statistics.factor = rescale_factor(statistics.delta_squares, statistics.merged_squares)
+        return statistics, False
 
     def merging_weights(self, deltas: Tensor, statistics: Tensor | None = None) -> Tensor:
-        """The merging weights w_c for deltas δ_c stacked along dim 0.
+        """The merging weights w_c for deltas δ_c stacked along dim 0 (before ``sign_consensus`` masking).
 
         Args:
             deltas: The task vectors δ_c = θ_c − θ_0 stacked along dim 0, shape ``(K, ...)``, floating point.
@@ -302,18 +394,168 @@ class DeltaSoup(MergeMethod):
             Non-negative weights summing to 1 over dim 0, broadcastable to ``deltas``: shape ``(K, ...)`` for element,
             ``(K, rows, 1, ...)`` for row and ``(K, 1, ...)`` for tensor granularity.
         """
+        if isinstance(statistics, NormStatistics):
+            statistics = statistics.log_scores
         return delta_weights(deltas, self.power, self.granularity, self.temperature, statistics)
 
-    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Tensor | None = None) -> Tensor:
-        return delta_soup_rows(checkpoints, base, self.power, self.granularity, self.temperature, statistics)
+    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
+        if statistics is None and self.rescale:  # the rows are the whole tensor
+            statistics = self._statistics_of(checkpoints, base)
+        factor = None
+        if isinstance(statistics, NormStatistics):
+            statistics, factor = statistics.log_scores, statistics.factor
+        return delta_soup_rows(
+            checkpoints,
+            base,
+            self.power,
+            self.granularity,
+            self.temperature,
+            statistics,
+            sign_consensus=self.sign_consensus,
+            rescale_factor=factor,
+        )
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"power": self.power, "granularity": self.granularity, "temperature": self.temperature}
+        config: dict[str, Any] = {
+            "power": self.power,
+            "granularity": self.granularity,
+            "temperature": self.temperature,
+        }
+        # The variants appear only when switched on, so the default's configuration (and repr) stays as it was.
+        config |= {name: True for name in ("sign_consensus", "rescale") if getattr(self, name)}
+        return config
+
+
+class ModelStock(MergeMethod):
+    """Model Stock (Jang et al., ECCV 2024): interpolate between the checkpoints' average and the base, per tensor,
+    by how much the checkpoints' deltas agree in direction.
+
+    For K >= 2 checkpoints with deltas δ_c = θ_c − θ_0, per tensor:
+
+        cos = mean over pairs i < j of  ⟨δ_i, δ_j⟩ / (‖δ_i‖ ‖δ_j‖)
+        t   = K · cos / (1 + (K − 1) · cos)
+        θ   = t · (1/K) Σ_c θ_c + (1 − t) · θ_0
+
+    Deltas that agree (cos → 1) give t → 1, the plain average; nearly orthogonal deltas (the usual case for
+    independent fine-tuning runs) give a small t, pulling the average towards the base, where the paper finds the
+    centre of the fine-tuned weights' distribution lies.
+
+    **cos <= 0**: the formula has a pole at cos = −1/(K − 1) and gives t < 0 (extrapolating away from the
+    checkpoints) for any negative cos, which the paper's geometry does not cover. cos is therefore clipped to
+    [0, 1], so t ∈ [0, 1]: a tensor whose deltas are orthogonal or opposed on average stays at θ_0 (t = 0). A pair
+    with a zero delta (a tensor one checkpoint did not change) counts as cos 0. A tensor no checkpoint changed stays
+    at θ_0.
+
+    The cosines need the whole tensor, so when streaming each tensor is read twice: first the K × K Gram matrix of
+    the deltas is accumulated slice by slice (float64), then the tensor is merged. Unlike the paper's two-checkpoint
+    procedure (which fine-tunes exactly two models and uses their angle), K may be any number >= 2, as in mergekit's
+    ``model_stock``.
+
+    References:
+        - Jang, Yun and Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024.
+          https://arxiv.org/abs/2403.19522
+
+    Example:
+        ::
+
+            from codiemb_st.merging import ModelStock
+
+            merged = ModelStock().merge(["runs/seed1", "runs/seed2", "runs/seed3"], base_model="models/base")
+    """
+
+    requires_base = True
+    # Slices where the checkpoints agree still move by the tensor's ratio t (< 1 unless the deltas are parallel).
+    keeps_agreement = False
+    min_checkpoints = 2
+
+    @property
+    def needs_tensor_statistics(self) -> bool:
+        return True
+
+    def accumulate_statistics(self, statistics: Any, checkpoints: Tensor, base: Tensor | None) -> Tensor:
+        """The K × K Gram matrix Σ δ_i · δ_j of the deltas over the rows seen so far (float64)."""
+        return delta_gram(statistics, checkpoints, base)
+
+    def interpolation_ratio(self, gram: Tensor) -> float:
+        """The ratio t of a tensor from the Gram matrix of its deltas (see the class docstring)."""
+        return model_stock_ratio(gram)
+
+    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
+        if statistics is None:  # the rows are the whole tensor
+            statistics = self._statistics_of(checkpoints, base)
+        return model_stock_rows(checkpoints, base, model_stock_ratio(statistics))
+
+
+class TIES(MergeMethod):
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
+
+    For K checkpoints with deltas δ_c = θ_c − θ_0, per tensor:
+
+    1. **Trim**: keep each δ_c's top-``density`` fraction of entries by magnitude, zero the rest:
+       δ̂_c = δ_c ⊙ 1[|δ_c| >= τ_c], with τ_c the k-th largest |δ_c| of the tensor, k = ceil(density · numel).
+    2. **Elect**: s = sign(Σ_c δ̂_c) per parameter.
+    3. **Disjoint mean**: m = Σ_c δ̂_c 1[sign(δ̂_c) = s, δ̂_c ≠ 0] / #{c : sign(δ̂_c) = s, δ̂_c ≠ 0} (0 where no
+       checkpoint agrees).
+    4. θ = θ_0 + λ · m, with λ = ``scale``.
+
+    **Exact top-k while streaming**: τ_c is the exact k-th largest |δ_c| of the whole tensor, found without holding
+    the tensor: non-negative floats order like their bit patterns, so a radix select histograms 16 bits of the
+    magnitudes per pass (65,536 counters per checkpoint) and narrows to the k-th value digit by digit — two reads of
+    each tensor for float32/float16/bfloat16 weights (merged in float32), four for float64, then the merge read.
+    Memory stays at a few row slices whatever the tensor size; the result equals sorting each full tensor. Entries
+    tied with τ_c are all kept (so slightly more than k survive when magnitudes repeat, e.g. where a tensor's deltas
+    are mostly 0). With ``density=1`` nothing is trimmed and no statistics pass is made.
+
+    Args:
+        density: The fraction of each delta's entries kept, in (0, 1]. Defaults to 0.2 (the paper's top-20%).
+        scale: λ, applied to the merged delta. Defaults to 1.0 (the paper tunes it in [0.8, 1.8]).
+
+    References:
+        - Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+          https://arxiv.org/abs/2306.01708
+
+    Example:
+        ::
+
+            from codiemb_st.merging import TIES
+
+            merged = TIES(density=0.2).merge(["runs/ir", "runs/sts", "runs/joint"], base_model="models/base")
+    """
+
+    requires_base = True
+    # Identical checkpoints are trimmed to their top fraction: the result is not the checkpoint.
+    keeps_agreement = False
+
+    def __init__(self, density: float = 0.2, scale: float = 1.0) -> None:
+        self.density = float(check_finite_float("density", density, minimum=0.0, maximum=1.0, strict_minimum=True))
+        self.scale = float(check_finite_float("scale", scale))
+
+    @property
+    def needs_tensor_statistics(self) -> bool:
+        return self.density < 1
+
+    def accumulate_statistics(self, statistics: Any, checkpoints: Tensor, base: Tensor | None) -> RadixSelectState:
+        """One slice into the current radix-select pass of the per-checkpoint top-k magnitude thresholds."""
+        return topk_threshold_accumulate(statistics, checkpoints, base, self.density)
+
+    def finish_statistics_pass(self, statistics: Any) -> tuple[Any, bool]:
+        return topk_threshold_finish(statistics)
+
+    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
+        if statistics is None and self.needs_tensor_statistics:  # the rows are the whole tensor
+            statistics = self._statistics_of(checkpoints, base)
+        thresholds = None if statistics is None else statistics.thresholds
+        return ties_rows(checkpoints, base, thresholds, self.scale)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"density": self.density, "scale": self.scale}
 
 
 #: The data-free merge methods by their command-line name (``codiemb-st merge --method NAME``).
 MERGE_METHODS: dict[str, type[MergeMethod]] = {
     "delta_soup": DeltaSoup,
     "model_soup": ModelSoup,
+    "model_stock": ModelStock,
     "task_arithmetic": TaskArithmetic,
+    "ties": TIES,
 }

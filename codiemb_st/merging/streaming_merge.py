@@ -17,8 +17,9 @@ What the merged folder contains:
 
 Memory: tensors are read in row slices of at most :data:`SLICE_BUDGET_BYTES` (all inputs together, in the compute
 dtype), merged, and appended to the output file, so peak memory is a few slices, whatever the number and size of the
-inputs. Methods whose weights depend on the whole tensor (DeltaSoup with ``granularity="tensor"``) read each tensor
-twice: once for the statistics, once to merge.
+inputs. Methods whose weights depend on the whole tensor (DeltaSoup with ``granularity="tensor"`` or ``rescale``,
+ModelStock, TIES) read each tensor once per statistics pass (one, two for TIES's exact top-k thresholds on float32
+weights), then once to merge.
 
 Atomicity: the folder is written to a hidden temporary folder next to ``output_path`` and renamed into place only when
 complete; on any error (or Ctrl-C) the temporary folder is removed and nothing appears at ``output_path``. (A crash
@@ -27,6 +28,7 @@ of the machine itself can leave the hidden temporary folder behind, never a part
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,7 +54,7 @@ from codiemb_st.merging.model_folder import (
     is_float_dtype,
 )
 from codiemb_st.merging.safetensors_stream import RowReader, SafetensorsStreamWriter, torch_dtype
-from codiemb_st.merging.tensor_math import RowMerger, compute_dtype
+from codiemb_st.merging.tensor_math import RowMerger, check_num_checkpoints, compute_dtype, fold_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ def merge_model_folders(
     """
     base = base_model
     checkpoints = _check_checkpoints_argument(checkpoints)
+    check_num_checkpoints(method, len(checkpoints))
     if base is None and method.requires_base:
         raise ValueError(
             f"{type(method).__name__} needs base_model=: the pre-trained model the checkpoints were fine-tuned from "
@@ -280,11 +283,10 @@ def _merge_weight_file(
             if not is_float_dtype(dtype_name):
                 _copy_tensor(name, shape, readers, roles, writer)
                 continue
-            statistics = None
-            if method.needs_tensor_statistics:
-                for start, stop in _row_slices(shape, len(inputs)):
-                    stacked, base, _ = _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)
-                    statistics = method.accumulate_statistics(statistics, stacked, base)
+            # Methods with per-tensor statistics read the tensor once per statistics pass before merging it.
+            statistics = fold_statistics(
+                method, functools.partial(_read_slices, name, shape, readers, roles, num_checkpoints)
+            )
             for start, stop in _row_slices(shape, len(inputs)):
                 stacked, base, raw = _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)
                 if _all_equal(raw[:num_checkpoints]) and (method.keeps_agreement or _all_equal(raw)):
@@ -303,6 +305,14 @@ def _row_slices(shape: list[int], num_inputs: int) -> Iterator[tuple[int | None,
     rows_per_slice = max(1, SLICE_BUDGET_BYTES // row_bytes)
     for start in range(0, shape[0], rows_per_slice):
         yield start, min(start + rows_per_slice, shape[0])
+
+
+def _read_slices(
+    name: str, shape: list[int], readers: list[RowReader], roles: list[str], num_checkpoints: int
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Every row slice of a tensor as (stacked checkpoints, base) in the compute dtype (a statistics pass)."""
+    for start, stop in _row_slices(shape, len(readers)):
+        yield _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)[:2]
 
 
 def _all_equal(tensors: list[Tensor]) -> bool:
