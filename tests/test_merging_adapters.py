@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import peft  # in the dev extra: a missing peft fails here instead of skipping the adapter tests
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,10 +20,8 @@ from sentence_transformers import SentenceTransformer
 from tiny_decoder import save_tiny_decoder
 from tiny_model import save_tiny_model
 
-from codiemb_st.merging import DeltaSoup, ModelSoup, TaskArithmetic, streaming_merge
+from codiemb_st.merging import TIES, DeltaSoup, ModelSoup, ModelStock, TaskArithmetic, streaming_merge
 from codiemb_st.merging.adapters import lora_delta_rows
-
-peft = pytest.importorskip("peft")
 
 TEXTS = ["the quick brown fox", "a man is playing a guitar", "retrieval finds relevant passages"]
 
@@ -97,8 +96,15 @@ def test_adapters_change_what_the_reference_says(decoder_lora):
 
 @pytest.mark.parametrize(
     "method",
-    [DeltaSoup(), DeltaSoup(granularity="tensor", power=2.0), ModelSoup(), TaskArithmetic(scale=0.7)],
-    ids=["deltasoup", "deltasoup-tensor", "modelsoup", "task-arithmetic"],
+    [
+        DeltaSoup(),
+        DeltaSoup(granularity="tensor", power=2.0),
+        ModelSoup(),
+        TaskArithmetic(scale=0.7),
+        ModelStock(),  # whole-tensor statistics: extra reads of the materialised deltas
+        TIES(density=0.5),  # exact top-k threshold over several statistics passes
+    ],
+    ids=["deltasoup", "deltasoup-tensor", "modelsoup", "task-arithmetic", "model-stock", "ties"],
 )
 def test_merging_adapters_equals_merging_peft_materialised_checkpoints(decoder_lora, tmp_path, method):
     base, adapters, fulls = decoder_lora
