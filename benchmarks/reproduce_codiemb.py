@@ -686,7 +686,12 @@ def report(track: Track, results: dict[str, dict[int, dict[str, Any]]], test: li
     for title, tasks in (("test", test), ("dev", dev)):
         if tasks:
             lines += [f"Claims ({title}):", ""] + [f"- {c}" for c in claims(results, [t.name for t in tasks])] + [""]
-    lines += [f"Wall time {meta['seconds'] / 60:.1f} min ({meta['machine']}); command: `{meta['command']}`", ""]
+    lines += [
+        f"Wall time of this invocation {meta['seconds'] / 60:.1f} min ({meta['machine']}); time recorded by the runs "
+        f"and evaluations it reports (some reused from earlier invocations): training {meta['training_minutes']:.1f} "
+        f"min, evaluation {meta['evaluation_minutes']:.1f} min; command: `{meta['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -792,6 +797,8 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
         "sampled": sampled,
         "budget": args.budget,
         "steps_per_task": args.max_steps,
+        "training_minutes": sum(log["seconds"] for by_seed in logs.values() for log in by_seed.values()) / 60,
+        "evaluation_minutes": sum(r["seconds"] for by_seed in results.values() for r in by_seed.values()) / 60,
     }
     table = report(track, results, test, dev, meta)
     by_split = {"test": [t.name for t in test], "dev": [t.name for t in dev]}
