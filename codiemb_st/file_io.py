@@ -19,7 +19,8 @@ from typing import Any
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask (the permission bits new files and folders lose)."""
     # os.umask can only be read by setting it; restore it at once.
     mask = os.umask(0)
     os.umask(mask)
@@ -95,7 +96,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     os.close(handle)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -151,6 +152,7 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
 
 
 __all__ = [
+    "current_umask",
     "folder_fingerprint",
     "json_safe",
     "read_jsonl",

@@ -99,16 +99,19 @@ def load_ir_dataset(
         num_negatives: N hard-negative columns wanted (0 = in-batch negatives only).
         seed: Seed of the resampling.
     """
-    if num_negatives and isinstance(source, (str, os.PathLike)):
+    if num_negatives:
+        if not isinstance(source, (str, os.PathLike)):
+            source = list(source)  # read twice below: once for the check, once for the conversion
         if not all(record.get("negatives") for _, record in read_records(source)):
-            logger.info("%s: not every record has hard negatives; training it with in-batch negatives only.", source)
-            num_negatives = 0
-    elif num_negatives:
-        source = list(source)
-        if not all(record.get("negatives") for record in source):
-            logger.info("Not every record has hard negatives; training with in-batch negatives only.")
+            logger.info(
+                "%s: not every record has hard negatives; training with in-batch negatives only.", _name(source)
+            )
             num_negatives = 0
     return ir_dataset_from_records(source, num_positives=num_positives, num_negatives=num_negatives, seed=seed)
+
+
+def _name(source: RecordSource) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "records"
 
 
 def load_task_datasets(

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from codiemb_st.file_io import write_jsonl, write_text_atomic
+from codiemb_st.file_io import current_umask, write_jsonl, write_text_atomic
 from codiemb_st.validation import check_finite_float
 
 _MAIN_SCORES = {"sts": "cosine_spearman", "retrieval": "ndcg_at_10"}
@@ -27,7 +27,7 @@ def _publish(build, folder: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         build(staging)
-        os.chmod(staging, 0o777 & ~_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
         if folder.exists():
             if not (folder / "task.json").is_file():
                 raise FileExistsError(
@@ -39,12 +39,6 @@ def _publish(build, folder: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _task_json(kind: str, name: str, language: str, split: str, mteb_task: str | None, extra: Mapping) -> str:
