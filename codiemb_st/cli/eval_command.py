@@ -345,7 +345,6 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(label, target, args.max_seq_length)
         tick = time.perf_counter()
         results_dir = args.output_dir / label
-        run_key = model_run_key(target, model) if args.resume else {"resume": False, "time": time.time()}
         scores = evaluate_model(
             model,
             tasks,
@@ -353,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             show_progress_bar=True,
             results_dir=results_dir,
-            run_key=run_key,
+            run_key=model_run_key(target, model),
+            reuse=args.resume,
         )
         timings[label] = time.perf_counter() - tick
         results[label] = {"target": target, "scores": {score.name: score for score in scores}}

@@ -74,6 +74,7 @@ def evaluate_model(
     show_progress_bar: bool = False,
     results_dir: str | Path | None = None,
     run_key: Mapping[str, Any] | None = None,
+    reuse: bool = True,
 ) -> list[TaskScore]:
     """Evaluate ``model`` on every task with ``mteb.evaluate(..., cache=None)``, one task at a time.
 
@@ -92,6 +93,8 @@ def evaluate_model(
             nothing on disk.
         run_key: What identifies the model and settings for reuse (e.g. the model path and a fingerprint of its
             weights, the maximum sequence length). Required with ``results_dir``.
+        reuse: Read back finished results from ``results_dir``; ``False`` evaluates every task again (and still
+            writes the results).
 
     Returns:
         One :class:`TaskScore` per task, in the order given.
@@ -116,7 +119,7 @@ def evaluate_model(
     scores = []
     for prepared in tasks:
         key = _task_key(prepared, prompts, run_key) if folder is not None else None
-        result = _load_finished(folder, prepared.name, key) if folder is not None else None
+        result = _load_finished(folder, prepared.name, key) if folder is not None and reuse else None
         if result is None:
             result = _evaluate_one(model, prepared, prompts, batch_size, show_progress_bar)
             if folder is not None:
