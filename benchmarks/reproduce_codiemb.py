@@ -208,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--geometry-samples", type=int, default=1000)
+    parser.add_argument(
+        "--eval-seed",
+        type=int,
+        default=42,
+        help="seed of the evaluation samples (STS test-pair samples, corpus subsamples, geometry texts): one fixed "
+        "sample for every model and training seed, so a per-seed invocation evaluates on the same items (default 42)",
+    )
     parser.add_argument("--only-dev", action="store_true", help="evaluate on the dev sets only (for tuning)")
     return parser
 
@@ -553,6 +560,7 @@ def evaluate(label: str, path: str, tasks, prompts, geometry_texts, args, cache:
         "max_seq_length": args.eval_max_seq_length,
         "corpus_cap": args.corpus_cap,
         "sts_pair_cap": args.sts_pair_cap,
+        "eval_seed": args.eval_seed,
         "geometry": len(geometry_texts[0]),
     }
     if cache.is_file():
@@ -746,13 +754,13 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
         []
         if args.only_dev
         else sample_sts_tasks(
-            track.test_tasks, args.eval_data_dir, args.sts_pair_cap, out / "test_samples", args.seeds[0]
+            track.test_tasks, args.eval_data_dir, args.sts_pair_cap, out / "test_samples", args.eval_seed
         )
     )
     sampled = [Path(r).name for r in test_refs if isinstance(r, Path)]
 
     def prepare(ref):
-        return prepare_task(ref, data_dir=args.eval_data_dir, corpus_cap=args.corpus_cap or None, seed=args.seeds[0])
+        return prepare_task(ref, data_dir=args.eval_data_dir, corpus_cap=args.corpus_cap or None, seed=args.eval_seed)
 
     try:
         test = [prepare(ref) for ref in test_refs]
@@ -780,7 +788,7 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
                 paths.setdefault(soup, {})[seed] = str(folder)
 
     prompts = {"STS": track.sts_prefix} if track.sts_prefix else None
-    texts, pairs = geometry_text_sample(test or dev, args.geometry_samples, args.seeds[0])
+    texts, pairs = geometry_text_sample(test or dev, args.geometry_samples, args.eval_seed)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for label, by_seed in paths.items():
         for seed, path in by_seed.items():

@@ -197,6 +197,26 @@ def test_end_to_end_two_seeds_budget_soups_and_resume(tiny_setup, tmp_path, caps
     assert all(fresh[name].equal(tensor) for name, tensor in codiemb[1].items())
 
 
+def test_evaluation_samples_are_the_same_for_every_training_seed(tiny_setup, tmp_path):
+    # Seeds run in separate invocations (one per core) must evaluate on the same sampled test pairs, corpus
+    # subsample and geometry texts as a run of all seeds together: the sample follows --eval-seed, not --seeds.
+    capped = ("--runs", "sts_only", "--corpus-cap", "9", "--sts-pair-cap", "6")
+    runs = {"together": ("--seeds", "1", "2"), "alone": ("--seeds", "2"), "other": ("--seeds", "2", "--eval-seed", "7")}
+    results = {}
+    for name, extra in runs.items():
+        assert rc.main(_argv(tiny_setup, tmp_path / name, *capped, *extra)) == 0
+        results[name] = json.loads((tmp_path / name / "en" / "results.json").read_text())
+    together, alone, other = results["together"], results["alone"], results["other"]
+    assert alone["corpus_subsample"] == together["corpus_subsample"] != other["corpus_subsample"]
+    assert alone["scores"]["base"] == together["scores"]["base"]
+    assert alone["scores"]["sts_only"]["2"] == together["scores"]["sts_only"]["2"]
+    assert alone["geometry"]["base"] == together["geometry"]["base"] != other["geometry"]["base"]
+    sample = json.loads((tmp_path / "alone" / "en" / "test_samples" / "TinySTS" / "task.json").read_text())
+    assert sample["sample"]["seed"] == 42
+    cache = json.loads((tmp_path / "other" / "en" / "eval" / "base-seed0.json").read_text())
+    assert cache["key"]["eval_seed"] == 7
+
+
 def test_equal_steps_budget_halves_each_tasks_updates(tiny_setup, tmp_path):
     out = tmp_path / "steps"
     assert rc.main(_argv(tiny_setup, out, "--runs", "codiemb", "--budget", "equal-steps", "--only-dev")) == 0
