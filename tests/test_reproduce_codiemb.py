@@ -201,7 +201,11 @@ def test_evaluation_samples_are_the_same_for_every_training_seed(tiny_setup, tmp
     # Seeds run in separate invocations (one per core) must evaluate on the same sampled test pairs, corpus
     # subsample and geometry texts as a run of all seeds together: the sample follows --eval-seed, not --seeds.
     capped = ("--runs", "sts_only", "--corpus-cap", "9", "--sts-pair-cap", "6")
-    runs = {"together": ("--seeds", "1", "2"), "alone": ("--seeds", "2"), "other": ("--seeds", "2", "--eval-seed", "7")}
+    runs = {
+        "together": ("--seeds", "1", "2"),
+        "alone": ("--seeds", "2"),
+        "other": ("--seeds", "2", "--eval-seed", "7"),
+    }
     results = {}
     for name, extra in runs.items():
         assert rc.main(_argv(tiny_setup, tmp_path / name, *capped, *extra)) == 0
