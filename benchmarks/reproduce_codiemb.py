@@ -840,6 +840,18 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
         "geometry": {lb: {str(s): r["geometry"] for s, r in by_seed.items()} for lb, by_seed in results.items()},
         "training": {run: {str(s): log for s, log in by_seed.items()} for run, by_seed in logs.items()},
         "soups": {soup: {str(s): c for s, c in by_seed.items()} for soup, by_seed in soups.items()},
+        # How every model was evaluated, so that other studies (benchmarks/fusion_study.py --reproduction) score
+        # further models of these runs on exactly the same items.
+        "evaluation": {
+            "test": [str(ref) for ref in test_refs],
+            "dev": [str(ref) for ref in dev_refs],
+            "data_dir": str(args.eval_data_dir),
+            "corpus_cap": args.corpus_cap or None,
+            "seed": args.eval_seed,
+            "max_seq_length": args.eval_max_seq_length,
+            "batch_size": args.eval_batch_size,
+            "prompts": prompts,
+        },
         "corpus_subsample": {t.name: t.corpus_subsample.to_dict() for t in test if t.corpus_subsample},
         "sts_samples": sampled,
         "evaluation_seconds": {

@@ -17,10 +17,10 @@ from tiny_model import ENGLISH_SENTENCES
 from codiemb_st.evaluation import load_local_task
 
 
-def _load_script():
-    """The benchmark script as a module (benchmarks/ is not a package, and nothing edits sys.path)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_codiemb.py"
-    spec = importlib.util.spec_from_file_location("reproduce_codiemb", path)
+def _load_script(name: str = "reproduce_codiemb"):
+    """A benchmark script as a module (benchmarks/ is not a package, and nothing edits sys.path)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses need the module registered
     spec.loader.exec_module(module)
@@ -28,6 +28,7 @@ def _load_script():
 
 
 rc = _load_script()
+fusion = _load_script("fusion_study")
 
 RUN_LABELS = ["base", "ir_only", "sts_only", "naive", "codiemb", "delta_soup", "model_soup"]
 
@@ -219,6 +220,43 @@ def test_evaluation_samples_are_the_same_for_every_training_seed(tiny_setup, tmp
     assert sample["sample"]["seed"] == 42
     cache = json.loads((tmp_path / "other" / "en" / "eval" / "base-seed0.json").read_text())
     assert cache["key"]["eval_seed"] == 7
+
+
+def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert rc.main(_argv(tiny_setup, out, "--seeds", "1", "2", "--runs", *MAIN, "--corpus-cap", "9")) == 0
+    reproduction = json.loads((out / "en" / "results.json").read_text())
+    study, committed = tmp_path / "fusion", tmp_path / "committed"
+    argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
+    argv += ["--methods", "delta_soup", "model_stock", "--greedy", "model_soup"]
+    capsys.readouterr()
+    assert fusion.main(argv) == 0
+    # The reproduction's base, runs and soups (7 models x 2 seeds, base once) were scored, not evaluated again.
+    assert "reusing 13 evaluations" in capsys.readouterr().err
+    results = json.loads((committed / "results.json").read_text())
+    assert list(results["sets"]) == ["S1_seeds", "S2_tasks@1", "S2_tasks@2"]
+    assert results["sets"]["S2_tasks@1"]["ingredients"] == ["codiemb/seed1", "ir_only/seed1", "sts_only/seed1"]
+    # Same items, prompts and lengths: the study's Model Soup (same recipe, same weights) has the reproduction's
+    # scores on dev and test, task by task.
+    for seed in ("1", "2"):
+        soup = results["sets"][f"S2_tasks@{seed}"]["rows"]["model_soup"]
+        expected = reproduction["scores"]["model_soup"][seed]
+        assert soup["dev"]["dev-toy_sts"] == expected["dev-toy_sts"] and soup["dev"]["dev-ir"] == expected["dev-ir"]
+        assert soup["test"]["TinySTS"] == expected["TinySTS"]
+        assert soup["test"]["TinyRetrieval"] == expected["TinyRetrieval"]
+    assert set(results["sets"]["S1_seeds"]["rows"]) == {"model_soup", "delta_soup", "model_stock", "greedy_model_soup"}
+    # Paired by seed against Model Soup, with the reproduction's rule.
+    paired = results["across_seeds"]["model_stock"]["dev"]
+    assert paired["seeds"] == [1, 2] and paired["verdict"] in {"holds", "reversed", "inconclusive"}
+    rows = {seed: results["sets"][f"S2_tasks@{seed}"]["rows"] for seed in ("1", "2")}
+    difference = rows["1"]["model_stock"]["dev"]["mean_task_type"] - rows["1"]["model_soup"]["dev"]["mean_task_type"]
+    assert paired["differences"][0] == pytest.approx(difference)
+    assert "paired by seed" in (committed / "results.md").read_text()
+    # Bad input: exit 2 with the reason, nothing written.
+    assert fusion.main(["--reproduction", str(tmp_path / "missing"), "--results-dir", str(tmp_path / "r")]) == 2
+    assert "no results.json" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert fusion.main([*argv, "--sets", "S9"]) == 2
+    assert "has the sets" in capsys.readouterr().err
 
 
 def test_equal_steps_budget_halves_each_tasks_updates(tiny_setup, tmp_path):
