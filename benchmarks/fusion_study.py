@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/fusion"))
     parser.add_argument(
-        "--results-dir", type=Path, default=None, help="default benchmarks/results/fusion/<track> (committed)"
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="default benchmarks/results/fusion/<track>, or .../reproduction-<track> with --reproduction (committed)",
     )
     parser.add_argument(
         "--reproduction",
@@ -545,7 +548,9 @@ def run_study(args) -> int:
         study = study_from_training(args, out)
         if study is None:
             return 0
-    results_dir = args.results_dir or Path("benchmarks/results/fusion") / study.track
+    # The reproduction's runs get their own results folder: results.json accumulates sets over invocations.
+    folder = f"reproduction-{study.track}" if args.reproduction is not None else study.track
+    results_dir = args.results_dir or Path("benchmarks/results/fusion") / folder
     grid = run_grid(args)
     base, dev, test, models = study.base, study.dev, study.test, study.models
 
