@@ -23,7 +23,7 @@ Soup seed by seed under the reproduction's claim rule (``codiemb_st.evaluation.s
 Example:
     PYTHONPATH=. OMP_NUM_THREADS=1 nice python benchmarks/fusion_study.py --output-dir runs/fusion
     python benchmarks/fusion_study.py --reproduction runs/reproduce/zh --output-dir runs/fusion-zh \
-        --results-dir benchmarks/results/fusion/zh --methods model_soup delta_soup delta_soup_tensor model_stock
+        --methods delta_soup delta_soup_tensor model_stock ties_d0.2 --greedy none
 """
 
 from __future__ import annotations
