@@ -686,6 +686,13 @@ def seed_noise(results: dict[str, Any], seeds: Sequence[str]) -> dict[str, float
     return noise
 
 
+def ingredient_label(path: str) -> str:
+    """``codiemb_s1`` for a trained ingredient, ``codiemb/seed42`` for a reproduction run (its seed folder alone
+    would not say which run it is)."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if parts[-1].startswith("seed") and len(parts) > 1 else parts[-1]
+
+
 def report(results: dict[str, Any]) -> str:
     noise = results.get("noise", {})
     lines = [
@@ -712,7 +719,7 @@ def report(results: dict[str, Any]) -> str:
                 cells += [f"{row['test'][IR] * 100:.2f}", f"{row['test'][STS] * 100:.2f}"]
             else:
                 cells += ["", "", "", ""]
-            chosen = f" (kept: {', '.join(Path(c).name for c in row['chosen'])})" if "chosen" in row else ""
+            chosen = f" (kept: {', '.join(ingredient_label(c) for c in row['chosen'])})" if "chosen" in row else ""
             lines.append(f"| {label}{chosen} | " + " | ".join(cells) + " |")
         lines.append("")
     if results.get("across_seeds"):

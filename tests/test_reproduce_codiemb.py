@@ -251,7 +251,10 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp
     rows = {seed: results["sets"][f"S2_tasks@{seed}"]["rows"] for seed in ("1", "2")}
     difference = rows["1"]["model_stock"]["dev"]["mean_task_type"] - rows["1"]["model_soup"]["dev"]["mean_task_type"]
     assert paired["differences"][0] == pytest.approx(difference)
-    assert "paired by seed" in (committed / "results.md").read_text()
+    report = (committed / "results.md").read_text()
+    assert "paired by seed" in report
+    kept = report.split("greedy_model_soup (kept: ")[1].split(")")[0].split(", ")
+    assert kept and all(name.split("/")[0] in {"codiemb", "ir_only", "sts_only"} for name in kept)
     # Bad input: exit 2 with the reason, nothing written.
     assert fusion.main(["--reproduction", str(tmp_path / "missing"), "--results-dir", str(tmp_path / "r")]) == 2
     assert "no results.json" in capsys.readouterr().err and not (tmp_path / "r").exists()
