@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge settings of the grid to run (default all; model_soup is always run: it is the reference)",
     )
     parser.add_argument(
+        "--also-test",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="also evaluate these grid rows on test in every set (e.g. to pair a method with Model Soup across seeds "
+        "on test; settings are still picked on dev only)",
+    )
+    parser.add_argument(
         "--greedy",
         choices=("none", "model_soup", "both"),
         default="both",
@@ -539,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_study(args) -> int:
     start = time.perf_counter()
+    grid = run_grid(args)  # checked before any work
+    if missing := [label for label in args.also_test if label not in {row[1] for row in grid}]:
+        raise UsageError(f"--also-test {missing}: not among the merges run (--methods {[row[1] for row in grid]}).")
     out = args.output_dir
     if args.reproduction is not None:
         study = study_from_reproduction(args, out)
@@ -551,7 +562,6 @@ def run_study(args) -> int:
     # The reproduction's runs get their own results folder: results.json accumulates sets over invocations.
     folder = f"reproduction-{study.track}" if args.reproduction is not None else study.track
     results_dir = args.results_dir or Path("benchmarks/results/fusion") / folder
-    grid = run_grid(args)
     base, dev, test, models = study.base, study.dev, study.test, study.models
 
     from codiemb_st.merging import ModelSoup
@@ -618,7 +628,7 @@ def run_study(args) -> int:
             }
             picked[label] = label
         # Test budget: the two references, the best data-free rule on dev and the greedy soups.
-        on_test = ["model_soup", "delta_soup", best_label, *(label for label, _ in greedy_specs)]
+        on_test = ["model_soup", "delta_soup", best_label, *(label for label, _ in greedy_specs), *args.also_test]
         for label in dict.fromkeys(label for label in on_test if label in rows):
             rows[label] |= evaluate(out / "merged" / set_name / label, True)
         results["sets"][set_name] = {

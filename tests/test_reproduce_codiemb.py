@@ -228,7 +228,7 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp
     reproduction = json.loads((out / "en" / "results.json").read_text())
     study, committed = tmp_path / "fusion", tmp_path / "committed"
     argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
-    argv += ["--methods", "delta_soup", "model_stock", "--greedy", "model_soup"]
+    argv += ["--methods", "delta_soup", "model_stock", "--greedy", "model_soup", "--also-test", "model_stock"]
     capsys.readouterr()
     assert fusion.main(argv) == 0
     # The reproduction's base, runs and soups (7 models x 2 seeds, base once) were scored, not evaluated again.
@@ -246,6 +246,7 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp
         assert soup["test"]["TinyRetrieval"] == expected["TinyRetrieval"]
     assert set(results["sets"]["S1_seeds"]["rows"]) == {"model_soup", "delta_soup", "model_stock", "greedy_model_soup"}
     # Paired by seed against Model Soup, with the reproduction's rule.
+    assert results["across_seeds"]["model_stock"]["test"]["seeds"] == [1, 2]  # --also-test: paired on test too
     paired = results["across_seeds"]["model_stock"]["dev"]
     assert paired["seeds"] == [1, 2] and paired["verdict"] in {"holds", "reversed", "inconclusive"}
     rows = {seed: results["sets"][f"S2_tasks@{seed}"]["rows"] for seed in ("1", "2")}
@@ -260,6 +261,8 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp
     assert "no results.json" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert fusion.main([*argv, "--sets", "S9"]) == 2
     assert "has the sets" in capsys.readouterr().err
+    assert fusion.main([*argv, "--also-test", "ties_d0.2"]) == 2
+    assert "not among the merges run" in capsys.readouterr().err
 
 
 def test_equal_steps_budget_halves_each_tasks_updates(tiny_setup, tmp_path):
