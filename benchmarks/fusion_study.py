@@ -513,19 +513,22 @@ def import_reproduction_scores(source: Path, summary: dict[str, Any], evaluators
     taken = 0
     for cache in sorted((source / "eval").glob("*.json")):
         record = json.loads(cache.read_text("utf-8"))
-        key, model = record.get("key", {}), Path(record.get("key", {}).get("model", ""))
+        key = record.get("key", {})
+        model = Path(key.get("model", ""))
         weights = sorted(model.rglob("*.safetensors")) if model.is_dir() else []
         if not weights or any(key.get(name) != value for name, value in expected.items()):
             continue
         if cache.stat().st_mtime < max(w.stat().st_mtime for w in weights):
             continue  # the folder was rewritten after this evaluation
+        used = False
         for evaluator in evaluators:
             names = [task.name for task in evaluator.tasks]
             if all(name in record["scores"] for name in names):
                 metrics = {name: record["scores"][name] for name in names}
                 metrics |= aggregate_main_scores(metrics, {name: record["types"][name] for name in names})
                 evaluator.store(model, metrics, str(cache))
-        taken += 1
+                used = True
+        taken += used
     return taken
 
 
