@@ -43,7 +43,7 @@ from codiemb_st._compat import DefaultBatchSampler
 from codiemb_st.cli import main
 from codiemb_st.evaluation import load_local_task, prepare_task, task_folders
 from codiemb_st.evaluation.local_data import LocalTaskInfo
-from codiemb_st.merging import DeltaSoup, ModelSoup
+from codiemb_st.merging import TIES, DeltaSoup, GreedySoup, ModelSoup, ModelStock, TaskArithmetic
 
 
 @dataclass
@@ -1328,3 +1328,44 @@ def test_recipe_takes_num_positives_from_the_data(tmp_path):
     data.ir.append("odd")
     with pytest.raises(ValueError, match=r"IR dataset 'odd' has columns \['anchor', 'positive'\]"):
         recipe.build_task_losses(model, data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging one checkpoint (or the same one twice): one rule for every method that combines checkpoints
+
+
+@pytest.mark.parametrize("method", [DeltaSoup(), ModelSoup(), ModelStock(), TIES(), TaskArithmetic()], ids=repr)
+@pytest.mark.parametrize("twice", [False, True], ids=["one", "same-folder-twice"])
+def test_every_method_refuses_fewer_than_two_distinct_checkpoints(method, twice, env):
+    ckpt = env.merge_inputs["ckpt0"]
+    checkpoints = [ckpt, Path(str(ckpt) + "/.")] if twice else [ckpt]  # spelled differently, the same folder
+    before = _fingerprint(ckpt)
+    out = env.tmp / "nested" / "out"
+    with pytest.raises(
+        ValueError, match=rf"{type(method).__name__} combines checkpoints and needs at least 2 distinct"
+    ):
+        method.merge_to_folder(checkpoints, out, base_model=env.merge_inputs["base"])
+    assert not (env.tmp / "nested").exists() and _fingerprint(ckpt) == before
+
+
+def test_greedy_soup_refuses_the_same_candidate_twice(env):
+    ckpt = env.merge_inputs["ckpt0"]
+    with pytest.raises(ValueError, match=r"GreedySoup combines checkpoints .*2 checkpoint\(s\), 1 distinct"):
+        GreedySoup(lambda model: 1.0).merge_to_folder([ckpt, ckpt], env.tmp / "nested" / "g")
+    assert not (env.tmp / "nested").exists()
+
+
+def test_merge_cli_refuses_one_checkpoint(env, capsys):
+    ckpt = str(env.merge_inputs["ckpt0"])
+    out = env.tmp / "nested" / "out"
+    argv = ["merge", ckpt, "--base-model", str(env.merge_inputs["base"]), "--output", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "combines checkpoints and needs at least 2 distinct" in capsys.readouterr().err
+    assert not (env.tmp / "nested").exists()
+
+
+def test_greedy_soup_with_a_nan_score_leaves_no_parent_folders(env):
+    checkpoints = [env.merge_inputs["ckpt0"], env.merge_inputs["ckpt1"]]
+    with pytest.raises(ValueError, match="finite score"):
+        GreedySoup(lambda model: float("nan")).merge_to_folder(checkpoints, env.tmp / "nested" / "deeper" / "g")
+    assert not (env.tmp / "nested").exists()
