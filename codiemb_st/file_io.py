@@ -53,7 +53,11 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     if compressed:
         with open(path, "rb") as raw:
             if raw.read(2) != _GZIP_MAGIC:
-                raise ValueError(f"{path}: the file name ends in .gz but the file is not gzip-compressed.")
+                raise ValueError(
+                    f"{path}: the file name ends in .gz but the file is not gzip-compressed. If it holds plain "
+                    f"JSON Lines, drop the .gz suffix (rename it to {path.with_suffix('').name}), or compress it: "
+                    f"mv {path} {path.with_suffix('')} && gzip {path.with_suffix('')}."
+                )
     opener = gzip.open if compressed else open
     line_number = 0
     try:

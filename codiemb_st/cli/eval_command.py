@@ -146,6 +146,18 @@ def _data_dir_or_none(data_dir: Path | None) -> Path | None:
     return data_dir
 
 
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output-dir that cannot be a folder before any model is loaded or task evaluated."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "--output-dir" if folder == output_dir else f"--output-dir {output_dir}: its parent"
+                raise UsageError(f"{what} {folder} is a file, not a folder; pass a folder path for the results.")
+            if not os.access(folder, os.W_OK):
+                raise UsageError(f"--output-dir {output_dir}: {folder} is not writable.")
+            return
+
+
 def _no_local_data_message(data_dir: Path | None) -> str:
     return (
         "No local evaluation data: --data-dir was not given (no folder is searched for it).\n"
@@ -315,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
     args.corpus_cap = args.corpus_cap or None
     if args.geometry_samples < 2:
         raise UsageError(f"--geometry-samples must be at least 2, got {args.geometry_samples}.")
+    _check_output_dir(args.output_dir)
     data_dir = _data_dir_or_none(args.data_dir)
     models = resolve_models(args.models)
     start = time.perf_counter()
