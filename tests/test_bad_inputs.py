@@ -1162,7 +1162,7 @@ def _cli_cases(capsys) -> list[Case]:
             "train-model-missing",
             lambda e: train(e, "--sts", sts_file(e), "--model", str(e.tmp / "no-model")),
             UsageErrorSeen,
-            r"error: Could not load --model '.*no-model'",
+            r"error: --model '.*no-model': no such model folder",
         ),
     ]
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from codiemb_st.cli.model_source import check_model_source
 from codiemb_st.cli.options import non_negative_int, positive_int
 from codiemb_st.cli.usage_error import UsageError
 from codiemb_st.file_io import folder_fingerprint, write_json_atomic, write_text_atomic
@@ -330,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
     _check_output_dir(args.output_dir)
     data_dir = _data_dir_or_none(args.data_dir)
     models = resolve_models(args.models)
+    for _, target in models:
+        check_model_source(target, "--models")  # one line in seconds, not a minute of hub retries
     start = time.perf_counter()
     tasks, skipped = prepare(args, data_dir)
     print(
