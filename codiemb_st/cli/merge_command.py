@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    except OSError as error:  # a full disk, no permission: nothing was left at --output
+        raise UsageError(f"Could not write {args.output} (nothing was left there): {error}") from None
     print(f"Merged {len(args.checkpoints)} checkpoint(s) with {method!r} into {output}", file=sys.stderr)
     return 0
 
