@@ -358,3 +358,33 @@ def test_shared_data_lookup_is_the_checkouts_only(tmp_path, monkeypatch):
     monkeypatch.delenv(shared_data.ENV_VARIABLE, raising=False)
     monkeypatch.setattr(shared_data, "_CHECKOUT", tmp_path / "site-packages")  # an installed package
     assert shared_data.find_shared_data() is None
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_{name}_under_test", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repository_scripts_pass_the_shared_data_explicitly(tmp_path, monkeypatch, capsys):
+    shared = tmp_path / "shared" / "data"
+    (shared / "eval").mkdir(parents=True)
+    (shared / "train").mkdir()
+    run_mteb, train_codiemb = _script("run_mteb"), _script("train_codiemb")
+    for script in (run_mteb, train_codiemb):
+        monkeypatch.setattr(script, "shared_data_path", lambda *parts: shared.joinpath(*parts))
+    assert run_mteb.eval_argv([]) == ["eval", "--data-dir", str(shared / "eval")]
+    assert run_mteb.eval_argv(["--data-dir", "mine"]) == ["eval", "--data-dir", "mine"]  # an explicit one wins
+    argv = train_codiemb.train_argv(["--output-dir", "run"])
+    assert argv[:2] == ["train", "--ir"] and str(shared / "train" / "en_stsb.jsonl.gz") in argv
+    assert "training on the demo files" in capsys.readouterr().out  # the demo default is printed
+    assert train_codiemb.train_argv(["--sts", "s.jsonl", "--output-dir", "run"]) == [
+        "train",
+        "--sts",
+        "s.jsonl",
+        "--output-dir",
+        "run",
+    ]
