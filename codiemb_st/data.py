@@ -116,9 +116,11 @@ def ir_dataset_from_records(
     columns.update({f"positive_{k}": [] for k in range(1, num_positives + 1)})
     columns.update({f"negative_{k}": [] for k in range(1, num_negatives + 1)})
     stats = {"positives": _DrawStats(), "negatives": _DrawStats()}
+    warned: set[str] = set()
 
     for location, record in read_records(source):
         _check_task_type(record, "ir", location)
+        _warn_unread_keys(record, location, warned)
         query = _text(record.get("query"), "query", location)
         positives = _texts(record.get("positives"), "positives", location, required=True)
         negatives = _texts(record.get("negatives", []), "negatives", location, required=False)
@@ -296,6 +298,28 @@ def _draw(texts: list[str], count: int, rng: random.Random, stats: _DrawStats) -
     drawn = rng.sample(texts, len(texts)) + rng.choices(texts, k=count - len(texts))
     rng.shuffle(drawn)
     return drawn
+
+
+#: Keys that mean positives or negatives in other record formats; an IR record holding one would lose those texts.
+_UNREAD_IR_KEYS = {
+    "pos": "positives",
+    "positive": "positives",
+    "neg": "negatives",
+    "negs": "negatives",
+    "negative": "negatives",
+    "hard_negatives": "negatives",
+}
+
+
+def _warn_unread_keys(record: Mapping[str, Any], location: str, warned: set[str]) -> None:
+    """Warn (once per key and source) about keys that look like texts to train on but are not read."""
+    for key in sorted(record.keys() & _UNREAD_IR_KEYS.keys() - warned):
+        warned.add(key)
+        field = _UNREAD_IR_KEYS[key]
+        logger.warning(
+            f"{location}: the IR record has a {key!r} key, which is not read (its texts are not trained on); this "
+            f"format takes them from {field!r}. Rename {key!r} to {field!r} in the records to use them."
+        )
 
 
 def _check_is_object(record: Any, location: str) -> Mapping[str, Any]:

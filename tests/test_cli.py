@@ -107,10 +107,12 @@ def test_eval_resumes_finished_tasks_and_redoes_changed_ones(data_dir, tiny_mode
 
 
 def test_eval_without_data_fails_cleanly(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_cli, "default_data_dir", lambda: None)
+    # No folder is searched: even with a shared/data/eval right here, eval without --data-dir asks for it.
+    (tmp_path / "shared" / "data" / "eval").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", "--models", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "No local evaluation data found" in err and "--data-dir" in err and "Traceback" not in err
+    assert "--data-dir was not given" in err and "Traceback" not in err
     assert main(["eval", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -185,7 +187,7 @@ def test_merge_cli_offers_the_fusion_methods_and_boolean_options(merge_inputs, t
     cases = [
         (["--method", "ties", "--density", "0.3", "--scale", "0.9"], TIES(density=0.3, scale=0.9)),
         (["--method", "model_stock"], ModelStock()),
-        (["--sign-consensus", "true", "--rescale", "false"], DeltaSoup(sign_consensus=True)),
+        (["--sign-consensus", "--no-rescale"], DeltaSoup(sign_consensus=True)),  # plain flags
     ]
     for index, (extra, method) in enumerate(cases):
         assert main([*argv, *extra, "--output", str(tmp_path / f"cli{index}")]) == 0
@@ -219,6 +221,65 @@ def test_merge_cli_refuses_bad_options_and_leaves_nothing(merge_inputs, tmp_path
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_cli_help_imports_neither_torch_nor_mteb_and_is_plain_text():
+    # A subprocess: what building the parser and printing every subcommand's help imports, and the help text.
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from codiemb_st.cli import COMMANDS, main\n"
+        "texts = {}\n"
+        "for command in COMMANDS:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        main([command, '--help'])\n"
+        "    texts[command] = out.getvalue()\n"
+        "heavy = ('torch', 'mteb', 'transformers', 'sentence_transformers', 'datasets')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "print(json.dumps({'loaded': loaded, 'texts': texts}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True, cwd=REPO_ROOT
+    )
+    result = json.loads(done.stdout)
+    assert result["loaded"] == []
+    for command, text in result["texts"].items():
+        assert f"usage: codiemb-st {command}" in text
+        assert "``" not in text and ":class:" not in text and ":mod:" not in text and ":data:" not in text
+    from codiemb_st.cli.method_options import method_specs_from_classes
+
+    needs_base = [name for name, spec in method_specs_from_classes().items() if spec.requires_base]
+    help_text = " ".join(result["texts"]["merge"].split())
+    assert f"needed by {', '.join(needs_base)}" in help_text and "ties" in needs_base
+
+
+def test_merge_options_read_from_source_equal_the_classes():
+    from codiemb_st.cli.method_options import method_specs_from_classes, method_specs_from_source
+
+    assert method_specs_from_source() == method_specs_from_classes()
+
+
+def test_unreachable_hub_model_fails_in_one_line(tmp_path, monkeypatch):
+    ir, _ = _train_files(tmp_path)
+    argv = ["-m", "codiemb_st", "train", "--ir", str(ir), "--model", "nobody/no-such-model", "--output-dir", "o"]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --model 'nobody/no-such-model' is not a local folder nor in the Hugging Face cache, and "
+        "HF_HUB_OFFLINE is set: pass a local model folder (or unset HF_HUB_OFFLINE to download it)."
+    ]
+    # Online but no route to the hub: one line too (a closed local port stands in for the hub).
+    from codiemb_st.cli.model_source import check_model_source
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(UsageError, match=r"--model 'nobody/no-such-model' .*cannot be reached \(no network\?\)"):
+        check_model_source("nobody/no-such-model", "--model")
+    with pytest.raises(UsageError, match="no such model folder"):
+        check_model_source(str(tmp_path / "missing"), "--model")
+
+
 def test_help_of_every_subcommand_and_the_wrappers():
     for command in ("eval", "merge", "train"):
         with pytest.raises(SystemExit) as exit_info:
@@ -249,3 +310,81 @@ def test_console_script_is_declared():
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert project["scripts"] == {"codiemb-st": "codiemb_st.cli:main"}
+
+
+def _train_files(tmp_path: Path) -> tuple[Path, Path]:
+    ir = tmp_path / "ir.jsonl"
+    ir.write_text(
+        "\n".join(json.dumps({"query": f"q {i}", "positives": [f"p {i}"], "negatives": [f"n {i}"]}) for i in range(8))
+    )
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text(
+        "\n".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": float(i % 5)}) for i in range(8))
+    )
+    return ir, sts
+
+
+@pytest.mark.parametrize("task", ["ir", "sts"])
+def test_train_one_task_alone_uses_exactly_the_files_given(task, tiny_model_path, tmp_path, monkeypatch, capsys):
+    # A shared/data/train here must not be picked up: the run trains on the one file named.
+    train_dir = tmp_path / "shared" / "data" / "train"
+    train_dir.mkdir(parents=True)
+    ir, sts = _train_files(tmp_path)
+    (train_dir / "en_stsb.jsonl.gz").write_bytes(b"not read")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_path), f"--{task}", str(ir if task == "ir" else sts)]
+    argv += ["--output-dir", str(out), "--max-steps", "1", "--ir-batch-size", "4", "--sts-batch-size", "4"]
+    assert main(argv) == 0
+    assert "Trained 1 optimizer steps" in capsys.readouterr().out
+    assert (out / "final" / "modules.json").is_file()
+
+
+def test_train_without_data_or_with_zero_steps_is_refused(tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "No training data: pass --ir and/or --sts" in capsys.readouterr().err
+    ir, _ = _train_files(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["train", "--ir", str(ir), "--output-dir", str(tmp_path / "run"), "--max-steps", "0"])
+    assert "--max-steps: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shared_data_lookup_is_the_checkouts_only(tmp_path, monkeypatch):
+    from codiemb_st import shared_data
+
+    (tmp_path / "shared" / "data" / "eval").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # a shared/data in the current folder is not searched
+    monkeypatch.delenv(shared_data.ENV_VARIABLE, raising=False)
+    monkeypatch.setattr(shared_data, "_CHECKOUT", tmp_path / "site-packages")  # an installed package
+    assert shared_data.find_shared_data() is None
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_{name}_under_test", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repository_scripts_pass_the_shared_data_explicitly(tmp_path, monkeypatch, capsys):
+    shared = tmp_path / "shared" / "data"
+    (shared / "eval").mkdir(parents=True)
+    (shared / "train").mkdir()
+    run_mteb, train_codiemb = _script("run_mteb"), _script("train_codiemb")
+    for script in (run_mteb, train_codiemb):
+        monkeypatch.setattr(script, "shared_data_path", lambda *parts: shared.joinpath(*parts))
+    assert run_mteb.eval_argv([]) == ["eval", "--data-dir", str(shared / "eval")]
+    assert run_mteb.eval_argv(["--data-dir", "mine"]) == ["eval", "--data-dir", "mine"]  # an explicit one wins
+    argv = train_codiemb.train_argv(["--output-dir", "run"])
+    assert argv[:2] == ["train", "--ir"] and str(shared / "train" / "en_stsb.jsonl.gz") in argv
+    assert "training on the demo files" in capsys.readouterr().out  # the demo default is printed
+    assert train_codiemb.train_argv(["--sts", "s.jsonl", "--output-dir", "run"]) == [
+        "train",
+        "--sts",
+        "s.jsonl",
+        "--output-dir",
+        "run",
+    ]
