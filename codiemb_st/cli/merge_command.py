@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import inspect
 import sys
 import typing
@@ -47,6 +48,9 @@ def _converter(method_name: str, parameter: inspect.Parameter) -> Any:
     if typing.get_origin(hint) is typing.Literal:
         return str, typing.get_args(hint)  # e.g. Literal["element", "row", "tensor"]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    sequences = [a for a in args if typing.get_origin(a) in (list, tuple, collections.abc.Sequence)]
+    if sequences:  # e.g. Sequence[float]: one flag, several values (nargs="+")
+        args = [a for a in typing.get_args(sequences[0]) if a is not type(None)]
     if any(a is bool for a in args):
         return _parse_bool, None  # e.g. --sign-consensus true
     if any(a is float for a in args):
@@ -54,6 +58,15 @@ def _converter(method_name: str, parameter: inspect.Parameter) -> Any:
     if any(a is int for a in args):
         return int, None
     return str, None
+
+
+def _takes_several(method_name: str, parameter: inspect.Parameter) -> bool:
+    """Whether the parameter is annotated as a sequence (its flag then takes one or more values)."""
+    from codiemb_st.merging import MERGE_METHODS
+
+    hint = typing.get_type_hints(MERGE_METHODS[method_name].__init__).get(parameter.name, str)
+    args = typing.get_args(hint) or (hint,)
+    return any(typing.get_origin(a) in (list, tuple, collections.abc.Sequence) for a in args)
 
 
 def _parse_bool(text: str) -> bool:
@@ -101,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=name.upper(),
             type=convert,
             choices=choices,
+            nargs="+" if _takes_several(methods[0], parameter) else None,
             default=None,
             help=f"{', '.join(methods)} (default {default}" + (f"; one of {', '.join(choices)})" if choices else ")"),
         )

@@ -6,6 +6,8 @@
 - :class:`TaskArithmetic`: the base plus the scaled sum of the checkpoints' deltas.
 - :class:`ModelStock`: the average pulled towards the base by the deltas' mean pairwise cosine, per tensor.
 - :class:`TIES`: trim each delta to its largest entries, elect signs, average the agreeing entries.
+- :class:`SLERP` / :class:`MultiSLERP`: spherical interpolation of two checkpoints / the weighted spherical (Karcher)
+  mean of K, of the deltas or the weights, per tensor.
 - :class:`GreedySoup`: add checkpoints one by one while an evaluator's score does not drop, with any method above.
 
 All data-free methods share :meth:`MergeMethod.merge` (stream model folders, return a SentenceTransformer),
@@ -20,16 +22,19 @@ from __future__ import annotations
 from codiemb_st.merging.greedy_soup import GreedySoup, GreedySoupResult
 from codiemb_st.merging.methods import (
     MERGE_METHODS,
+    SLERP,
     TIES,
     DeltaSoup,
     MergeMethod,
     ModelSoup,
     ModelStock,
+    MultiSLERP,
     TaskArithmetic,
 )
 
 __all__ = [
     "MERGE_METHODS",
+    "SLERP",
     "TIES",
     "DeltaSoup",
     "GreedySoup",
@@ -37,5 +42,7 @@ __all__ = [
     "MergeMethod",
     "ModelSoup",
     "ModelStock",
+    "MultiSLERP",
+    "SLERP",
     "TaskArithmetic",
 ]

@@ -289,7 +289,9 @@ def _merge_weight_file(
             )
             for start, stop in _row_slices(shape, len(inputs)):
                 stacked, base, raw = _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)
-                if _all_equal(raw[:num_checkpoints]) and (method.keeps_agreement or _all_equal(raw)):
+                # Methods that move agreeing slices too copy only where the base also agrees (nothing moved).
+                agreed = method.keeps_agreement or (len(raw) > num_checkpoints and _all_equal(raw))
+                if agreed and _all_equal(raw[:num_checkpoints]):
                     merged = raw[0]  # every input that matters agrees: copy bit for bit
                 else:
                     merged = method.merge_rows(stacked, base, statistics)
