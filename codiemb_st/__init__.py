@@ -10,19 +10,33 @@ from codiemb_st.data import (
 )
 from codiemb_st.evaluation import MTEBEvaluator
 from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
-from codiemb_st.merging import TIES, DeltaSoup, GreedySoup, MergeMethod, ModelSoup, ModelStock, TaskArithmetic
+from codiemb_st.merging import (
+    SLERP,
+    TIES,
+    CocktailSoup,
+    DeltaSoup,
+    GreedySoup,
+    MergeMethod,
+    ModelSoup,
+    ModelStock,
+    MultiSLERP,
+    TaskArithmetic,
+)
 from codiemb_st.sampling import RoundRobinTaskBatchSampler
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "SLERP",
     "TIES",
+    "CocktailSoup",
     "DeltaSoup",
     "GreedySoup",
     "MTEBEvaluator",
     "MergeMethod",
     "ModelSoup",
     "ModelStock",
+    "MultiSLERP",
     "MultiPositiveCachedInfoNCELoss",
     "PearsonSpearmanLoss",
     "RoundRobinTaskBatchSampler",
