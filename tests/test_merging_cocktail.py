@@ -265,3 +265,54 @@ def test_bad_input_is_refused_and_nothing_is_written(inputs, tmp_path, capsys):
         assert main(argv) == 2
         assert message in capsys.readouterr().err
         assert not out.parent.exists()
+
+
+def test_layer_group_of_tensor_names():
+    from codiemb_st.merging.cocktail import layer_group
+
+    assert layer_group(0, "embeddings.word_embeddings.weight") == "embeddings"
+    assert layer_group(0, "embeddings.LayerNorm.bias") == "embeddings"
+    assert layer_group(0, "encoder.layer.1.attention.self.query.weight") == "block.1"
+    assert layer_group(0, "layers.12.mlp.down_proj.weight") == "block.12"  # decoders (Qwen2, Llama)
+    assert layer_group(0, "embed_tokens.weight") == "embeddings"
+    assert layer_group(0, "norm.weight") == "head" and layer_group(0, "pooler.dense.weight") == "head"
+    assert layer_group(2, "linear.weight") == "head"  # a Dense module
+
+
+def _truncated(folder: Path, num_blocks: int) -> SentenceTransformer:
+    """The candidate cut after ``num_blocks`` transformer blocks, pooled by its own Pooling (no Dense/Normalize)."""
+    model = SentenceTransformer(str(folder), device="cpu")
+    model[0].auto_model.encoder.layer = model[0].auto_model.encoder.layer[:num_blocks]
+    return SentenceTransformer(modules=[model[0], model[1]], device="cpu", prompts=model.prompts)
+
+
+def test_layer_group_weights_and_tensors_equal_loop_references(inputs, tmp_path):
+    root, ir, _ = inputs
+    soup = CocktailSoup(ir, temperature=0.5, layer_groups=True)
+    out = soup.merge_to_folder(checkpoints(root), tmp_path / "m", show_progress_bar=False)
+    groups = soup.fitted.group_losses
+    assert list(groups) == ["embeddings", "block.0", "block.1", "head"]
+    # Each group's loss, by hand: the model cut after that block (0 blocks: the embedding output), mean-pooled with
+    # the prompt excluded, through the hand InfoNCE; the head is the whole model.
+    for c, folder in enumerate(checkpoints(root)):
+        for group, blocks in (("embeddings", 0), ("block.0", 1), ("block.1", 2)):
+            expected = reference_ir_loss(_truncated(folder, blocks))
+            assert groups[group][c] == pytest.approx(expected, rel=1e-4, abs=1e-5), (group, c)
+        assert groups["head"][c] == pytest.approx(reference_ir_loss(SentenceTransformer(str(folder))), rel=1e-4)
+    for group, losses in groups.items():
+        assert soup.fitted.group_weights[group] == pytest.approx(reference_weights(losses, 0.5), rel=1e-6)
+    assert soup.fitted.group_weights["block.0"] != pytest.approx(soup.fitted.group_weights["head"], rel=1e-3)
+
+    from codiemb_st.merging.cocktail import layer_group
+
+    states = [load_file(str(folder / "model.safetensors")) for folder in checkpoints(root)]
+    merged = load_file(str(out / "model.safetensors"))
+    for name in merged:
+        weights = soup.fitted.group_weights[layer_group(0, name)]
+        expected = sum(w * state[name].double() for w, state in zip(weights, states))
+        torch.testing.assert_close(merged[name], expected.float(), atol=1e-6, rtol=1e-6, msg=name)
+    dense = reference_average(checkpoints(root), soup.fitted.group_weights["head"], "2_Dense/model.safetensors")
+    for name, value in load_file(str(out / "2_Dense/model.safetensors")).items():
+        torch.testing.assert_close(value, dense[name].float(), atol=1e-6, rtol=1e-6)
+    config = json.loads((out / "merge_config.json").read_text())["parameters"]
+    assert config["layer_groups"] is True and config["group_weights"] == soup.fitted.group_weights

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from codiemb_st.merging.methods import MergeMethod, ModelSoup
 from codiemb_st.merging.streaming_merge import merge_and_load, merge_model_folders
-from codiemb_st.validation import check_finite_float, check_int
+from codiemb_st.validation import check_bool, check_finite_float, check_int
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -170,6 +170,100 @@ def example_loss(model: SentenceTransformer, examples: ExampleSet, batch_size: i
     return float(value)
 
 
+#: A transformer block's index in a tensor name: ``encoder.layer.3.``, ``layers.3.``, ``h.3.``, ``blocks.3.``.
+_BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def layer_group(module_index: int, tensor_name: str) -> str:
+    """The layer group of a weight tensor: ``"embeddings"``, ``"block.<i>"`` or ``"head"``.
+
+    In the first module (the Transformer): a name with a block index (``encoder.layer.3.``, ``layers.3.``, ``h.3.``,
+    ``blocks.3.``) is ``block.3``; otherwise a name containing ``embed`` (word/position embeddings and their norm) is
+    ``embeddings``; everything else (pooler, final norm) and every tensor of the later modules (Dense, ...) is
+    ``head``.
+
+    Example:
+        ::
+
+            layer_group(0, "encoder.layer.3.attention.self.query.weight")  # "block.3"
+    """
+    if module_index == 0:
+        match = _BLOCK_PATTERN.search(tensor_name)
+        if match:
+            return f"block.{int(match[1])}"
+        if "embed" in tensor_name:
+            return "embeddings"
+    return "head"
+
+
+def example_group_losses(model: SentenceTransformer, examples: ExampleSet, batch_size: int = 32) -> dict[str, float]:
+    """Per layer group, the loss of ``model`` on one example set: ``head`` is :func:`example_loss`; ``embeddings``
+    and ``block.<i>`` are the task loss on the embedding-layer output and on block i's output (hidden state i + 1),
+    each pooled by the model's own Pooling module (same mode, prompt tokens excluded as it excludes them) and scored
+    with the task loss's ``compute_loss_from_embeddings`` (IR: with duplicate masking; STS: its three terms, no
+    middle-layer term). Later modules (Dense, Normalize) apply to ``head`` only.
+    """
+    from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
+    from codiemb_st.losses._text_identity import hash_columns
+    from codiemb_st.losses.pearson_spearman import (
+        _FINAL_LAYER_KEYS,
+        _hidden_state_modules,
+        _hidden_states_requested,
+    )
+
+    transformer, pooling = _hidden_state_modules(model)
+    prompts = getattr(model, "prompts", None) or {}
+    data = examples.dataset
+    if examples.task == "ir":
+        columns = [(name, prompts.get("query" if name == "anchor" else "document")) for name in data.column_names]
+        ir_loss = MultiPositiveCachedInfoNCELoss(model, num_positives=1, temperature=0.02, mini_batch_size=batch_size)
+    else:
+        columns = [(name, prompts.get("sts")) for name in ("sentence1", "sentence2")]
+        sts_loss = PearsonSpearmanLoss(model)
+        labels = torch.tensor(data["score"], dtype=torch.float32, device=model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            layers: list[list[list[Tensor]]] = []  # [column][layer][chunk] pooled embeddings
+            identities = []
+            for name, prompt in columns:
+                texts = list(data[name])
+                per_layer: list[list[Tensor]] = []
+                for start in range(0, len(texts), batch_size):
+                    features = {
+                        key: value.to(model.device) if isinstance(value, Tensor) else value
+                        for key, value in model.preprocess(
+                            texts[start : start + batch_size], prompt=prompt or None
+                        ).items()
+                    }
+                    with _hidden_states_requested(transformer):
+                        output = model(features)
+                    hidden_states = output["all_layer_embeddings"]
+                    common = {key: value for key, value in output.items() if key not in _FINAL_LAYER_KEYS}
+                    for index, hidden in enumerate(hidden_states):
+                        pooled = pooling({**common, "token_embeddings": hidden})["sentence_embedding"]
+                        if len(per_layer) <= index:
+                            per_layer.append([])
+                        per_layer[index].append(pooled)
+                layers.append(per_layer)
+                if examples.task == "ir":
+                    identities.append(model.preprocess(texts, prompt=prompt or None))
+            text_ids = hash_columns(identities) if examples.task == "ir" else None
+            losses: dict[str, float] = {}
+            for index in range(len(layers[0])):
+                embeddings = [torch.cat(column[index]) for column in layers]
+                if examples.task == "ir":
+                    value = ir_loss.compute_loss_from_embeddings(embeddings, text_ids)
+                else:
+                    value = sts_loss.compute_loss_from_embeddings(embeddings, labels)
+                losses["embeddings" if index == 0 else f"block.{index - 1}"] = float(value)
+    finally:
+        model.train(was_training)
+    losses["head"] = example_loss(model, examples, batch_size)
+    return losses
+
+
 @dataclass
 class CocktailWeights:
     """The outcome of scoring: per candidate, its mean loss over the example sets and its merging weight.
@@ -178,17 +272,52 @@ class CocktailWeights:
         losses: ``losses[c][f]``: candidate c's loss on example file f.
         mean_losses: The mean over files, L_c.
         weights: softmax_c(−L_c / T).
+        group_losses: With layer groups: ``group_losses[g][c]``, candidate c's mean loss over the files at group g.
+        group_weights: With layer groups: ``group_weights[g]`` = softmax_c(−group_losses[g][c] / T).
     """
 
     losses: list[list[float]]
     mean_losses: list[float]
     weights: list[float]
+    group_losses: dict[str, list[float]] | None = None
+    group_weights: dict[str, list[float]] | None = None
 
 
 def cocktail_weights(mean_losses: Sequence[float], temperature: float) -> list[float]:
     """w_c = exp(−L_c / T) / Σ_c' exp(−L_c' / T), computed stably (float64)."""
     losses = torch.tensor(list(mean_losses), dtype=torch.float64)
     return torch.softmax(-losses / temperature, dim=0).tolist()
+
+
+class WeightedAverage(MergeMethod):
+    """The weighted Model Soup θ = Σ_c w_c θ_c (= θ_0 + Σ_c w_c δ_c, as Σ_c w_c = 1) with fixed weights.
+
+    Args:
+        weights: One non-negative weight per checkpoint (normalised to sum 1).
+
+    Example:
+        ::
+
+            WeightedAverage([0.5, 0.3, 0.2]).merge(["runs/a", "runs/b", "runs/c"], output_path="merged")
+    """
+
+    requires_base = False
+    keeps_agreement = True
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        from codiemb_st.merging.methods import check_weights
+
+        values = check_weights("weights", weights)
+        self.weights = [w / sum(values) for w in values]
+
+    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
+        weights = torch.tensor(self.weights, dtype=checkpoints.dtype)
+        if weights.shape[0] != checkpoints.shape[0]:
+            raise ValueError(f"{len(self.weights)} weights for {checkpoints.shape[0]} checkpoints; give one each.")
+        return torch.tensordot(weights, checkpoints, dims=1)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights}
 
 
 class CocktailSoup(MergeMethod):
@@ -202,6 +331,13 @@ class CocktailSoup(MergeMethod):
 
     (equivalently θ_0 + Σ_c w_c δ_c, since Σ_c w_c = 1). T → ∞ gives the uniform Model Soup; small T picks the
     candidate with the lowest loss. LM-Cocktail's defaults are about 5 examples and T = 5.
+
+    With ``layer_groups=True`` every layer group g (:func:`layer_group`: ``embeddings``, each transformer block,
+    ``head``) gets its own weights w_{c,g} = softmax_c(−L_{c,g} / T), with L_{c,g} the candidate's mean loss over the
+    files on the output of that group (:func:`example_group_losses`: the embedding output and each block's output
+    pooled by the model's own Pooling; ``head`` is the model's final loss, L_c), and every tensor is averaged with its
+    group's weights. Tensors of a group the scoring did not see (a block index beyond the hidden states) use the
+    ``head`` weights.
 
     The candidates are loaded and scored one at a time (never all in memory); the weights are recorded in
     ``merge_config.json`` (``parameters.weights`` and ``parameters.losses``); then the weighted average is streamed
@@ -219,6 +355,7 @@ class CocktailSoup(MergeMethod):
         num_examples: Draw this many records of each file at random (seeded); None uses every record.
         seed: Seed of that draw.
         batch_size: Texts embedded at once when scoring (does not change the loss).
+        layer_groups: One set of weights per layer group instead of one per model (see above). Defaults to False.
 
     References:
         - Xiao et al., "LM-Cocktail: Resilient Tuning of Language Models via Model Merging", 2023.
@@ -246,6 +383,7 @@ class CocktailSoup(MergeMethod):
         num_examples: int | None = None,
         seed: int = 0,
         batch_size: int = 32,
+        layer_groups: bool = False,
     ) -> None:
         if examples is None:
             raise ValueError(
@@ -265,6 +403,7 @@ class CocktailSoup(MergeMethod):
         self.num_examples = num_examples
         self.seed = check_int("seed", seed)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.layer_groups = check_bool("layer_groups", layer_groups)
         #: The fitted losses and weights (after :meth:`fit`, :meth:`merge` or :meth:`merge_to_folder`).
         self.fitted: CocktailWeights | None = None
 
@@ -302,26 +441,46 @@ class CocktailSoup(MergeMethod):
         losses = []
         for index, checkpoint in enumerate(checkpoints):
             role = f"checkpoints[{index}]" + (f" ({checkpoint})" if isinstance(checkpoint, (str, Path)) else "")
-            own = self._score(checkpoint, base_model, f"checkpoints[{index}]", example_sets, SentenceTransformer)
+            scored = self._score(checkpoint, base_model, f"checkpoints[{index}]", example_sets, SentenceTransformer)
             gc.collect()  # the candidate is unreachable now: free it before the next one is loaded
-            for value, examples in zip(own, example_sets):
-                if not math.isfinite(value):
-                    raise ValueError(
-                        f"{role} has a {value} loss on the examples in {examples.path}: its weights or outputs are not "
-                        "finite. Leave this candidate out."
-                    )
-            logger.info(f"CocktailSoup: {role} losses {own}")
-            losses.append(own)
-        mean_losses = [sum(own) / len(own) for own in losses]
-        self.fitted = CocktailWeights(losses, mean_losses, cocktail_weights(mean_losses, self.temperature))
+            for by_group, examples in zip(scored, example_sets):
+                for group, value in by_group.items():
+                    if not math.isfinite(value):
+                        where = "" if group == "head" else f" at layer group {group}"
+                        raise ValueError(
+                            f"{role} has a {value} loss{where} on the examples in {examples.path}: its weights or "
+                            "outputs are not finite. Leave this candidate out."
+                        )
+            logger.info(f"CocktailSoup: {role} losses {scored}")
+            losses.append(scored)
+        head = [[by_group["head"] for by_group in scored] for scored in losses]
+        mean_losses = [sum(own) / len(own) for own in head]
+        self.fitted = CocktailWeights(head, mean_losses, cocktail_weights(mean_losses, self.temperature))
+        if self.layer_groups:
+            groups = [group for group in losses[0][0] if all(group in by_group for c in losses for by_group in c)]
+            group_losses = {
+                group: [sum(by_group[group] for by_group in c) / len(c) for c in losses] for group in groups
+            }
+            self.fitted.group_losses = group_losses
+            self.fitted.group_weights = {g: cocktail_weights(v, self.temperature) for g, v in group_losses.items()}
         return self.fitted
+
+    def for_tensor(self, module_index: int, tensor_name: str) -> MergeMethod:
+        """The merge of one tensor (used by the streaming merge): the weighted average with its layer group's weights
+        (``layer_groups=True``), else this method itself."""
+        if not self.layer_groups or self.fitted is None or not self.fitted.group_weights:
+            return self
+        weights = self.fitted.group_weights
+        return WeightedAverage(weights.get(layer_group(module_index, tensor_name), weights["head"]))
 
     def _score(
         self, checkpoint: Any, base_model: Any, role: str, example_sets: list[ExampleSet], model_class: type
-    ) -> list[float]:
-        """One candidate's losses; the model is released when this returns (before the next one is loaded)."""
+    ) -> list[dict[str, float]]:
+        """One candidate's losses (per example file, by layer group); the model is released when this returns (before the next one is loaded)."""
         with _loaded(checkpoint, base_model, role, model_class) as model:
-            return [example_loss(model, examples, self.batch_size) for examples in example_sets]
+            if self.layer_groups:
+                return [example_group_losses(model, examples, self.batch_size) for examples in example_sets]
+            return [{"head": example_loss(model, examples, self.batch_size)} for examples in example_sets]
 
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
         if self.fitted is None:
@@ -368,14 +527,19 @@ class CocktailSoup(MergeMethod):
             "num_examples": self.num_examples,
             "seed": self.seed,
         }
+        if self.layer_groups:
+            config["layer_groups"] = True
         if self.fitted is not None:
             config |= {"weights": self.fitted.weights, "losses": self.fitted.losses}
+            if self.fitted.group_weights is not None:
+                config |= {"group_weights": self.fitted.group_weights, "group_losses": self.fitted.group_losses}
         return config
 
     def __repr__(self) -> str:
         return (
             f"CocktailSoup(examples={self.examples!r}, temperature={self.temperature!r}, "
-            f"num_examples={self.num_examples!r}, seed={self.seed!r})"
+            f"num_examples={self.num_examples!r}, seed={self.seed!r}"
+            + (", layer_groups=True)" if self.layer_groups else ")")
         )
 
 
@@ -428,7 +592,10 @@ __all__ = [
     "CocktailSoup",
     "CocktailWeights",
     "ExampleSet",
+    "WeightedAverage",
     "cocktail_weights",
+    "example_group_losses",
     "example_loss",
+    "layer_group",
     "load_example_sets",
 ]

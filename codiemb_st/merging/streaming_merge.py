@@ -283,18 +283,20 @@ def _merge_weight_file(
             if not is_float_dtype(dtype_name):
                 _copy_tensor(name, shape, readers, roles, writer)
                 continue
+            # A method may merge each tensor its own way (CocktailSoup's per-layer-group weights).
+            merger = method.for_tensor(key[0], name) if hasattr(method, "for_tensor") else method
             # Methods with per-tensor statistics read the tensor once per statistics pass before merging it.
             statistics = fold_statistics(
-                method, functools.partial(_read_slices, name, shape, readers, roles, num_checkpoints)
+                merger, functools.partial(_read_slices, name, shape, readers, roles, num_checkpoints)
             )
             for start, stop in _row_slices(shape, len(inputs)):
                 stacked, base, raw = _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)
                 # Methods that move agreeing slices too copy only where the base also agrees (nothing moved).
-                agreed = method.keeps_agreement or (len(raw) > num_checkpoints and _all_equal(raw))
+                agreed = merger.keeps_agreement or (len(raw) > num_checkpoints and _all_equal(raw))
                 if agreed and _all_equal(raw[:num_checkpoints]):
                     merged = raw[0]  # every input that matters agrees: copy bit for bit
                 else:
-                    merged = method.merge_rows(stacked, base, statistics)
+                    merged = merger.merge_rows(stacked, base, statistics)
                 writer.write(name, merged.to(torch_dtype(dtype_name)))
 
 
