@@ -1,4 +1,4 @@
-"""``codiemb-st merge``: merge sentence-transformers checkpoints with any data-free merge method.
+"""``codiemb-st merge``: merge sentence-transformers checkpoints with any merge method (CocktailSoup with example files).
 
 Every option of every method in :data:`codiemb_st.merging.MERGE_METHODS` is a flag, derived from the method's
 constructor (``--power``, ``--granularity``, ``--temperature``, ``--scale``, ...); a flag the chosen method does not
@@ -127,8 +127,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             choices=choices,
             nargs="+" if _takes_several(methods[0], parameter) else None,
             default=None,
-            help=f"{', '.join(methods)} (default {default}" + (f"; one of {', '.join(choices)})" if choices else ")"),
+            help=_option_help(name, methods, all_parameters, default, choices),
         )
+
+
+def _option_help(
+    name: str,
+    methods: list[str],
+    all_parameters: dict[str, dict[str, inspect.Parameter]],
+    default: Any,
+    choices: Any,
+) -> str:
+    """``"delta_soup (default 1.0)"``; each method's own default when the methods sharing the flag differ."""
+    defaults = {m: all_parameters[m][name].default for m in methods}
+    if len({repr(d) for d in defaults.values()}) > 1:
+        text = ", ".join(f"{m} (default {'none' if d is inspect.Parameter.empty else d})" for m, d in defaults.items())
+        return text + (f"; one of {', '.join(choices)}" if choices else "")
+    return f"{', '.join(methods)} (default {default}" + (f"; one of {', '.join(choices)})" if choices else ")")
 
 
 def run(args: argparse.Namespace) -> int:
