@@ -115,12 +115,15 @@ def load_example_sets(
 
 
 def _task_of(record: dict[str, Any], location: str) -> str:
+    """The task of a file from its first record, by :func:`codiemb_st.data.dataset_from_records`'s rule (its
+    ``task_type``, else ``sentence1``/``sentence2`` mean STS; unified STS records need ``task_type: "sts"``), with
+    a clear error for a record of neither kind."""
     task = record.get("task_type")
     if task in ("ir", "sts"):
         return task
     if task is not None:
         raise ValueError(f"{location}: `task_type` must be 'ir' or 'sts'; got {task!r}.")
-    if "sentence1" in record or "sentence2" in record or "positive_scores" in record:
+    if "sentence1" in record or "sentence2" in record:
         return "sts"
     if "query" in record and "positives" in record:
         return "ir"
