@@ -668,7 +668,8 @@ def run_study(args) -> int:
         for family in dict.fromkeys(f for f, *_ in grid):
             labels = [label for f, label, *_ in grid if f == family]
             picked[family] = max(labels, key=lambda label: rows[label]["dev"][OVERALL])
-        data_free = [f for f in picked if f != "model_soup"]
+        # CocktailSoup uses data (training examples): it is not a candidate for "the best data-free rule".
+        data_free = [f for f in picked if f != "model_soup" and not f.startswith("cocktail")]
         best_label = picked[max(data_free, key=lambda f: rows[picked[f]]["dev"][OVERALL])] if data_free else None
         greedy_specs = [] if args.greedy == "none" else [("greedy_model_soup", ModelSoup())]
         if args.greedy == "both" and best_label is not None:
