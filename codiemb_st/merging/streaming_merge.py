@@ -18,8 +18,9 @@ What the merged folder contains:
 Memory: tensors are read in row slices of at most :data:`SLICE_BUDGET_BYTES` (all inputs together, in the compute
 dtype), merged, and appended to the output file, so peak memory is a few slices, whatever the number and size of the
 inputs. Methods whose weights depend on the whole tensor (DeltaSoup with ``granularity="tensor"`` or ``rescale``,
-ModelStock, TIES) read each tensor once per statistics pass (one, two for TIES's exact top-k thresholds on float32
-weights), then once to merge.
+ModelStock, TIES, SLERP/MultiSLERP's Gram matrix) read each tensor once per statistics pass (one, two for TIES's
+exact top-k thresholds on float32 weights), then once to merge. A method with a ``for_tensor(module_index, name)``
+method merges each tensor with the method it returns (CocktailSoup's per-layer-group weights).
 
 Atomicity: the folder is written to a hidden temporary folder next to ``output_path`` and renamed into place only when
 complete; on any error (or Ctrl-C) the temporary folder is removed and nothing appears at ``output_path``. (A crash
