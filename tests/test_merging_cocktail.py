@@ -243,6 +243,10 @@ def test_bad_input_is_refused_and_nothing_is_written(inputs, tmp_path, capsys):
         CocktailSoup(tmp_path / "nowhere.jsonl")
     with pytest.raises(ValueError, match="needs examples="):
         CocktailSoup()
+    with pytest.raises(TypeError, match="list of model folders"):
+        CocktailSoup(ir).fit(str(checkpoints(root)[0]))
+    with pytest.raises(ValueError, match="at least 2 checkpoints"):
+        CocktailSoup(ir).fit(checkpoints(root)[:1])
 
     # a candidate whose loss is NaN
     broken = tmp_path / "broken"

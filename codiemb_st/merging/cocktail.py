@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from codiemb_st.merging.methods import MergeMethod, ModelSoup
-from codiemb_st.merging.streaming_merge import merge_and_load, merge_model_folders
+from codiemb_st.merging.streaming_merge import _check_checkpoints_argument, merge_and_load, merge_model_folders
 from codiemb_st.validation import check_bool, check_finite_float, check_int
 
 if TYPE_CHECKING:
@@ -435,8 +435,8 @@ class CocktailSoup(MergeMethod):
         """
         from codiemb_st._compat import SentenceTransformer
 
+        checkpoints = _check_checkpoints_argument(checkpoints)  # the merge's own argument checks, before any scoring
         example_sets = self.load_examples()
-        checkpoints = list(checkpoints)
         if len(checkpoints) < self.min_checkpoints:
             raise ValueError(
                 f"CocktailSoup needs at least {self.min_checkpoints} checkpoints, got {len(checkpoints)}."
