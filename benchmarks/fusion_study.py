@@ -20,6 +20,10 @@ evaluated exactly as the reproduction evaluated its runs (same dev and test item
 its results.json), its finished evaluations are reused, and with several seeds every method is compared with Model
 Soup seed by seed under the reproduction's claim rule (``codiemb_st.evaluation.seed_statistics``).
 
+The grid also holds the spherical mean (``multi_slerp``, of the deltas or the weights) and the data-aware
+``cocktail_5/20/100`` (CocktailSoup, weights from each ingredient's loss on 5, 20 or 100 records drawn from each
+training file, outside the dev hold-out; the example files are written under OUTPUT_DIR/examples).
+
 Example:
     PYTHONPATH=. OMP_NUM_THREADS=1 nice python benchmarks/fusion_study.py --output-dir runs/fusion
     python benchmarks/fusion_study.py --reproduction runs/reproduce/zh --output-dir runs/fusion-zh \
@@ -38,7 +42,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +88,19 @@ GRID: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model_stock", "model_stock", "model_stock", {}),
     ("ties", "ties_d0.2", "ties", {"density": 0.2}),
     ("task_arithmetic", "task_arithmetic_0.5", "task_arithmetic", {"scale": 0.5}),
+    ("multi_slerp", "multi_slerp", "multi_slerp", {}),
+    ("multi_slerp", "multi_slerp_weights", "multi_slerp", {"space": "weights"}),
+    # Data-aware: LM-Cocktail-style weights from each ingredient's loss on N records drawn from each *training* file
+    # (never dev or test; the draws are nested: the 5 are among the 20, the 20 among the 100). One family per N, so
+    # every size is reported; pair them on test with --also-test cocktail_5 cocktail_20 cocktail_100.
+    ("cocktail_5", "cocktail_5", "cocktail_soup", {"examples_per_file": 5}),
+    ("cocktail_20", "cocktail_20", "cocktail_soup", {"examples_per_file": 20}),
+    ("cocktail_100", "cocktail_100", "cocktail_soup", {"examples_per_file": 100}),
 ]
+#: Seed of the draw of CocktailSoup's example records from the training files.
+EXAMPLES_SEED = "codiemb-fusion-cocktail-examples"
+#: The reproduction's dev hold-out rule (benchmarks/reproduce_codiemb.py ``split_dev``), to draw examples outside it.
+REPRODUCTION_DEV_SEED = "codiemb-dev-split"
 SEEDS = ("codiemb_s1", "codiemb_s2", "codiemb_s3")
 
 
@@ -151,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Data and training
 
 
-def split_dev(records: list[dict[str, Any]], dev_size: int, name: str) -> tuple[list, list]:
+def split_dev(records: list[dict[str, Any]], dev_size: int, name: str, dev_seed: str = DEV_SEED) -> tuple[list, list]:
     """(train, dev): a fixed seeded hold-out of ``dev_size`` records (at most a fifth of the file)."""
     order = list(range(len(records)))
-    random.Random(f"{DEV_SEED}:{name}").shuffle(order)
+    random.Random(f"{dev_seed}:{name}").shuffle(order)
     held = set(order[: min(dev_size, len(records) // 5)])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
@@ -287,10 +303,36 @@ def content_key(path: Path, max_seq_length: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def make_method(name: str, parameters: dict[str, Any]):
+def make_method(name: str, parameters: dict[str, Any], study: Study | None = None, out: Path | None = None):
+    """The merge method of a grid row; a CocktailSoup row gets its example files drawn from the study's training
+    records (``examples_per_file``)."""
     from codiemb_st.merging import MERGE_METHODS
 
+    if "examples_per_file" in parameters:
+        if study is None or out is None:
+            raise ValueError(f"{name} needs the study's training records for its examples.")
+        parameters = dict(parameters)
+        parameters["examples"] = write_example_files(study, parameters.pop("examples_per_file"), out / "examples")
     return MERGE_METHODS[name](**parameters)
+
+
+def write_example_files(study: Study, count: int, folder: Path) -> list[str]:
+    """``count`` records of each training file of the study (after its dev hold-out), one JSONL file each.
+
+    The draw is a fixed shuffle per file, of which the first ``count`` are taken, so smaller example sets are inside
+    the larger ones. Returns the files' paths.
+    """
+    from codiemb_st.file_io import write_jsonl
+
+    paths = []
+    for name, records in study.training_records().items():
+        order = list(range(len(records)))
+        random.Random(f"{EXAMPLES_SEED}:{name}").shuffle(order)
+        path = folder / str(count) / f"{name}.jsonl"
+        if not path.is_file():
+            write_jsonl(path, [records[i] for i in order[:count]])
+        paths.append(str(path))
+    return paths
 
 
 def merge(method, ingredients: list[Path], base: str, output: Path) -> Path:
@@ -381,6 +423,17 @@ class Study:
     test: CachedEvaluator | None
     logs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    #: The training records the ingredients were trained on (dev hold-out removed), by file name; read when first
+    #: needed (CocktailSoup draws its examples from them).
+    train_records: Callable[[], dict[str, list[dict[str, Any]]]] | None = None
+    _train_records: dict[str, list[dict[str, Any]]] | None = None
+
+    def training_records(self) -> dict[str, list[dict[str, Any]]]:
+        if self._train_records is None:
+            if self.train_records is None:
+                raise UsageError("this study has no training records to draw CocktailSoup's examples from.")
+            self._train_records = self.train_records()
+        return self._train_records
 
 
 def study_from_training(args, out: Path) -> Study | None:
@@ -419,7 +472,7 @@ def study_from_training(args, out: Path) -> Study | None:
         test = CachedEvaluator(test_tasks, out / "eval" / f"test-{args.corpus_cap}", args.eval_max_seq_length)
     seeds = [name for name in SEEDS if (models / name / "train_log.json").is_file()]
     source = f"ingredients trained by this script ({args.max_steps} steps, lr {args.lr})"
-    return Study("en", base, models, sets, seeds, dev, test, logs, source)
+    return Study("en", base, models, sets, seeds, dev, test, logs, source, train_records=lambda: ir | sts)
 
 
 def study_from_reproduction(args, out: Path) -> Study:
@@ -485,6 +538,20 @@ def study_from_reproduction(args, out: Path) -> Study:
     description = (
         f"the runs of {source} ({summary['budget']['name']}, {summary['budget']['steps_per_task']} steps per task)"
     )
+
+    def train_records() -> dict[str, list[dict[str, Any]]]:
+        """The reproduction's training records: its files minus its dev hold-out (same rule and sizes)."""
+        from codiemb_st import read_records
+
+        track, config = summary["track_config"], summary["config"]
+        records = {}
+        for key, dev_size in (("ir_files", config["dev_ir_records"]), ("sts_files", config["dev_sts_pairs"])):
+            for path in map(Path, track[key]):
+                rows = [dict(r) for _, r in read_records(path)]
+                name = dataset_name(path)
+                records[name] = split_dev(rows, dev_size, name, REPRODUCTION_DEV_SEED)[0]
+        return records
+
     return Study(
         summary["track"],
         summary["base"],
@@ -495,6 +562,7 @@ def study_from_reproduction(args, out: Path) -> Study:
         test,
         logs,
         description,
+        train_records=train_records,
     )
 
 
@@ -591,7 +659,7 @@ def run_study(args) -> int:
         ingredients = [models / name for name in members]
         rows: dict[str, Any] = {}
         for family, label, method_name, parameters in grid:
-            method = make_method(method_name, parameters)
+            method = make_method(method_name, parameters, study, out)
             path = merge(method, ingredients, base, out / "merged" / set_name / label)
             rows[label] = {"family": family, "method": repr(method), **evaluate(path, False)}
             print(f"{set_name} {label}: dev {rows[label]['dev'][OVERALL]:.4f}", file=sys.stderr, flush=True)
@@ -600,12 +668,13 @@ def run_study(args) -> int:
         for family in dict.fromkeys(f for f, *_ in grid):
             labels = [label for f, label, *_ in grid if f == family]
             picked[family] = max(labels, key=lambda label: rows[label]["dev"][OVERALL])
-        data_free = [f for f in picked if f != "model_soup"]
+        # CocktailSoup uses data (training examples): it is not a candidate for "the best data-free rule".
+        data_free = [f for f in picked if f != "model_soup" and not f.startswith("cocktail")]
         best_label = picked[max(data_free, key=lambda f: rows[picked[f]]["dev"][OVERALL])] if data_free else None
         greedy_specs = [] if args.greedy == "none" else [("greedy_model_soup", ModelSoup())]
         if args.greedy == "both" and best_label is not None:
             best_spec = next(g for g in grid if g[1] == best_label)
-            greedy_specs.append(("greedy_best", make_method(best_spec[2], best_spec[3])))
+            greedy_specs.append(("greedy_best", make_method(best_spec[2], best_spec[3], study, out)))
         for label, inner in greedy_specs:
             greedy = GreedySoup(dev, method=inner)
             target = out / "merged" / set_name / label

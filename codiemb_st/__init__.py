@@ -21,12 +21,15 @@ _LAZY = {
     "LossColumnCheck": "codiemb_st.losses",
     "MultiPositiveCachedInfoNCELoss": "codiemb_st.losses",
     "PearsonSpearmanLoss": "codiemb_st.losses",
+    "SLERP": "codiemb_st.merging",
     "TIES": "codiemb_st.merging",
+    "CocktailSoup": "codiemb_st.merging",
     "DeltaSoup": "codiemb_st.merging",
     "GreedySoup": "codiemb_st.merging",
     "MergeMethod": "codiemb_st.merging",
     "ModelSoup": "codiemb_st.merging",
     "ModelStock": "codiemb_st.merging",
+    "MultiSLERP": "codiemb_st.merging",
     "TaskArithmetic": "codiemb_st.merging",
     "RoundRobinTaskBatchSampler": "codiemb_st.sampling",
 }
@@ -40,7 +43,18 @@ if TYPE_CHECKING:
     )
     from codiemb_st.evaluation import MTEBEvaluator
     from codiemb_st.losses import LossColumnCheck, MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
-    from codiemb_st.merging import TIES, DeltaSoup, GreedySoup, MergeMethod, ModelSoup, ModelStock, TaskArithmetic
+    from codiemb_st.merging import (
+        SLERP,
+        TIES,
+        CocktailSoup,
+        DeltaSoup,
+        GreedySoup,
+        MergeMethod,
+        ModelSoup,
+        ModelStock,
+        MultiSLERP,
+        TaskArithmetic,
+    )
     from codiemb_st.sampling import RoundRobinTaskBatchSampler
 
 
@@ -58,7 +72,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "SLERP",
     "TIES",
+    "CocktailSoup",
     "DeltaSoup",
     "GreedySoup",
     "LossColumnCheck",
@@ -66,6 +82,7 @@ __all__ = [
     "MergeMethod",
     "ModelSoup",
     "ModelStock",
+    "MultiSLERP",
     "MultiPositiveCachedInfoNCELoss",
     "PearsonSpearmanLoss",
     "RoundRobinTaskBatchSampler",

@@ -163,7 +163,8 @@ def _merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_merge_from_the_shell_equals_the_python_api(merge_inputs, tmp_path):
     base, checkpoints = merge_inputs
     argv = ["merge", *map(str, checkpoints), "--base-model", str(base), "--no-progress"]
-    assert main([*argv, "--power", "2", "--granularity", "row", "--output", str(tmp_path / "cli")]) == 0
+    options = ["--method", "delta_soup", "--power", "2", "--granularity", "row"]
+    assert main([*argv, *options, "--output", str(tmp_path / "cli")]) == 0
     expected = DeltaSoup(power=2, granularity="row").merge_to_folder(
         checkpoints, tmp_path / "api", base_model=base, show_progress_bar=False
     )
@@ -187,7 +188,10 @@ def test_merge_cli_offers_the_fusion_methods_and_boolean_options(merge_inputs, t
     cases = [
         (["--method", "ties", "--density", "0.3", "--scale", "0.9"], TIES(density=0.3, scale=0.9)),
         (["--method", "model_stock"], ModelStock()),
-        (["--sign-consensus", "--no-rescale"], DeltaSoup(sign_consensus=True)),  # plain flags
+        (
+            ["--method", "delta_soup", "--sign-consensus", "--no-rescale"],
+            DeltaSoup(sign_consensus=True),
+        ),  # plain flags
     ]
     for index, (extra, method) in enumerate(cases):
         assert main([*argv, *extra, "--output", str(tmp_path / f"cli{index}")]) == 0
@@ -199,7 +203,7 @@ def test_merge_cli_offers_the_fusion_methods_and_boolean_options(merge_inputs, t
         config = json.loads((tmp_path / f"cli{index}" / "merge_config.json").read_text())
         assert config["parameters"] == method.get_config_dict()
     with pytest.raises(SystemExit):
-        main([*argv, "--sign-consensus", "maybe", "--output", str(tmp_path / "bad")])
+        main([*argv, "--method", "delta_soup", "--sign-consensus", "maybe", "--output", str(tmp_path / "bad")])
 
 
 def test_merge_cli_refuses_bad_options_and_leaves_nothing(merge_inputs, tmp_path, capsys):
@@ -209,7 +213,7 @@ def test_merge_cli_refuses_bad_options_and_leaves_nothing(merge_inputs, tmp_path
     cases = [
         (["--method", "model_soup", "--power", "2"], "does not take --power"),
         (["--method", "delta_soup"], "needs --base-model"),
-        (["--base-model", str(base), "--power", "-1"], "power"),
+        (["--base-model", str(base), "--method", "delta_soup", "--power", "-1"], "power"),
         (["--base-model", str(tmp_path / "missing")], "is not a model folder"),
     ]
     for extra, message in cases:
@@ -388,3 +392,15 @@ def test_repository_scripts_pass_the_shared_data_explicitly(tmp_path, monkeypatc
         "--output-dir",
         "run",
     ]
+
+
+def test_merge_defaults_to_model_soup(merge_inputs, tmp_path):
+    # The evidence's choice (README "Fusion study"): no base model needed, the uniform average of the checkpoints.
+    from codiemb_st.merging import ModelSoup
+
+    _, checkpoints = merge_inputs
+    assert main(["merge", *map(str, checkpoints), "--no-progress", "--output", str(tmp_path / "cli")]) == 0
+    expected = ModelSoup().merge_to_folder(checkpoints, tmp_path / "api", show_progress_bar=False)
+    cli, api = _merged_tensors(tmp_path / "cli"), _merged_tensors(expected)
+    assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
+    assert json.loads((tmp_path / "cli" / "merge_config.json").read_text())["method"] == "ModelSoup"

@@ -228,7 +228,8 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp
     reproduction = json.loads((out / "en" / "results.json").read_text())
     study, committed = tmp_path / "fusion", tmp_path / "committed"
     argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
-    argv += ["--methods", "delta_soup", "model_stock", "--greedy", "model_soup", "--also-test", "model_stock"]
+    argv += ["--methods", "delta_soup", "model_stock", "multi_slerp", "cocktail_5", "--greedy", "model_soup"]
+    argv += ["--also-test", "model_stock"]
     capsys.readouterr()
     assert fusion.main(argv) == 0
     # The reproduction's base, runs and soups (7 models x 2 seeds, base once) were scored, not evaluated again.
@@ -244,7 +245,28 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp
         assert soup["dev"]["dev-toy_sts"] == expected["dev-toy_sts"] and soup["dev"]["dev-ir"] == expected["dev-ir"]
         assert soup["test"]["TinySTS"] == expected["TinySTS"]
         assert soup["test"]["TinyRetrieval"] == expected["TinyRetrieval"]
-    assert set(results["sets"]["S1_seeds"]["rows"]) == {"model_soup", "delta_soup", "model_stock", "greedy_model_soup"}
+    assert set(results["sets"]["S1_seeds"]["rows"]) == {
+        "model_soup",
+        "delta_soup",
+        "model_stock",
+        "multi_slerp",
+        "cocktail_5",
+        "greedy_model_soup",
+    }
+    # CocktailSoup's examples: 5 records of each training file, drawn outside the reproduction's dev hold-out.
+    cocktail = results["sets"]["S2_tasks@1"]["rows"]["cocktail_5"]
+    assert cocktail["method"].startswith("CocktailSoup(") and "cocktail_5" in results["across_seeds"]
+    _, _, files, _ = tiny_setup
+    for task, dev_size, key in (("ir", 8, "query"), ("sts", 8, "sentence1")):
+        drawn = [
+            json.loads(line) for line in (study / "examples" / "5" / f"toy_{task}.jsonl").read_text().splitlines()
+        ]
+        records = [json.loads(line) for line in gzip.open(files[task], "rt")]
+        dev = rc.split_dev(records, dev_size, f"toy_{task}")[1]
+        assert len(drawn) == 5 and all(r in records for r in drawn)
+        assert not {r[key] for r in drawn} & {r[key] for r in dev}
+    merged = json.loads((study / "merged" / "S2_tasks@1" / "cocktail_5" / "merge_config.json").read_text())
+    assert merged["parameters"]["weights"] == pytest.approx([1 / 3] * 3, abs=0.2)  # T = 5: close to uniform
     # Paired by seed against Model Soup, with the reproduction's rule.
     assert results["across_seeds"]["model_stock"]["test"]["seeds"] == [1, 2]  # --also-test: paired on test too
     paired = results["across_seeds"]["model_stock"]["dev"]

@@ -10,7 +10,9 @@ agree, and when the source cannot be read that way (a table built differently), 
 from __future__ import annotations
 
 import ast
+import collections.abc
 import inspect
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ class MethodOption:
     choices: tuple[str, ...] | None
     #: The default value (None when the parameter has none).
     default: Any
+    #: Whether the parameter is a sequence (``Sequence[float]``, a list of paths): its flag takes one or more values.
+    several: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,17 +60,28 @@ def method_specs_from_classes() -> dict[str, MethodSpec]:
         for parameter in inspect.signature(method.__init__).parameters.values():
             if parameter.name == "self" or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
                 continue
-            kind, choices = _kind_of_hint(hints.get(parameter.name, str))
+            hint = hints.get(parameter.name, str)
+            kind, choices = _kind_of_hint(hint)
             default = None if parameter.default is inspect.Parameter.empty else parameter.default
-            options[parameter.name] = MethodOption(kind, choices, default)
+            options[parameter.name] = MethodOption(kind, choices, default, _is_sequence_hint(hint))
         specs[name] = MethodSpec(bool(method.requires_base), options)
     return specs
+
+
+_SEQUENCE_ORIGINS = (list, tuple, collections.abc.Sequence)
+
+
+def _is_sequence_hint(hint: Any) -> bool:
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(typing.get_origin(a) in _SEQUENCE_ORIGINS for a in args)
 
 
 def _kind_of_hint(hint: Any) -> tuple[str, tuple[str, ...] | None]:
     if typing.get_origin(hint) is typing.Literal:
         return "str", tuple(typing.get_args(hint))
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    # Sequence[float] -> float: the flag then takes several values of the element type.
+    args = [e for a in args for e in (typing.get_args(a) if typing.get_origin(a) in _SEQUENCE_ORIGINS else (a,))]
     for kind in (bool, float, int):
         if any(a is kind for a in args):
             return kind.__name__, None
@@ -78,6 +93,7 @@ def method_specs_from_source() -> dict[str, MethodSpec] | None:
     classes: dict[str, ast.ClassDef] = {}
     aliases: dict[str, ast.expr] = {}
     table: dict[str, str] | None = None
+    registrations: dict[str, str] = {}
     try:
         trees = [ast.parse(path.read_text(encoding="utf-8")) for path in sorted(MERGING_SOURCE.glob("*.py"))]
     except (OSError, SyntaxError, UnicodeDecodeError):
@@ -86,6 +102,10 @@ def method_specs_from_source() -> dict[str, MethodSpec] | None:
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
                 classes[node.name] = node
+            registered = _registration(node)  # MERGE_METHODS["name"] = Class (a method defined after the table)
+            if registered is not None:
+                registrations.update(registered)
+                continue
             target, value = _assignment(node)
             if target is None or value is None:
                 continue
@@ -95,7 +115,10 @@ def method_specs_from_source() -> dict[str, MethodSpec] | None:
                     return None
             else:
                 aliases[target] = value
-    if table is None or not all(name in classes for name in table.values()):
+    if table is None:
+        return None
+    table = {**table, **registrations}
+    if not all(name in classes for name in table.values()):
         return None
     specs = {}
     for method_name, class_name in table.items():
@@ -117,9 +140,23 @@ def method_specs_from_source() -> dict[str, MethodSpec] | None:
                 value = ast.literal_eval(default) if default is not None else None
             except ValueError:
                 return None
-            options[argument.arg] = MethodOption(kind[0], kind[1], value)
+            kind_name, choices, several = kind
+            options[argument.arg] = MethodOption(kind_name, choices, value, several)
         specs[method_name] = MethodSpec(requires_base, options)
     return specs
+
+
+def _registration(node: ast.stmt) -> dict[str, str] | None:
+    """``{"name": "Class"}`` for a statement ``MERGE_METHODS["name"] = Class``, else None."""
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Subscript)):
+        return None
+    target = node.targets[0]
+    key = target.slice
+    if not (isinstance(target.value, ast.Name) and target.value.id == "MERGE_METHODS"):
+        return None
+    if not (isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(node.value, ast.Name)):
+        return None
+    return {key.value: node.value.id}
 
 
 def _assignment(node: ast.stmt) -> tuple[str | None, ast.expr | None]:
@@ -173,9 +210,12 @@ def _class_attribute(class_name: str, classes: dict[str, ast.ClassDef], attribut
     return None
 
 
-def _kind_of_annotation(annotation: ast.expr | None, aliases: dict[str, ast.expr]) -> tuple[str, Any] | None:
+def _kind_of_annotation(
+    annotation: ast.expr | None, aliases: dict[str, ast.expr]
+) -> tuple[str, tuple[str, ...] | None, bool] | None:
+    """``(kind, choices, several)`` of a parameter annotation, or None when it cannot be read from the source."""
     if annotation is None:
-        return "str", None
+        return "str", None, False
     if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
         annotation = ast.parse(annotation.value, mode="eval").body
     if isinstance(annotation, ast.Name) and annotation.id in aliases:
@@ -185,16 +225,19 @@ def _kind_of_annotation(annotation: ast.expr | None, aliases: dict[str, ast.expr
             elements = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
             if not all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elements):
                 return None
-            return "str", tuple(e.value for e in elements)
+            return "str", tuple(e.value for e in elements), False
         if annotation.value.id == "Optional":
             return _kind_of_annotation(annotation.slice, aliases)
-        return None
     names: list[str] = []
+    several = False
     stack = [annotation]
     while stack:
         node = stack.pop()
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
             stack += [node.left, node.right]
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in _SEQUENCES:
+            several = True  # Sequence[float]: the element type is the kind
+            stack.append(node.slice)
         elif isinstance(node, ast.Name):
             names.append(node.id)
         elif isinstance(node, ast.Constant) and node.value is None:
@@ -203,8 +246,11 @@ def _kind_of_annotation(annotation: ast.expr | None, aliases: dict[str, ast.expr
             return None
     for kind in ("bool", "float", "int"):
         if kind in names:
-            return kind, None
-    return "str", None
+            return kind, None, several
+    return "str", None, several
+
+
+_SEQUENCES = ("Sequence", "list", "tuple", "List", "Tuple")
 
 
 __all__ = ["MethodOption", "MethodSpec", "method_specs", "method_specs_from_classes", "method_specs_from_source"]

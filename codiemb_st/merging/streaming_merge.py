@@ -18,8 +18,9 @@ What the merged folder contains:
 Memory: tensors are read in row slices of at most :data:`SLICE_BUDGET_BYTES` (all inputs together, in the compute
 dtype), merged, and appended to the output file, so peak memory is a few slices, whatever the number and size of the
 inputs. Methods whose weights depend on the whole tensor (DeltaSoup with ``granularity="tensor"`` or ``rescale``,
-ModelStock, TIES) read each tensor once per statistics pass (one, two for TIES's exact top-k thresholds on float32
-weights), then once to merge.
+ModelStock, TIES, SLERP/MultiSLERP's Gram matrix) read each tensor once per statistics pass (one, two for TIES's
+exact top-k thresholds on float32 weights), then once to merge. A method with a ``for_tensor(module_index, name)``
+method merges each tensor with the method it returns (CocktailSoup's per-layer-group weights).
 
 Atomicity: the folder is written to a hidden temporary folder next to ``output_path``
 (``.<name>.<pid>.<random>.partial``) and renamed into place only when complete; on any error (or Ctrl-C) the
@@ -373,16 +374,20 @@ def _merge_weight_file(
             if not is_float_dtype(dtype_name):
                 _copy_tensor(name, shape, readers, roles, writer)
                 continue
+            # A method may merge each tensor its own way (CocktailSoup's per-layer-group weights).
+            merger = method.for_tensor(key[0], name) if hasattr(method, "for_tensor") else method
             # Methods with per-tensor statistics read the tensor once per statistics pass before merging it.
             statistics = fold_statistics(
-                method, functools.partial(_read_slices, name, shape, readers, roles, num_checkpoints)
+                merger, functools.partial(_read_slices, name, shape, readers, roles, num_checkpoints)
             )
             for start, stop in _row_slices(shape, len(inputs)):
                 stacked, base, raw = _read_slice(name, shape, start, stop, readers, roles, num_checkpoints)
-                if _all_equal(raw[:num_checkpoints]) and (method.keeps_agreement or _all_equal(raw)):
+                # Methods that move agreeing slices too copy only where the base also agrees (nothing moved).
+                agreed = merger.keeps_agreement or (len(raw) > num_checkpoints and _all_equal(raw))
+                if agreed and _all_equal(raw[:num_checkpoints]):
                     merged = raw[0]  # every input that matters agrees: copy bit for bit
                 else:
-                    merged = method.merge_rows(stacked, base, statistics)
+                    merged = merger.merge_rows(stacked, base, statistics)
                 writer.write(name, merged.to(torch_dtype(dtype_name)))
 
 
