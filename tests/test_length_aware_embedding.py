@@ -3,7 +3,7 @@ its own padding, give the loss and gradients of the unsorted computation and of 
 losses.
 
 Everything runs in float64 so that "equal" means equal up to rounding. ``CHUNK_OVERHEAD_TOKENS`` is lowered so that
-the tiny batches here are cut into several chunks (with the default a boundary must save 512 padded tokens).
+the tiny batches here are cut into several chunks (on the CPU a boundary must otherwise save 64 padded tokens).
 """
 
 from __future__ import annotations

@@ -17,13 +17,12 @@ are ``arange(width)``) that accept ``position_ids``; other left-padded models ke
 Example:
     ::
 
-        from codiemb_st.losses._length_order import chunk_feature, padding_chunks, restore_order, sort_by_length
+        from codiemb_st.losses._length_order import chunk_feature, column_chunks, restore_order, sort_by_length
 
         sorted_feature, order = sort_by_length(features)
-        lengths = sorted_feature["attention_mask"].sum(dim=1).tolist()
         parts = [
             model(chunk_feature(sorted_feature, begin, end, keep_positions=False))["sentence_embedding"]
-            for begin, end in padding_chunks(lengths, max_rows=len(lengths))
+            for begin, end in column_chunks(sorted_feature)
         ]
         embeddings = restore_order(torch.cat(parts), order)  # rows in the order of ``features``
 """
@@ -38,10 +37,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: Estimated cost of one extra forward call, in padded tokens. A chunk boundary is worth it only where it saves more
-#: padded tokens than this. Measured on a CPU (MiniLM-L6, one thread) a forward call's fixed cost is that of a few
-#: hundred tokens; larger values give fewer, fuller chunks.
-CHUNK_OVERHEAD_TOKENS = 512
+#: Estimated fixed cost of one more forward + backward call, in padded tokens, on the CPU: a chunk boundary is made only
+#: where it saves more padded tokens than this. Measured here (all-MiniLM-L6-v2, one thread): a token costs about 1 ms
+#: forward + backward and a call's fixed cost is 15-70 ms.
+CPU_CHUNK_OVERHEAD_TOKENS = 64
+
+#: The same on accelerators (CUDA...), where a call's fixed cost (kernel launches) is worth far more tokens. An estimate,
+#: not measured in this project: large enough that only big batches of uneven texts are cut into several chunks.
+ACCELERATOR_CHUNK_OVERHEAD_TOKENS = 16384
+
+#: If set, overrides both (e.g. in tests, to cut tiny batches into chunks).
+CHUNK_OVERHEAD_TOKENS: int | None = None
 
 #: Candidate chunk boundaries per column: the search over boundaries is quadratic in this number.
 MAX_BOUNDARIES = 64
@@ -146,6 +152,25 @@ def sort_columns(features: list[dict[str, Any]], labels: Any) -> tuple[list[dict
     return sorted_features, SortedColumns(labels, tuple(orders))
 
 
+def chunk_overhead_tokens(device: torch.device | str) -> int:
+    """The fixed cost of one more forward call on ``device``, in padded tokens (see :func:`padding_chunks`)."""
+    if CHUNK_OVERHEAD_TOKENS is not None:
+        return CHUNK_OVERHEAD_TOKENS
+    return CPU_CHUNK_OVERHEAD_TOKENS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_OVERHEAD_TOKENS
+
+
+def column_chunks(feature: dict[str, Any], max_rows: int | None = None) -> list[tuple[int, int]] | None:
+    """:func:`padding_chunks` of a length-sorted plain padded feature, with the overhead of its device.
+
+    Returns None for a feature that is not a plain padded one.
+    """
+    lengths = real_lengths(feature)
+    if lengths is None:
+        return None
+    max_rows = len(lengths) if max_rows is None else max_rows
+    return padding_chunks(lengths.tolist(), max_rows, chunk_overhead_tokens(lengths.device))
+
+
 def padding_chunks(
     lengths: list[int], max_rows: int, overhead_tokens: int | None = None, max_boundaries: int | None = None
 ) -> list[tuple[int, int]]:
@@ -158,13 +183,14 @@ def padding_chunks(
     Args:
         lengths: Real lengths, sorted in decreasing order.
         max_rows: Most rows in a chunk.
-        overhead_tokens: Cost of one forward call in padded tokens (default :data:`CHUNK_OVERHEAD_TOKENS`).
+        overhead_tokens: Cost of one forward call in padded tokens (default: the CPU's, see
+            :func:`chunk_overhead_tokens`).
         max_boundaries: Most candidate boundaries (default :data:`MAX_BOUNDARIES`).
 
     Returns:
         ``(begin, end)`` row ranges covering ``range(len(lengths))`` in order.
     """
-    overhead = CHUNK_OVERHEAD_TOKENS if overhead_tokens is None else overhead_tokens
+    overhead = chunk_overhead_tokens("cpu") if overhead_tokens is None else overhead_tokens
     boundaries_cap = MAX_BOUNDARIES if max_boundaries is None else max_boundaries
     n = len(lengths)
     if n == 0:
@@ -268,9 +294,13 @@ def chunk_feature(feature: dict[str, Any], begin: int, end: int, keep_positions:
 
 
 __all__ = [
+    "ACCELERATOR_CHUNK_OVERHEAD_TOKENS",
     "CHUNK_OVERHEAD_TOKENS",
+    "CPU_CHUNK_OVERHEAD_TOKENS",
     "SortedColumns",
     "chunk_feature",
+    "chunk_overhead_tokens",
+    "column_chunks",
     "keeps_positions_with_position_ids",
     "padding_chunks",
     "real_lengths",

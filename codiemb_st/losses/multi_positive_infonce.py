@@ -344,10 +344,8 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         self, feature: dict[str, Tensor], column_ranges: list[tuple[int, int]]
     ) -> list[tuple[int, int]]:
         """Length-sorted chunks of a column that fits in one mini-batch (the one range it has otherwise)."""
-        lengths = _length_order.real_lengths(feature)
-        if lengths is None:
-            return column_ranges
-        return _length_order.padding_chunks(lengths.tolist(), max_rows=len(lengths))
+        chunks = _length_order.column_chunks(feature)
+        return column_ranges if chunks is None else chunks
 
     def embed_minibatch(
         self,

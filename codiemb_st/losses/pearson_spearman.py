@@ -652,8 +652,7 @@ class PearsonSpearmanLoss(nn.Module):
         """One column's final (and, given ``transformer`` and ``pooling``, middle-layer) embeddings, computed in
         length-sorted chunks and returned in the column's own row order."""
         sorted_features, order = _length_order.sort_by_length(features)
-        lengths = _length_order.real_lengths(sorted_features).tolist()
-        ranges = _length_order.padding_chunks(lengths, max_rows=len(lengths))
+        ranges = _length_order.column_chunks(sorted_features)
         if order is None and len(ranges) == 1:  # nothing to gain: the plain call
             chunks = [features]
         else:
