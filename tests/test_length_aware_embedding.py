@@ -82,7 +82,7 @@ def test_sort_and_restore_round_trip_keep_row_metadata():
     features["prompt_length"] = torch.arange(6)  # per-row metadata follows its row
     sorted_features, order = sort_by_length(features)
     lengths = sorted_features["attention_mask"].sum(1)
-    assert order is not None and (lengths[:-1] >= lengths[1:]).all()
+    assert order is not None and (lengths[:-1] <= lengths[1:]).all()  # shortest first
     assert torch.equal(sorted_features["prompt_length"], order)
     assert torch.equal(restore_order(sorted_features["input_ids"], order), features["input_ids"])
     # Already sorted, or not a plain padded feature: returned as it is.
@@ -95,13 +95,13 @@ def test_padding_chunks_minimise_padded_tokens_plus_overhead():
     rng = random.Random(0)
     for _ in range(30):
         n = rng.randint(1, 7)
-        lengths = sorted((rng.randint(1, 30) for _ in range(n)), reverse=True)
+        lengths = sorted(rng.randint(1, 30) for _ in range(n))
         max_rows, overhead = rng.randint(1, n), rng.randint(0, 20)
         ranges = padding_chunks(lengths, max_rows, overhead_tokens=overhead)
         assert [begin for begin, _ in ranges] == [0] + [end for _, end in ranges[:-1]] and ranges[-1][1] == n
 
         def cost(rs, lengths=lengths, overhead=overhead):
-            return sum((end - begin) * lengths[begin] + overhead for begin, end in rs)
+            return sum((end - begin) * lengths[end - 1] + overhead for begin, end in rs)
 
         best = min(
             cost(list(zip((0, *cuts), (*cuts, n))))

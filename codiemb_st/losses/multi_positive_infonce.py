@@ -164,8 +164,9 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         Length-aware embedding:
             A column is padded to its longest text, so on short, uneven texts most of what the encoder computes is
             padding. With ``sort_by_length=True`` each column's rows are sorted by real (attention-mask) length,
-            longest first, before the column is cut into mini-batches (by ``mini_batch_size`` rows or packed into
+            shortest first, before the column is cut into mini-batches (by ``mini_batch_size`` rows or packed into
             ``mini_batch_num_tokens`` tokens), and each mini-batch is embedded at the width of its own longest text.
+            The last mini-batch of a column then holds its longest texts, so a kept graph saves the most work.
             In the single pass (below) a column that fits in one mini-batch is still embedded as several sorted
             chunks, with boundaries chosen to minimise the padded tokens (a chunk boundary must save more padding
             than the cost of a forward call); under DDP (whose forward calls must match across ranks) it stays one

@@ -478,7 +478,7 @@ class PearsonSpearmanLoss(nn.Module):
         Length-aware embedding:
             A column is padded to its longest text, so on short, uneven STS pairs most of what the encoder computes
             is padding. With ``sort_by_length=True`` each column's rows are sorted by real (attention-mask) length,
-            longest first, and cut into chunks whose boundaries minimise the padded tokens (a boundary must save more
+            shortest first, and cut into chunks whose boundaries minimise the padded tokens (a boundary must save more
             padding than the cost of a forward call); each chunk is embedded with gradients at the width of its own
             longest text, and its middle layer (MidNCE) is pooled from the same forward pass. The embeddings are put
             back in the original order before scoring. Leading (left) padding of decoder embedders is trimmed only
