@@ -30,6 +30,14 @@ backward + AdamW step) on STSBenchmark pairs with the term (``mid_nce_weight=1``
 after a warm-up, medians. Peak memory: each configuration in its own fresh process, measured like the IR benchmark's,
 and the activations autograd saves for backward in one step (deterministic, unlike the resident-set peak on CPU).
 
+Length-aware embedding (``--loss length-aware``, issue 22): both losses with ``sort_by_length`` on (the default) and
+off, against sentence-transformers' MultipleNegativesRankingLoss (IR, batch fits one mini-batch),
+CachedMultipleNegativesRankingLoss (IR, several mini-batches) and CoSENTLoss (STS), on seeded samples of the shared
+training data (en_snli, zh_simclue, en_stsb) and on SciFact claims with their cited abstracts at 256 and 512 tokens;
+SciFact at 128 tokens (nearly every abstract truncated: uniform lengths) against the unsorted path. Each row prints the
+padding efficiency (real / embedded tokens) beside the time and peak memory; a counted (untimed) padding table
+follows.
+
 Usage:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss ir --ir-batch-sizes 32 128 256 \\
         --max-seq-length 32 --ir-live-memory
@@ -37,6 +45,7 @@ Usage:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss sts     # packaged all-MiniLM-L6-v2, CPU
     PYTHONPATH=. python benchmarks/bench_losses.py --loss sts --device cuda --sts-batch-sizes 256 4096 16384
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss mid-nce --mid-batch-sizes 32 256
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss length-aware --repeats 3
 """
 
 from __future__ import annotations
@@ -682,9 +691,303 @@ def bench_sts(args: argparse.Namespace) -> None:
         print(f"| {row['loss']} | {row['step_s']:.3f} | {row['step_s'] / baseline:.2f}x |")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Length-aware embedding (issue 22): both losses on realistic lengths, padding efficiency
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _train_rows(name: str) -> list[dict]:
+    from codiemb_st.file_io import read_jsonl
+    from codiemb_st.shared_data import shared_data_path
+
+    path = shared_data_path("train", f"{name}.jsonl.gz")
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"shared/data/train/{name}.jsonl.gz not found (set CODIEMB_SHARED_DATA).")
+    return [row for _, row in read_jsonl(path)]
+
+
+def _scifact_triplets() -> list[list[str]]:
+    """(claim, a cited abstract, another abstract) from the SciFact evaluation set, abstracts as 'title text'."""
+    from codiemb_st.file_io import read_jsonl
+    from codiemb_st.shared_data import shared_data_path
+
+    folder = shared_data_path("eval", "SciFact")
+    if folder is None or not folder.is_dir():
+        raise FileNotFoundError("shared/data/eval/SciFact not found (set CODIEMB_SHARED_DATA).")
+    corpus = {row["_id"]: f"{row['title']} {row['text']}" for _, row in read_jsonl(folder / "corpus.jsonl")}
+    queries = {row["_id"]: row["text"] for _, row in read_jsonl(folder / "queries.jsonl")}
+    doc_ids = sorted(corpus)
+    rng = random.Random(0)
+    triplets = []
+    for line in (folder / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        query_id, doc_id, _ = line.split("\t")
+        if query_id in queries and doc_id in corpus:
+            triplets.append([queries[query_id], corpus[doc_id], corpus[rng.choice(doc_ids)]])
+    return triplets
+
+
+def _length_aware_columns(dataset: str, batch: int) -> tuple[list[list[str]], list[float] | None]:
+    """``batch`` rows of a dataset (a seeded sample) as text columns, and the gold scores of an STS dataset."""
+    rng = random.Random(22)
+    if dataset == "scifact":
+        rows = rng.sample(_scifact_triplets(), batch)
+        return [list(column) for column in zip(*rows)], None
+    rows = _train_rows(dataset)
+    if "score" in rows[0]:
+        rows = rng.sample(rows, batch)
+        return [[row["sentence1"] for row in rows], [row["sentence2"] for row in rows]], [row["score"] for row in rows]
+    rows = rng.sample([row for row in rows if row["negatives"]], batch)
+    return [
+        [row["query"] for row in rows],
+        [row["positives"][0] for row in rows],
+        [row["negatives"][0] for row in rows],
+    ], None
+
+
+def _length_aware_setup(config: dict) -> tuple:
+    """Model (training mode), the step of every contender and the tokenized batch of one row group."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        CoSENTLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    from codiemb_st import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
+
+    torch.manual_seed(0)
+    device = config["device"]
+    model = SentenceTransformer(config["model"], device=device)
+    model.max_seq_length = config["max_seq_length"]
+    model.train()
+    columns, scores = _length_aware_columns(config["dataset"], config["batch"])
+
+    def tokenize(texts: list[str]) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
+
+    features = [tokenize(column) for column in columns]
+    warmup = [tokenize(column[:4]) for column in columns]
+    labels = torch.tensor(scores, device=device) if scores is not None else None
+    warmup_labels = labels[:4] if labels is not None else None
+    mini = config["mini_batch_size"]
+    temperature = 0.02
+
+    def make(name: str):
+        if name == "ST MNRL":
+            return MultipleNegativesRankingLoss(model, scale=1 / temperature)
+        if name == "ST CMNRL":
+            return CachedMultipleNegativesRankingLoss(model, scale=1 / temperature, mini_batch_size=mini)
+        if name == "ST CoSENT":
+            return CoSENTLoss(model)
+        if name.startswith("ours"):
+            sort = name != "ours unsorted"
+            if labels is not None:
+                return PearsonSpearmanLoss(model, sort_by_length=sort)
+            return MultiPositiveCachedInfoNCELoss(
+                model, num_positives=1, temperature=temperature, mini_batch_size=mini, sort_by_length=sort
+            )
+        raise ValueError(f"unknown contender {name!r}")
+
+    def step_of(loss_fn):
+        def step(step_features: list[dict], step_labels) -> None:
+            model.zero_grad(set_to_none=True)
+            # Fresh dicts: the model writes its outputs into the feature dicts it is given.
+            loss_fn([dict(feature) for feature in step_features], step_labels).backward()
+
+        return step
+
+    steps = {name: step_of(make(name)) for name in config["contenders"]}
+    return model, steps, (features, labels), (warmup, warmup_labels)
+
+
+def _length_aware_time_worker(config: dict) -> dict:
+    """CPU (and wall) seconds per step of every contender, alternating round by round; tokens embedded per step."""
+    model, steps, (features, labels), (warmup, warmup_labels) = _length_aware_setup(config)
+    for step in steps.values():
+        step(warmup, warmup_labels)
+    counted = {"real": 0, "embedded": 0}
+
+    def count(module, args) -> None:
+        mask = args[0]["attention_mask"]
+        counted["real"] += int(mask.sum())
+        counted["embedded"] += mask.numel()
+
+    tokens: dict[str, dict] = {}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(config["rounds"]):
+        for name, step in steps.items():
+            handle = model[0].register_forward_pre_hook(count) if round_index == 0 else None
+            counted.update(real=0, embedded=0)
+            cpu_start = time.process_time()
+            times[name].append(_timed(lambda step=step: step(features, labels), config["device"]))
+            cpu_times[name].append(time.process_time() - cpu_start)
+            if handle is not None:
+                handle.remove()
+                tokens[name] = dict(counted)
+    return {"times": times, "cpu_times": cpu_times, "tokens": tokens}
+
+
+def _length_aware_memory_worker(config: dict) -> dict:
+    """Peak memory of one contender's first full step in this fresh process (see _ir_memory_worker)."""
+    model, steps, (features, labels), (warmup, warmup_labels) = _length_aware_setup(config)
+    (step,) = steps.values()
+    step(warmup, warmup_labels)
+    baseline = _reset_peak(config["device"])
+    step(features, labels)
+    return {"peak_mib": _peak_since(baseline, config["device"]) / 2**20}
+
+
+# (dataset, max_seq_length, batch, mini_batch_size, contenders (baseline first), targets (time, memory) of "ours")
+_LENGTH_AWARE_GROUPS = [
+    ("en_snli", 128, 32, 32, ["ST MNRL", "ours", "ours unsorted"], (0.85, 1.0)),
+    ("en_snli", 128, 64, 16, ["ST CMNRL", "ours", "ours unsorted"], (0.75, 1.05)),
+    ("zh_simclue", 128, 32, 32, ["ST MNRL", "ours", "ours unsorted"], (0.85, 1.0)),
+    ("zh_simclue", 128, 64, 16, ["ST CMNRL", "ours", "ours unsorted"], (0.75, 1.05)),
+    ("en_stsb", 128, 64, 64, ["ST CoSENT", "ours", "ours unsorted"], (0.65, None)),
+    ("scifact", 256, 8, 8, ["ST MNRL", "ours"], None),
+    ("scifact", 512, 8, 8, ["ST MNRL", "ours"], None),
+    ("scifact", 128, 16, 16, ["ours unsorted", "ours"], (1.02, None)),
+    ("scifact", 128, 16, 4, ["ours unsorted", "ours"], (1.02, None)),
+]
+
+
+def _padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch: int, mini: int) -> dict:
+    """Real / embedded tokens of a step's first pass, counted without running the model: one forward per column
+    (ST MNRL, CoSENT), ST's mini-batches trimmed of trailing padding (ST CMNRL), and ours (length-sorted mini-batches,
+    or, when the column fits in one, the single pass's chunks)."""
+    from sentence_transformers import SentenceTransformer
+
+    from codiemb_st._compat import minibatch_ranges
+    from codiemb_st.losses import _length_order
+
+    model = SentenceTransformer(model_path, device="cpu")
+    model.max_seq_length = max_seq_length
+    columns, _ = _length_aware_columns(dataset, batch)
+    real, embedded = 0, {"full": 0, "st_mini": 0, "ours": 0}
+
+    def trimmed(lengths: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
+        return sum((end - begin) * int(lengths[begin:end].max()) for begin, end in ranges)
+
+    for column in columns:
+        feature = model.tokenize(column)
+        lengths = feature["attention_mask"].sum(1)
+        real += int(lengths.sum())
+        embedded["full"] += feature["attention_mask"].numel()
+        embedded["st_mini"] += trimmed(lengths, minibatch_ranges(feature, mini))
+        sorted_feature, _ = _length_order.sort_by_length(feature)
+        sorted_lengths = sorted_feature["attention_mask"].sum(1)
+        ranges = minibatch_ranges(sorted_feature, mini)
+        if len(ranges) == 1:
+            ranges = _length_order.column_chunks(sorted_feature)
+        embedded["ours"] += trimmed(sorted_lengths, ranges)
+    return {name: real / value for name, value in embedded.items()}
+
+
+def bench_length_aware(args: argparse.Namespace) -> None:
+    model_path = args.model or _default_model_path()
+    print(
+        f"Length-aware embedding benchmark: model={Path(model_path).name} device={args.device} rounds={args.repeats}"
+        f" torch threads={torch.get_num_threads()}\n"
+        "step = zero_grad + forward + backward (no optimizer) on a seeded sample of the dataset; time = CPU seconds of"
+        " the process per step, the contenders of a group alternating step by step in one process after a 4-row"
+        " warm-up; ratio = median over rounds of (contender / baseline) in the same round; memory = peak growth"
+        " (resident set with MALLOC_MMAP_THRESHOLD_=131072, so it tracks live tensors) during the first full step,"
+        " one fresh process per contender; padding efficiency = real / embedded tokens over the whole step (both"
+        " GradCache passes counted)\n"
+        "ours = MultiPositiveCachedInfoNCELoss (IR, P=1, 1 hard negative) or PearsonSpearmanLoss (STS, default"
+        " four terms), sort_by_length=True (default); 'ours unsorted' = sort_by_length=False (the behaviour before"
+        " length-aware embedding)\n",
+        flush=True,
+    )
+    groups = [g for g in _LENGTH_AWARE_GROUPS if not args.la_datasets or g[0] in args.la_datasets]
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    for dataset, max_seq_length, batch, mini, contenders, targets in groups:
+        config = {
+            "model": model_path,
+            "device": args.device,
+            "dataset": dataset,
+            "max_seq_length": max_seq_length,
+            "batch": batch,
+            "mini_batch_size": mini,
+        }
+        timing = _run_worker("la-time", {**config, "contenders": contenders, "rounds": args.repeats})
+        times = timing["cpu_times"] if args.device == "cpu" else timing["times"]
+        peaks = {
+            name: _run_worker("la-memory", {**config, "contenders": [name]}, env=env)["peak_mib"]
+            for name in contenders
+        }
+        baseline = contenders[0]
+        for name in contenders:
+            ratios = [t / b for t, b in zip(times[name], times[baseline])]
+            tokens = timing["tokens"][name]
+            row = {
+                "dataset": dataset,
+                "max_seq_length": max_seq_length,
+                "batch": batch,
+                "mini": mini,
+                "loss": name,
+                "seconds": statistics.median(times[name]),
+                "time_ratio": statistics.median(ratios),
+                "ratio_range": (min(ratios), max(ratios)),
+                "peak_mib": peaks[name],
+                "memory_ratio": peaks[name] / peaks[baseline] if peaks[baseline] > 0 else float("nan"),
+                "efficiency": tokens["real"] / tokens["embedded"],
+                "baseline": baseline,
+                "targets": targets if name == "ours" else None,
+            }
+            rows.append(row)
+            print(f"  measured {row}", flush=True)
+
+    clock = "CPU s" if args.device == "cpu" else "s"
+    print(
+        f"\n| data | max len | batch / mini-batch | loss | padding efficiency | {clock}/step | time ratio (min-max) "
+        "| peak MiB | memory ratio | vs | target |"
+    )
+    print("|---" * 11 + "|")
+    for row in rows:
+        low, high = row["ratio_range"]
+        target = ""
+        if row["targets"]:
+            time_target, memory_target = row["targets"]
+            target = f"time <= {time_target}x: {'met' if row['time_ratio'] <= time_target else 'NOT met'}"
+            if memory_target is not None:
+                met = row["memory_ratio"] <= memory_target
+                target += f"; memory <= {memory_target}x: {'met' if met else 'NOT met'}"
+        print(
+            f"| {row['dataset']} | {row['max_seq_length']} | {row['batch']} / {row['mini']} | {row['loss']} "
+            f"| {100 * row['efficiency']:.0f}% | {row['seconds']:.2f} | {row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})"
+            f" | {row['peak_mib']:.0f} | {row['memory_ratio']:.2f}x | {row['baseline']} | {target} |"
+        )
+
+    if args.la_padding_batches:
+        print(
+            "\nPadding efficiency of the first pass at larger batches (counted, not timed): one forward per column "
+            "(ST MNRL / CoSENT), ST's mini-batches trimmed of trailing padding (ST CMNRL), ours (length-sorted)"
+        )
+        print("\n| data | max len | batch / mini-batch | one forward per column | ST mini-batches | ours |")
+        print("|---|---|---|---|---|---|")
+        for dataset, max_seq_length in (
+            ("en_snli", 128),
+            ("zh_simclue", 128),
+            ("en_stsb", 128),
+            ("scifact", 256),
+            ("scifact", 512),
+            ("scifact", 128),
+        ):
+            for batch, mini in args.la_padding_batches:
+                eff = _padding_efficiency(model_path, dataset, max_seq_length, batch, mini)
+                print(
+                    f"| {dataset} | {max_seq_length} | {batch} / {mini} | {100 * eff['full']:.0f}% "
+                    f"| {100 * eff['st_mini']:.0f}% | {100 * eff['ours']:.0f}% |",
+                    flush=True,
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loss", choices=["ir", "sts", "mid-nce", "all"], default="all")
+    parser.add_argument("--loss", choices=["ir", "sts", "mid-nce", "length-aware", "all"], default="all")
     parser.add_argument("--model", default=None, help="SentenceTransformer path (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-seq-length", type=int, default=64)
@@ -723,11 +1026,27 @@ def main() -> None:
     parser.add_argument("--mid-batch-sizes", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--mid-repeats", type=int, default=3, help="timing rounds of the MidNCE training steps")
     parser.add_argument("--mid-memory-repeats", type=int, default=2, help="fresh processes per MidNCE configuration")
+    parser.add_argument(
+        "--la-datasets", nargs="+", default=None, help="length-aware: only the row groups of these datasets"
+    )
+    parser.add_argument(
+        "--la-padding-batches",
+        type=lambda text: tuple(int(part) for part in text.split("/")),
+        nargs="*",
+        default=[(64, 16), (256, 32)],
+        help="length-aware: BATCH/MINI sizes of the counted (untimed) padding-efficiency table",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one IR measurement, in its own process (see _run_worker)
         config = json.loads(args.worker)
-        workers = {"time": _ir_time_worker, "memory": _ir_memory_worker, "mid-nce": _mid_nce_worker}
+        workers = {
+            "time": _ir_time_worker,
+            "memory": _ir_memory_worker,
+            "mid-nce": _mid_nce_worker,
+            "la-time": _length_aware_time_worker,
+            "la-memory": _length_aware_memory_worker,
+        }
         worker = workers[config["mode"]]
         print(json.dumps(worker(config)))
         return
@@ -737,6 +1056,8 @@ def main() -> None:
         bench_sts(args)
     if args.loss in ("mid-nce", "all"):
         bench_mid_nce(args)
+    if args.loss == "length-aware":  # not part of "all": it reads the shared training data
+        bench_length_aware(args)
 
 
 if __name__ == "__main__":

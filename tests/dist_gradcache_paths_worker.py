@@ -4,7 +4,8 @@ Usage: torchrun --nproc_per_node 2 tests/dist_gradcache_paths_worker.py MODEL_PA
 
 1. Path agreement (gathering, manual gradient averaging): rank 0 holds short texts, rank 1 long ones, and the token
    budget is set so that rank 0's local batch fits in one mini-batch per column and rank 1's does not. Every rank
-   records how many mini-batches it embedded without gradients (0 = single pass).
+   records how many mini-batches it embedded without gradients (0 = single pass). A third batch of uneven lengths
+   (both ranks fit) is embedded in length-sorted chunks in the single pass: more forward calls than columns.
 2. Real DDP (gathering, both find_unused_parameters settings): one no_sync micro-step then one synchronised
    micro-step, each back-propagating loss / 2, for the plain passes, kept graphs and the single pass. A counting comm
    hook records how many bucket all-reduces ran during each micro-step.
@@ -28,6 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
+from codiemb_st.losses import _length_order
 
 # (name, mini_batch_size, keep_graphs): 4 local rows x 4 columns.
 DDP_SCENARIOS = [("plain", 3, 0), ("kept", 3, 1), ("kept3", 3, 3), ("single", 4, 1)]
@@ -66,6 +68,9 @@ def main(model_path: str, batch_file: str, output_dir: str) -> None:
     data = json.loads(Path(batch_file).read_text())
     model = SentenceTransformer(model_path, device="cpu").double()
     model[0].auto_model.pooler = None  # the reload adds an unused pooler, which DDP would wait for
+    # Cut even these tiny columns into length-sorted chunks in the single pass (without DDP each rank chunks its own
+    # columns, so the ranks' numbers of forward calls differ; under DDP a column stays one chunk).
+    _length_order.CHUNK_OVERHEAD_TOKENS = 2
     result: dict = {}
 
     # 1. Path agreement. The budget is rank 0's largest column, so rank 0 alone would take the single pass.
@@ -75,13 +80,18 @@ def main(model_path: str, batch_file: str, output_dir: str) -> None:
         for r in range(world_size)
     ]
     result["column_tokens"] = column_tokens
-    for name, budget in (("mixed", max(column_tokens[0])), ("both_fit", 10**6)):
+    scenarios = (
+        ("mixed", max(column_tokens[0]), mixed),
+        ("both_fit", 10**6, mixed),
+        ("uneven", 10**6, data["uneven"]),
+    )
+    for name, budget, columns in scenarios:
         loss_fn = MultiPositiveCachedInfoNCELoss(
             model, num_positives=2, mini_batch_size=64, mini_batch_num_tokens=budget, gather_across_devices=True
         )
         counts = count_no_grad_embeddings(loss_fn)
         model.zero_grad()
-        loss = loss_fn([model.tokenize(column) for column in local_rows(mixed, rank, world_size)], None)
+        loss = loss_fn([model.tokenize(column) for column in local_rows(columns, rank, world_size)], None)
         loss.backward()
         result[name] = {
             "budget": budget,

@@ -223,6 +223,7 @@ def test_two_ranks_agree_on_the_path_and_ddp_syncs_once(tiny_model_path, tmp_pat
 
     data = {
         "mixed": _mixed_length_batch(),
+        "uneven": make_ir_columns(batch_size=8, num_positives=2, num_negatives=1, seed=44),
         "ddp": {
             "A": make_ir_columns(batch_size=8, num_positives=2, num_negatives=1, seed=42),
             "B": make_ir_columns(batch_size=8, num_positives=2, num_negatives=1, seed=43),
@@ -243,9 +244,13 @@ def test_two_ranks_agree_on_the_path_and_ddp_syncs_once(tiny_model_path, tmp_pat
     for output in outputs:
         assert output["mixed"]["counts"]["no_grad"] > 0
         assert output["both_fit"]["counts"]["no_grad"] == 0
-    for name in ("mixed", "both_fit"):
+    # Uneven lengths: length-sorted chunks in the single pass (the worker lowers the chunk overhead), more forward
+    # calls than the 4 columns on each rank.
+    assert all(output["uneven"]["counts"]["no_grad"] == 0 for output in outputs)
+    assert all(output["uneven"]["counts"]["with_grad"] > 4 for output in outputs)
+    for name, key in (("mixed", "mixed"), ("both_fit", "mixed"), ("uneven", "uneven")):
         loss_fn = MultiPositiveCachedInfoNCELoss(model, num_positives=2, mini_batch_size=3)
-        expected_loss, expected_grads = step(model, loss_fn, data["mixed"])
+        expected_loss, expected_grads = step(model, loss_fn, data[key])
         mean_loss = (outputs[0][name]["loss"] + outputs[1][name]["loss"]) / 2
         torch.testing.assert_close(mean_loss, expected_loss, atol=1e-9, rtol=1e-9)
         for output in outputs:

@@ -361,7 +361,9 @@ def test_config_and_citation():
         "mid_nce_temperature": 0.02,
         "mid_nce_threshold": 1.0,
         "mid_nce_layer": None,
+        "sort_by_length": True,
     }
+    assert PearsonSpearmanLoss(None, sort_by_length=False).get_config_dict()["sort_by_length"] is False
     config = PearsonSpearmanLoss(
         None, mid_nce_weight=0.5, mid_nce_temperature=0.1, mid_nce_threshold=4, mid_nce_layer=1
     )
@@ -559,7 +561,8 @@ def test_mid_nce_weight_zero_is_the_three_term_loss_exactly_and_requests_no_hidd
     sentences1, sentences2, labels = MID_NCE_BATCHES["anchors"]
     labels = torch.tensor(labels)
 
-    loss = PearsonSpearmanLoss(model, mid_nce_weight=0.0)
+    # sort_by_length=False: one forward per column, as the reference (length-sorted chunks are tested elsewhere).
+    loss = PearsonSpearmanLoss(model, mid_nce_weight=0.0, sort_by_length=False)
     value = loss(_features(model, sentences1, sentences2), labels)
     grads = parameter_grads(model, value)
     assert seen == [False, False]

@@ -26,7 +26,7 @@ from codiemb_st._compat import (
     minibatch_ranges,
 )
 from codiemb_st.citation import CODIEMB_CITATION
-from codiemb_st.losses import _input_checks
+from codiemb_st.losses import _input_checks, _length_order
 from codiemb_st.losses._autocast_replay import AutocastReplayMixin
 from codiemb_st.losses._sharding import check_gradient_caching_supported
 from codiemb_st.losses._text_identity import hash_columns
@@ -105,6 +105,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         mini_batch_num_tokens: int | None = None,
         show_progress_bar: bool = False,
         keep_graphs: int = 1,
+        sort_by_length: bool = True,
     ) -> None:
         """
         Multi-positive InfoNCE with hard and cross-device negatives, the IR objective of CoDiEmb
@@ -157,6 +158,24 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
                 not re-embedded. The first kept graph costs no extra peak memory; each further one holds the
                 activations of one more mini-batch. ``0`` gives sentence-transformers' plain two-pass GradCache in
                 every case (also when the step fits in one mini-batch). Loss and gradients never depend on it.
+            sort_by_length: If True (default), embed every column in length-sorted chunks (see "Length-aware
+                embedding" below). Loss and gradients do not depend on it (up to floating-point rounding); set it to
+                False to embed the columns in their own row order, as sentence-transformers' cached losses do.
+
+        Length-aware embedding:
+            A column is padded to its longest text, so on short, uneven texts most of what the encoder computes is
+            padding. With ``sort_by_length=True`` each column's rows are sorted by real (attention-mask) length,
+            shortest first, before the column is cut into mini-batches (by ``mini_batch_size`` rows or packed into
+            ``mini_batch_num_tokens`` tokens), and each mini-batch is embedded at the width of its own longest text.
+            The last mini-batch of a column then holds its longest texts, so a kept graph saves the most work.
+            In the single pass (below) a column that fits in one mini-batch is still embedded as several sorted
+            chunks, with boundaries chosen to minimise the padded tokens (a chunk boundary must save more padding
+            than the cost of a forward call); under DDP (whose forward calls must match across ranks) it stays one
+            chunk. The embeddings are put back in the original order before scoring. Leading (left) padding of
+            decoder embedders is trimmed only for models with rotary positions, with explicit ``position_ids`` that
+            keep every token's position in the full-width column; other left-padded models keep it. The kept graphs
+            and the replay work on the sorted mini-batches exactly as on unsorted ones (same RNG replay per
+            mini-batch). Flattened (``cu_seq_lens_q``) and multimodal inputs are left unsorted.
 
         Passes:
             GradCache (like :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`) embeds every
@@ -248,6 +267,8 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
             raise ValueError(
                 f"keep_graphs must be an integer >= 0 (0 = plain two-pass GradCache), got {keep_graphs!r}."
             )
+        if not isinstance(sort_by_length, bool):
+            raise TypeError(f"sort_by_length must be a bool, got {type(sort_by_length).__name__}.")
         if has_static_embedding_input(model):
             raise ValueError(
                 "MultiPositiveCachedInfoNCELoss cannot split the inputs of a StaticEmbedding model into mini-batches. "
@@ -263,6 +284,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         self.mask_duplicates = mask_duplicates
         self.show_progress_bar = show_progress_bar
         self.keep_graphs = keep_graphs
+        self.sort_by_length = sort_by_length
 
     @property
     def scale(self) -> float:
@@ -286,8 +308,12 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
 
         Falls back to :meth:`CachedLossMixin.forward_cached` without gradients (nothing to cache), with
         ``keep_graphs=0`` and under static-graph DDP (whose reducer expects the same backward calls every step).
+        With ``sort_by_length`` every column is sorted by length first (and ``labels`` travels wrapped with the sort
+        orders to :meth:`calculate_loss`, which restores the original order).
         """
         sentence_features = list(sentence_features)
+        if self.sort_by_length:
+            sentence_features, labels = _length_order.sort_columns(sentence_features, labels)
         model = getattr(self.model, "_orig_mod", self.model)
         static_graph_ddp = isinstance(model, DistributedDataParallel) and model.static_graph
         if not torch.is_grad_enabled() or self.keep_graphs == 0 or static_graph_ddp:
@@ -300,7 +326,45 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         ]
         ddp = isinstance(model, DistributedDataParallel)
         num_kept = self._num_kept_graphs(ranges, sentence_features, ddp)
+        single_pass = num_kept == sum(len(column_ranges) for column_ranges in ranges)
+        if (
+            self.sort_by_length
+            and single_pass
+            and not ddp
+            and all(len(column_ranges) == 1 for column_ranges in ranges)
+        ):
+            # Single pass over columns that fit in one mini-batch: embed them as several length-sorted chunks.
+            # (Under DDP every forward call may synchronise buffers, so the ranks' numbers of calls must match.)
+            ranges = [
+                self._padding_chunks(feature, column_ranges)
+                for feature, column_ranges in zip(sentence_features, ranges)
+            ]
+            num_kept = sum(len(column_ranges) for column_ranges in ranges)
         return self._forward_keeping_graphs(sentence_features, labels, ranges, num_kept, model)
+
+    def _padding_chunks(
+        self, feature: dict[str, Tensor], column_ranges: list[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """Length-sorted chunks of a column that fits in one mini-batch (the one range it has otherwise)."""
+        chunks = _length_order.column_chunks(feature)
+        return column_ranges if chunks is None else chunks
+
+    def embed_minibatch(
+        self,
+        sentence_feature: dict[str, Tensor],
+        begin: int,
+        end: int,
+        with_grad: bool,
+        copy_random_state: bool,
+        random_state: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """Embed rows ``begin:end``; with ``sort_by_length`` trimmed to the chunk's own padding (also leading padding
+        where positions can be kept, see "Length-aware embedding" in ``__init__``)."""
+        if self.sort_by_length and _length_order.real_lengths(sentence_feature) is not None:
+            keep_positions = _length_order.keeps_positions_with_position_ids(self.model)
+            sentence_feature = _length_order.chunk_feature(sentence_feature, begin, end, keep_positions)
+            begin, end = 0, end - begin
+        return super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
 
     def _num_kept_graphs(
         self, ranges: list[list[tuple[int, int]]], sentence_features: list[dict[str, Tensor]], ddp: bool
@@ -426,8 +490,15 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
     ) -> Tensor:
-        """GradCache hook: the loss from per-mini-batch embeddings; ``labels`` are the text identities."""
-        return self._loss([torch.cat(column) for column in reps], labels, with_backward=with_backward)
+        """GradCache hook: the loss from per-mini-batch embeddings; ``labels`` are the text identities.
+
+        With length-sorted columns ``labels`` is a ``SortedColumns`` holding the text identities and the columns' sort
+        orders; the embeddings are put back in the original row order before scoring.
+        """
+        columns = [torch.cat(column) for column in reps]
+        if isinstance(labels, _length_order.SortedColumns):
+            columns, labels = labels.restore(columns), labels.labels
+        return self._loss(columns, labels, with_backward=with_backward)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], text_ids: Tensor | None = None) -> Tensor:
         """Compute the loss from already computed embeddings (no gradient caching).
@@ -570,6 +641,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
             "objective": self.objective,
             "mask_duplicates": self.mask_duplicates,
             "keep_graphs": self.keep_graphs,
+            "sort_by_length": self.sort_by_length,
         }
 
     @property

@@ -18,10 +18,18 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import util
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from codiemb_st._compat import Pooling, SentenceTransformer, Transformer, all_gather_with_grad, embed_columns
+from codiemb_st._compat import (
+    Pooling,
+    SentenceTransformer,
+    Transformer,
+    all_gather_with_grad,
+    embed_columns,
+    is_adaptive_layer_loss_active,
+)
 from codiemb_st.citation import CODIEMB_CITATION
-from codiemb_st.losses import _input_checks
+from codiemb_st.losses import _input_checks, _length_order
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +387,7 @@ class PearsonSpearmanLoss(nn.Module):
         mid_nce_temperature: float = 0.02,
         mid_nce_threshold: float = 1.0,
         mid_nce_layer: int | None = None,
+        sort_by_length: bool = True,
     ) -> None:
         """
         CoDiEmb's order-aware loss for semantic textual similarity (STS). STS is judged by the Spearman correlation
@@ -461,6 +470,22 @@ class PearsonSpearmanLoss(nn.Module):
             mid_nce_layer: Index into the hidden-states tuple (0 = embedding output, ``len - 1`` = last layer;
                 negative indices count from the end). Default None: ``len(hidden_states) // 2``, as in the official
                 code.
+            sort_by_length: If True (default), embed each column in length-sorted chunks (see "Length-aware
+                embedding" below). The loss and its gradients do not depend on it (up to floating-point rounding); set
+                it to False to embed each column in one forward pass in its own row order, as sentence-transformers'
+                losses do.
+
+        Length-aware embedding:
+            A column is padded to its longest text, so on short, uneven STS pairs most of what the encoder computes
+            is padding. With ``sort_by_length=True`` each column's rows are sorted by real (attention-mask) length,
+            shortest first, and cut into chunks whose boundaries minimise the padded tokens (a boundary must save more
+            padding than the cost of a forward call); each chunk is embedded with gradients at the width of its own
+            longest text, and its middle layer (MidNCE) is pooled from the same forward pass. The embeddings are put
+            back in the original order before scoring. Leading (left) padding of decoder embedders is trimmed only
+            for models with rotary positions, with explicit ``position_ids`` that keep every token's position in the
+            full-width column. A column that needs no sorting and fits one chunk is embedded exactly as with
+            ``sort_by_length=False``, as are batches under DDP (whose forward calls must match across ranks), inside
+            ``AdaptiveLayerLoss`` (which caches the per-column feature dicts) and flattened or multimodal inputs.
 
         References:
             - CoDiEmb: https://arxiv.org/abs/2508.11442 (official code: https://github.com/TencentCloudADP/youtu-embedding)
@@ -535,6 +560,8 @@ class PearsonSpearmanLoss(nn.Module):
             raise TypeError(f"`mid_nce_layer` must be an int or None, got {type(mid_nce_layer).__name__}.")
         if not isinstance(gather_across_devices, bool):
             raise TypeError(f"`gather_across_devices` must be a bool, got {type(gather_across_devices).__name__}.")
+        if not isinstance(sort_by_length, bool):
+            raise TypeError(f"`sort_by_length` must be a bool, got {type(sort_by_length).__name__}.")
         if not isinstance(return_dict, bool):
             raise TypeError(f"`return_dict` must be a bool, got {type(return_dict).__name__}.")
         _input_checks.check_inverse_temperature(type(self).__name__, temperature)
@@ -554,6 +581,7 @@ class PearsonSpearmanLoss(nn.Module):
         self.mid_nce_temperature = float(mid_nce_temperature)
         self.mid_nce_threshold = float(mid_nce_threshold)
         self.mid_nce_layer = mid_nce_layer
+        self.sort_by_length = sort_by_length
         if model is not None and self.mid_nce_weight > 0:
             # Fail before training starts: the model can expose hidden states and the layer exists.
             transformer, _ = _hidden_state_modules(model)
@@ -574,7 +602,10 @@ class PearsonSpearmanLoss(nn.Module):
             )
         if self.mid_nce_weight == 0:
             # Exactly the three-term path: no hidden states requested.
-            embeddings = embed_columns(self.model, sentence_features)
+            if self._sorts(sentence_features):
+                embeddings = [self._embed_sorted(features)[0] for features in sentence_features]
+            else:
+                embeddings = embed_columns(self.model, sentence_features)
             return self.compute_loss_from_embeddings(embeddings, labels)
         embeddings, middle_embeddings = self.embed_with_middle_layer(sentence_features)
         return self.compute_loss_from_embeddings(embeddings, labels, middle_embeddings=middle_embeddings)
@@ -596,24 +627,69 @@ class PearsonSpearmanLoss(nn.Module):
             middle-layer embeddings.
         """
         transformer, pooling = _hidden_state_modules(self.model)
+        if self._sorts(sentence_features):
+            pairs = [self._embed_sorted(features, transformer, pooling) for features in sentence_features]
+            return [final for final, _ in pairs], [middle for _, middle in pairs]
         final, middle = [], []
         for features in sentence_features:
-            with _hidden_states_requested(transformer):
-                output = self.model(features)
-            # Read, not popped: wrappers such as MatryoshkaLoss and AdaptiveLayerLoss cache this very dict and read
-            # ``all_layer_embeddings`` from it again on their next call.
-            hidden_states = output.get("all_layer_embeddings")
-            if hidden_states is None:
-                raise ValueError(
-                    f"`mid_nce_weight` > 0 needs hidden states, but the Transformer module "
-                    f"({type(transformer.model).__name__}) returned none with `output_hidden_states=True`. "
-                    "Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
-                )
-            layer_features = {key: value for key, value in output.items() if key not in _FINAL_LAYER_KEYS}
-            layer_features["token_embeddings"] = hidden_states[self._middle_layer_index(len(hidden_states))]
-            middle.append(pooling(layer_features)["sentence_embedding"])
-            final.append(output["sentence_embedding"])
+            final_embeddings, middle_embeddings = self._embed_with_middle(features, transformer, pooling)
+            final.append(final_embeddings)
+            middle.append(middle_embeddings)
         return final, middle
+
+    def _sorts(self, sentence_features: list[dict[str, Tensor]]) -> bool:
+        """Whether this batch is embedded in length-sorted chunks (see "Length-aware embedding" in ``__init__``)."""
+        if not self.sort_by_length:
+            return False
+        model = getattr(self.model, "_orig_mod", self.model)
+        if isinstance(model, DistributedDataParallel) or is_adaptive_layer_loss_active(self.model):
+            return False
+        return all(_length_order.real_lengths(features) is not None for features in sentence_features)
+
+    def _embed_sorted(
+        self, features: dict[str, Tensor], transformer: Transformer | None = None, pooling: Pooling | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """One column's final (and, given ``transformer`` and ``pooling``, middle-layer) embeddings, computed in
+        length-sorted chunks and returned in the column's own row order."""
+        sorted_features, order = _length_order.sort_by_length(features)
+        ranges = _length_order.column_chunks(sorted_features)
+        if order is None and len(ranges) == 1:  # nothing to gain: the plain call
+            chunks = [features]
+        else:
+            keep_positions = _length_order.keeps_positions_with_position_ids(self.model)
+            chunks = [
+                _length_order.chunk_feature(sorted_features, begin, end, keep_positions) for begin, end in ranges
+            ]
+        finals, middles = [], []
+        for chunk in chunks:
+            if transformer is None:
+                finals.append(self.model(chunk)["sentence_embedding"])
+            else:
+                final, middle = self._embed_with_middle(chunk, transformer, pooling)
+                finals.append(final)
+                middles.append(middle)
+        final = _length_order.restore_order(torch.cat(finals), order)
+        middle = _length_order.restore_order(torch.cat(middles), order) if middles else None
+        return final, middle
+
+    def _embed_with_middle(
+        self, features: dict[str, Tensor], transformer: Transformer, pooling: Pooling
+    ) -> tuple[Tensor, Tensor]:
+        """One forward pass with hidden states: the final embeddings and the pooled middle layer."""
+        with _hidden_states_requested(transformer):
+            output = self.model(features)
+        # Read, not popped: wrappers such as MatryoshkaLoss and AdaptiveLayerLoss cache this very dict and read
+        # ``all_layer_embeddings`` from it again on their next call.
+        hidden_states = output.get("all_layer_embeddings")
+        if hidden_states is None:
+            raise ValueError(
+                f"`mid_nce_weight` > 0 needs hidden states, but the Transformer module "
+                f"({type(transformer.model).__name__}) returned none with `output_hidden_states=True`. "
+                "Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
+            )
+        layer_features = {key: value for key, value in output.items() if key not in _FINAL_LAYER_KEYS}
+        layer_features["token_embeddings"] = hidden_states[self._middle_layer_index(len(hidden_states))]
+        return output["sentence_embedding"], pooling(layer_features)["sentence_embedding"]
 
     def _middle_layer_index(self, num_hidden_states: int) -> int:
         if self.mid_nce_layer is None:
@@ -754,6 +830,7 @@ class PearsonSpearmanLoss(nn.Module):
             "mid_nce_temperature": self.mid_nce_temperature,
             "mid_nce_threshold": self.mid_nce_threshold,
             "mid_nce_layer": self.mid_nce_layer,
+            "sort_by_length": self.sort_by_length,
         }
 
     @property
