@@ -1,5 +1,6 @@
-"""MkDocs hook: ``<!-- cli-help COMMAND -->`` in a page becomes that subcommand's ``--help``, so the command-line
-page cannot drift from the parser. Building the parser imports neither torch nor mteb."""
+"""MkDocs hook: ``<!-- cli-help COMMAND -->`` in a page becomes that subcommand's ``--help``, and
+``<!-- cli-help-all -->`` a heading and the ``--help`` of every subcommand, so the command-line page cannot drift
+from the parser (a new subcommand appears by itself). Building the parser imports neither torch nor mteb."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 _MARKER = re.compile(r"<!-- cli-help (\w+) -->")
+_ALL_MARKER = "<!-- cli-help-all -->"
 
 
 def _help_texts(repo_root: Path) -> dict[str, str]:
@@ -32,9 +34,11 @@ def _help_texts(repo_root: Path) -> dict[str, str]:
 
 
 def on_page_markdown(markdown, page, config, files, **kwargs):
-    if not _MARKER.search(markdown):
+    if not _MARKER.search(markdown) and _ALL_MARKER not in markdown:
         return markdown
     texts = _help_texts(Path(config.config_file_path).resolve().parent)
+    every = "\n\n".join(f"### `codiemb-st {name}`\n\n<!-- cli-help {name} -->" for name in texts if name)
+    markdown = markdown.replace(_ALL_MARKER, every)
 
     def replace(match: re.Match) -> str:
         name = match.group(1)
