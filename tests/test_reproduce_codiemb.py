@@ -355,3 +355,60 @@ def test_baseline_and_ablation_runs_build_their_own_sts_loss(tiny_model):
     assert isinstance(recipe.build_task_losses(tiny_model, data, sts_loss="cosent")["s"], CoSENTLoss)
     assert rc.RUNS["codiemb_cosent"].sts_loss == "cosent" and rc.RUNS["mixed"].sampler == "proportional"
     assert [run for run, spec in rc.RUNS.items() if not spec.ablation] == ["ir_only", "sts_only", "naive", "codiemb"]
+
+
+def _files(folder: Path) -> dict[str, int | bytes]:
+    """Every file under ``folder`` with its modification time (ns): a reused result is not rewritten. The dev and
+    test-sample task folders, written anew by every invocation, are compared by their bytes."""
+    rewritten = ("dev_data", "test_samples")
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if set(p.parts) & set(rewritten) else p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_runs_merges_and_caches_written_by_the_old_scripts_are_reused(tiny_setup, tmp_path, capsys):
+    # The scripts before codiemb_st.experiments (from git) write a reproduction and a fusion study; the new scripts,
+    # run with the same command lines on the same folders, recognise every run, soup, merge and evaluation (nothing
+    # is trained, merged or evaluated again) and write the same results.
+    from legacy_studies import load_legacy_script
+
+    old_rc, old_fusion = (
+        load_legacy_script("reproduce_codiemb", tmp_path),
+        load_legacy_script("fusion_study", tmp_path),
+    )
+    out, study, committed = tmp_path / "run", tmp_path / "fusion", tmp_path / "committed"
+    argv = _argv(tiny_setup, out, "--seeds", "1", "2", "--runs", "sts_only", "ir_only", "codiemb", "--corpus-cap", "9")
+    assert old_rc.main(argv) == 0
+    old_results = json.loads((out / "en" / "results.json").read_text())
+    old_report = (out / "en" / "results.md").read_text()
+    before = _files(out)
+    capsys.readouterr()
+    assert rc.main(argv) == 0
+    assert capsys.readouterr().err.count("reusing the finished run") == 2 * 3
+    after = _files(out)
+    assert {name: after[name] for name in before if not name.startswith(("results.", "en/results."))} == {
+        name: stamp for name, stamp in before.items() if not name.startswith(("results.", "en/results."))
+    }
+    new_results = json.loads((out / "en" / "results.json").read_text())
+    assert new_results.pop("wall_seconds") >= 0 and old_results.pop("wall_seconds") >= 0
+    assert new_results == old_results
+
+    def without_wall_time(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("Wall time of this invocation")]
+
+    assert without_wall_time((out / "en" / "results.md").read_text()) == without_wall_time(old_report)
+
+    fusion_argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
+    fusion_argv += ["--methods", "delta_soup", "model_stock", "cocktail_5", "--greedy", "model_soup"]
+    assert old_fusion.main(fusion_argv) == 0
+    old_fused = json.loads((committed / "results.json").read_text())
+    before = _files(study)
+    assert fusion.main(fusion_argv) == 0
+    assert _files(study) == before  # every merge, greedy soup, example file and evaluation reused
+    new_fused = json.loads((committed / "results.json").read_text())
+    assert (
+        len(new_fused.pop("wall_seconds_by_invocation")) == 2 == 1 + len(old_fused.pop("wall_seconds_by_invocation"))
+    )
+    assert new_fused == old_fused

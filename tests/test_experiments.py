@@ -1,0 +1,140 @@
+"""codiemb_st.experiments: the result store's keys equal the ones the old study scripts wrote, the dev hold-out and
+dev tasks are the old ones, the training tail resumes, and the layer's imports flow one way."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+from legacy_studies import load_legacy_script
+
+from codiemb_st.evaluation import load_local_task
+from codiemb_st.experiments import (
+    FUSION_DEV_SEED,
+    ExperimentError,
+    finished_run,
+    merge_once,
+    read_training_file,
+    record_fingerprint,
+    split_dev,
+    weights_key,
+    write_dev_tasks,
+)
+from codiemb_st.file_io import write_json_atomic
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("legacy")
+    return load_legacy_script("reproduce_codiemb", folder), load_legacy_script("fusion_study", folder)
+
+
+def _folder(path: Path, records: dict[str, object], weights: bytes = b"w") -> Path:
+    path.mkdir(parents=True)
+    for name, value in records.items():
+        write_json_atomic(path / name, value)
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "sub").mkdir()
+    (path / "sub" / "model.safetensors").write_bytes(weights[::-1])
+    return path
+
+
+def test_record_fingerprint_equals_the_keys_the_old_scripts_wrote(legacy, tmp_path):
+    old_rc, old_fusion = legacy
+    run = _folder(tmp_path / "run", {"run_config.json": {"run": "codiemb", "seed": 1}, "train_log.json": {"s": 2}})
+    checkpoint = _folder(tmp_path / "run@1", {"train_log.json": {"step": 1, "of": "run"}})
+    soup = _folder(
+        tmp_path / "soup", {"merge_config.json": {"method": "ModelSoup"}, "soup_config.json": {"ingredients": ["a"]}}
+    )
+    base = _folder(tmp_path / "base", {}, weights=b"base weights")
+    # The reproduction fingerprinted trained runs, soups (evaluation keys) and the base; the fusion study fingerprinted
+    # its ingredients (trained runs and kept checkpoints) in its merge keys.
+    for folder in (run, checkpoint, soup, base):
+        assert record_fingerprint(folder) == old_rc._fingerprint(folder)
+    for folder in (run, checkpoint, base):
+        assert record_fingerprint(folder) == old_fusion.fingerprint(folder)
+    assert record_fingerprint(run) != record_fingerprint(checkpoint) != record_fingerprint(soup)
+    write_json_atomic(run / "train_log.json", {"s": 3})  # retrained: a new fingerprint
+    assert record_fingerprint(run) == old_rc._fingerprint(run) != old_rc._fingerprint(checkpoint)
+    for length in (64, 128):
+        assert weights_key(run, length) == old_fusion.content_key(run, length)
+    assert weights_key(run, 64) != weights_key(run, 128) != weights_key(base, 128)
+    # Equal weights, another history: one weights key, two fingerprints.
+    twin = _folder(tmp_path / "twin", {"run_config.json": {"run": "other"}})
+    assert weights_key(twin, 64) == weights_key(run, 64) and record_fingerprint(twin) != record_fingerprint(run)
+
+
+def test_dev_hold_out_and_dev_tasks_are_the_old_ones(legacy, tmp_path):
+    old_rc, old_fusion = legacy
+    records = [{"query": f"q{i}", "positives": [f"p{i % 7}"], "negatives": [f"n{i}"]} for i in range(53)]
+    for size in (0, 5, 30):
+        assert split_dev(records, size, "file") == old_rc.split_dev(records, size, "file")
+        fused = old_fusion.split_dev(records, size, "file.jsonl.gz")
+        assert split_dev(records, size, "file.jsonl.gz", FUSION_DEV_SEED) == fused
+    sts = {"s": [{"sentence1": "a", "sentence2": "b", "score": 1.0}, {"sentence1": "c", "sentence2": "d", "score": 3}]}
+    ir = {"f": split_dev(records, 8, "f")[1], "g": records[:3]}
+    new = write_dev_tasks(tmp_path / "new", "en", sts, ir)
+    for label, old in (("rc", old_rc.write_dev_tasks(tmp_path / "rc", "en", sts, ir)),
+                       ("fusion", old_fusion.write_dev_tasks(tmp_path / "fusion", sts, ir))):  # fmt: skip
+        assert [p.name for p in new] == [p.name for p in old], label
+        for a, b in zip(new, old):
+            files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+            assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+            assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), (label, a.name)
+    assert load_local_task(new[1]).dataset["default"]["dev"]["queries"].num_rows == 11
+    assert write_dev_tasks(tmp_path / "sts_only", "en", sts, {})[-1].name == "dev-s"  # no IR records, no IR task
+
+
+def test_missing_training_file_names_the_file(tmp_path):
+    with pytest.raises(ExperimentError, match=r"nope\.jsonl\.gz not found"):
+        read_training_file(tmp_path / "nope.jsonl.gz")
+
+
+def test_finished_runs_and_merges_are_reused_only_with_their_configuration(tmp_path):
+    output = tmp_path / "run"
+    assert finished_run(output, {"lr": 1}) is None
+    output.mkdir()
+    write_json_atomic(output / "run_config.json", {"lr": 1})
+    (output / "partial.bin").write_bytes(b"x")
+    assert finished_run(output, {"lr": 1}) is None and not output.exists()  # no done marker: cleared
+    output.mkdir()
+    write_json_atomic(output / "run_config.json", {"lr": 1})
+    write_json_atomic(output / "train_log.json", {"steps": 3})
+    assert finished_run(output, {"lr": 1}) == {"steps": 3}
+    assert finished_run(output, {"lr": 2}) is None and not output.exists()
+
+    class Recorder:
+        calls = 0
+
+        def merge_to_folder(self, ingredients, folder, base_model, show_progress_bar):
+            Recorder.calls += 1
+            folder.mkdir(parents=True)
+            (folder / "model.safetensors").write_bytes(b"m")
+
+    merged = tmp_path / "merged"
+    for record in ({"a": 1}, {"a": 1}, {"a": 2}):
+        assert merge_once(Recorder(), [], "base", merged, "soup_config.json", record) == record
+    assert Recorder.calls == 2 and json.loads((merged / "soup_config.json").read_text()) == {"a": 2}
+
+
+def test_the_library_never_imports_experiments_and_scripts_never_import_each_other():
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    library = [p for p in (root / "codiemb_st").rglob("*.py") if "experiments" not in p.parts]
+    assert library and not [p for p in library if any(m.startswith("codiemb_st.experiments") for m in imports(p))]
+    experiments = list((root / "codiemb_st" / "experiments").glob("*.py"))
+    assert not [p for p in experiments if any(m.startswith("codiemb_st.cli") for m in imports(p))]
+    scripts = {p.stem for p in (root / "benchmarks").glob("*.py")}
+    assert not [p for p in (root / "benchmarks").glob("*.py") if imports(p) & scripts]
+    assert all(len(p.read_text("utf-8").splitlines()) <= 500 for p in experiments)
