@@ -207,6 +207,7 @@ class Study:
     _train_records: dict[str, list[dict[str, Any]]] | None = None
 
     def training_records(self) -> dict[str, list[dict[str, Any]]]:
+        """The training records by file name (read once, on first use)."""
         if self._train_records is None:
             if self.train_records is None:
                 raise ExperimentError("this study has no training records to draw CocktailSoup's examples from.")

@@ -189,6 +189,8 @@ def ingredient_label(path: str) -> str:
 
 
 def report(results: dict[str, Any]) -> str:
+    """The study's Markdown report: per set, each family's setting picked on dev with its Δ vs Model Soup; the
+    paired-by-seed comparisons; training time; the ingredients' own scores."""
     noise = results.get("noise", {})
     lines = [
         f"# Fusion study, {results.get('track', 'en')} track",

@@ -64,6 +64,7 @@ def claims(results: dict[str, dict[int, dict[str, Any]]], names: Sequence[str]) 
 
 
 def report(track: Track, results: dict[str, dict[int, dict[str, Any]]], test: list, dev: list, meta: dict) -> str:
+    """The track's Markdown report: test and dev tables (mean ± std over seeds), geometry, the claims and time."""
     labels = list(results)
     seeds = {label: sorted(results[label]) for label in labels}
     lines = [f"## Track {track.name}", ""]
@@ -119,6 +120,8 @@ def report(track: Track, results: dict[str, dict[int, dict[str, Any]]], test: li
 
 
 def resolve_base(track: Track, args, out: Path) -> str:
+    """The base model: ``--base-model``, the packaged all-MiniLM-L6-v2 (en), or multilingual-e5-small built into
+    ``out`` on first use (zh)."""
     if args.base_model:
         return args.base_model
     if track.name == "en":
@@ -143,6 +146,8 @@ def resolve_base(track: Track, args, out: Path) -> str:
 
 
 def run_track(track: Track, args, command: str) -> dict[str, Any]:
+    """Train, merge and evaluate one track (reusing every finished run, soup and evaluation), write its results.md,
+    results.json and results.png, print the report, and return the summary (results.json)."""
     from codiemb_st.evaluation import geometry_text_sample, prepare_task
     from codiemb_st.evaluation.report import bar_chart
 
@@ -283,6 +288,7 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
 
 
 def machine() -> str:
+    """One line naming the device the study ran on."""
     import torch
 
     if torch.cuda.is_available():

@@ -124,6 +124,7 @@ class CachedEvaluator:
         self.primary_metric = MEAN_TASK_TYPE
 
     def metrics(self, scores) -> dict[str, float]:
+        """Main scores by task plus their IR, STS and task-type means."""
         metrics = {s.name: s.main_score for s in scores}
         return metrics | aggregate_main_scores(metrics, {s.name: s.type for s in scores})
 

@@ -70,7 +70,6 @@ def train_to_folder(
     *,
     extra_log: dict[str, Any] | None = None,
     keep_steps: Sequence[int] = (),
-    checkpoint_folder: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with sentence-transformers' trainer and save the finished run into ``output``.
 
@@ -79,8 +78,7 @@ def train_to_folder(
 
     Args:
         keep_steps: Intermediate checkpoints to keep (the trainer must save at these steps): checkpoint ``i`` (from
-            1) is copied to ``<checkpoint_folder>@<i>`` with a ``train_log.json`` naming its step.
-        checkpoint_folder: Prefix of the kept checkpoints' folders (default ``output``).
+            1) is copied to ``<output>@<i>`` with a ``train_log.json`` naming its step.
 
     Returns:
         The training log.
@@ -94,9 +92,8 @@ def train_to_folder(
     trainer.train()
     seconds = time.perf_counter() - tick
     model.save(str(output))
-    prefix = checkpoint_folder or output
     for index, step in enumerate(keep_steps, start=1):
-        target = prefix.parent / f"{prefix.name}@{index}"
+        target = output.parent / f"{output.name}@{index}"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(
             output / "trainer" / f"checkpoint-{step}",
