@@ -359,13 +359,13 @@ def test_baseline_and_ablation_runs_build_their_own_sts_loss(tiny_model):
 
 def _files(folder: Path) -> dict[str, int | bytes]:
     """Every file under ``folder`` with its modification time (ns): a reused result is not rewritten. The dev and
-    test-sample task folders, written anew by every invocation, are compared by their bytes."""
-    rewritten = ("dev_data", "test_samples")
-    return {
-        str(p.relative_to(folder)): p.read_bytes() if set(p.parts) & set(rewritten) else p.stat().st_mtime_ns
-        for p in folder.rglob("*")
-        if p.is_file()
-    }
+    test-sample task folders (the fusion study's dev-<caps>), written anew by every invocation, are compared by their bytes."""
+
+    def rewritten(relative: Path) -> bool:
+        return bool({"dev_data", "test_samples"} & set(relative.parts)) or relative.parts[0].startswith("dev-")
+
+    files = {p.relative_to(folder): p for p in folder.rglob("*") if p.is_file()}
+    return {str(r): p.read_bytes() if rewritten(r) else p.stat().st_mtime_ns for r, p in files.items()}
 
 
 def test_runs_merges_and_caches_written_by_the_old_scripts_are_reused(tiny_setup, tmp_path, capsys):
@@ -412,3 +412,55 @@ def test_runs_merges_and_caches_written_by_the_old_scripts_are_reused(tiny_setup
         len(new_fused.pop("wall_seconds_by_invocation")) == 2 == 1 + len(old_fused.pop("wall_seconds_by_invocation"))
     )
     assert new_fused == old_fused
+
+
+def test_trained_fusion_study_keeps_checkpoints_and_reuses_the_old_scripts_runs(tiny_setup, tmp_path, monkeypatch):
+    # The trained study (its own ingredient runs, intermediate checkpoints, its own dev hold-out) on the tiny files,
+    # first by the old script, then by the new one on the same folders: nothing is trained, merged or evaluated again.
+    from legacy_studies import load_legacy_script
+
+    import codiemb_st.experiments.fusion as fusion_module
+
+    _, model, files, data = tiny_setup
+    old_fusion = load_legacy_script("fusion_study", tmp_path)
+    for module in (old_fusion, fusion_module):
+        monkeypatch.setattr(module, "IR_FILES", [files["ir"]])
+        monkeypatch.setattr(module, "STS_FILES", [files["sts"]])
+        monkeypatch.setattr(module, "TEST_TASKS", ["TinySTS", "TinyRetrieval"])
+        monkeypatch.setattr(module, "EVAL", data)
+    out, committed = tmp_path / "fusion", tmp_path / "committed"
+    argv = ["--output-dir", str(out), "--results-dir", str(committed), "--base-model", str(model)]
+    argv += ["--sets", "S3_steps", "--methods", "delta_soup", "--greedy", "none", "--max-steps", "3"]
+    argv += ["--ir-batch-size", "4", "--sts-batch-size", "6", "--max-seq-length", "16", "--eval-max-seq-length", "16"]
+    argv += ["--dev-sts-pairs", "8", "--dev-ir-records", "8", "--dev-eval-ir-records", "4", "--corpus-cap", "9"]
+    assert old_fusion.main(argv) == 0
+    old_results = json.loads((committed / "results.json").read_text())
+    before = _files(out)
+    assert fusion.main(argv) == 0
+    assert _files(out) == before
+    new_results = json.loads((committed / "results.json").read_text())
+    assert len(new_results.pop("wall_seconds_by_invocation")) == 2
+    old_results.pop("wall_seconds_by_invocation")
+    assert new_results == old_results
+    # The seeds' runs and the kept checkpoints at 1/3 and 2/3 of training (steps 1 and 2 of 3).
+    models = out / "models"
+    assert {p.name for p in models.iterdir()} == {
+        "codiemb_s1",
+        "codiemb_s1@1",
+        "codiemb_s1@2",
+        "codiemb_s2",
+        "codiemb_s3",
+    }
+    assert [json.loads((models / f"codiemb_s1@{i}" / "train_log.json").read_text()) for i in (1, 2)] == [
+        {"step": 1, "of": "codiemb_s1"},
+        {"step": 2, "of": "codiemb_s1"},
+    ]
+    assert json.loads((models / "codiemb_s1" / "train_log.json").read_text())["steps"] == 3
+    assert new_results["sets"]["S3_steps"]["ingredients"] == ["codiemb_s1@1", "codiemb_s1@2", "codiemb_s1"]
+    # Retraining changes a fingerprint: a new --lr retrains the runs, and the merges are redone.
+    assert fusion.main([*argv, "--lr", "2e-4"]) == 0
+    assert json.loads((models / "codiemb_s1" / "run_config.json").read_text())["lr"] == 2e-4
+    assert (
+        _files(out / "merged")["S3_steps/delta_soup/study_merge.json"]
+        != before["merged/S3_steps/delta_soup/study_merge.json"]
+    )
