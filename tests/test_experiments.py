@@ -4,8 +4,10 @@ dev tasks are the old ones, the training tail resumes, and the layer's imports f
 from __future__ import annotations
 
 import ast
+import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from legacy_studies import load_legacy_script
@@ -15,6 +17,7 @@ from codiemb_st.experiments import (
     FUSION_DEV_SEED,
     ExperimentError,
     finished_run,
+    hold_out,
     merge_once,
     read_training_file,
     record_fingerprint,
@@ -85,6 +88,29 @@ def test_dev_hold_out_and_dev_tasks_are_the_old_ones(legacy, tmp_path):
             assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), (label, a.name)
     assert load_local_task(new[1]).dataset["default"]["dev"]["queries"].num_rows == 11
     assert write_dev_tasks(tmp_path / "sts_only", "en", sts, {})[-1].name == "dev-s"  # no IR records, no IR task
+
+
+def test_hold_out_reads_and_splits_files_as_both_old_scripts_did(legacy, tmp_path, monkeypatch):
+    old_rc, old_fusion = legacy
+    paths = []
+    for name in ("a_ir", "b_ir"):
+        paths.append(tmp_path / f"{name}.jsonl.gz")
+        with gzip.open(paths[-1], "wt", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"query": f"{name}{i}", "positives": ["p"]}) + "\n" for i in range(40))
+    train, dev = hold_out(paths, 6)
+    assert list(train) == ["a_ir", "b_ir"] and all(len(dev[name]) == 6 for name in dev)
+    for path in paths:
+        records = old_rc.read_training_file(path)
+        assert (train[path.name[:4]], dev[path.name[:4]]) == old_rc.split_dev(records, 6, path.name[:4])
+    monkeypatch.setattr(old_fusion, "IR_FILES", paths[:1])
+    monkeypatch.setattr(old_fusion, "STS_FILES", paths[1:])
+    args = SimpleNamespace(dev_ir_records=5, dev_sts_pairs=7)
+    ir, ir_dev = hold_out(paths[:1], 5, FUSION_DEV_SEED, seed_by_file_name=True)
+    sts, sts_dev = hold_out(paths[1:], 7, FUSION_DEV_SEED, seed_by_file_name=True)
+    assert old_fusion.load_data(args) == (ir, sts, ir_dev, sts_dev)
+    assert ir_dev != hold_out(paths[:1], 5, FUSION_DEV_SEED)[1]  # the file name, not the dataset name, seeds it
+    with pytest.raises(ExperimentError, match="missing.jsonl not found"):
+        hold_out([*paths, tmp_path / "missing.jsonl"], 5)
 
 
 def test_missing_training_file_names_the_file(tmp_path):

@@ -25,6 +25,7 @@ from codiemb_st.experiments.errors import ExperimentError
 from codiemb_st.experiments.held_out import (
     FUSION_DEV_SEED,
     REPRODUCTION_DEV_SEED,
+    hold_out,
     read_training_file,
     sample_sts_tasks,
     split_dev,
@@ -51,6 +52,7 @@ __all__ = [
     "compare",
     "count_task_updates",
     "finished_run",
+    "hold_out",
     "load_base",
     "means",
     "merge_once",

@@ -22,10 +22,9 @@ from typing import Any
 
 from codiemb_st.evaluation.aggregates import aggregate_main_scores
 from codiemb_st.experiments.errors import ExperimentError
-from codiemb_st.experiments.held_out import FUSION_DEV_SEED, REPRODUCTION_DEV_SEED, split_dev, write_dev_tasks
+from codiemb_st.experiments.held_out import FUSION_DEV_SEED, REPRODUCTION_DEV_SEED, hold_out, write_dev_tasks
 from codiemb_st.experiments.store import CachedEvaluator, merge_once, record_fingerprint
 from codiemb_st.experiments.training import finished_run, load_base, train_to_folder
-from codiemb_st.recipe import dataset_name
 from codiemb_st.shared_data import find_shared_data
 
 SHARED_DATA = find_shared_data() or Path("shared/data")
@@ -75,19 +74,8 @@ SEEDS = ("codiemb_s1", "codiemb_s2", "codiemb_s3")
 
 def load_data(args) -> tuple[dict, dict, dict, dict]:
     """The en training files split into (IR train, STS train, IR dev, STS dev) by the fusion study's hold-out."""
-    from codiemb_st import read_records
-
-    ir, sts, ir_dev, sts_dev = {}, {}, {}, {}
-    for path in IR_FILES:
-        records = [dict(r) for _, r in read_records(path)]
-        ir[dataset_name(path)], ir_dev[dataset_name(path)] = split_dev(
-            records, args.dev_ir_records, path.name, FUSION_DEV_SEED
-        )
-    for path in STS_FILES:
-        records = [dict(r) for _, r in read_records(path)]
-        sts[dataset_name(path)], sts_dev[dataset_name(path)] = split_dev(
-            records, args.dev_sts_pairs, path.name, FUSION_DEV_SEED
-        )
+    ir, ir_dev = hold_out(IR_FILES, args.dev_ir_records, FUSION_DEV_SEED, seed_by_file_name=True)
+    sts, sts_dev = hold_out(STS_FILES, args.dev_sts_pairs, FUSION_DEV_SEED, seed_by_file_name=True)
     return ir, sts, ir_dev, sts_dev
 
 
@@ -322,16 +310,9 @@ def study_from_reproduction(args, out: Path) -> Study:
 
     def train_records() -> dict[str, list[dict[str, Any]]]:
         """The reproduction's training records: its files minus its dev hold-out (same rule and sizes)."""
-        from codiemb_st import read_records
-
         track, config = summary["track_config"], summary["config"]
-        records = {}
-        for key, dev_size in (("ir_files", config["dev_ir_records"]), ("sts_files", config["dev_sts_pairs"])):
-            for path in map(Path, track[key]):
-                rows = [dict(r) for _, r in read_records(path)]
-                name = dataset_name(path)
-                records[name] = split_dev(rows, dev_size, name, REPRODUCTION_DEV_SEED)[0]
-        return records
+        ir = hold_out(track["ir_files"], config["dev_ir_records"], REPRODUCTION_DEV_SEED)[0]
+        return ir | hold_out(track["sts_files"], config["dev_sts_pairs"], REPRODUCTION_DEV_SEED)[0]
 
     return Study(
         summary["track"],

@@ -62,6 +62,32 @@ def read_training_file(path: Path) -> list[dict[str, Any]]:
     return [dict(record) for _, record in read_records(path)]
 
 
+def hold_out(
+    paths: Sequence[Path], dev_size: int, dev_seed: str = REPRODUCTION_DEV_SEED, *, seed_by_file_name: bool = False
+) -> tuple[dict[str, list], dict[str, list]]:
+    """Read training files and split each with :func:`split_dev`.
+
+    Args:
+        paths: The training files.
+        dev_size: Records held out per file.
+        dev_seed: The study's hold-out seed string.
+        seed_by_file_name: Seed each file's draw by its file name (``en_stsb.jsonl.gz``, the fusion study's rule)
+            instead of its dataset name (``en_stsb``, the reproduction's).
+
+    Returns:
+        ``({dataset name: training records}, {dataset name: held-out records})``.
+    """
+    from codiemb_st.recipe import dataset_name
+
+    train: dict[str, list] = {}
+    dev: dict[str, list] = {}
+    for path in map(Path, paths):
+        name = dataset_name(path)
+        seed_name = path.name if seed_by_file_name else name
+        train[name], dev[name] = split_dev(read_training_file(path), dev_size, seed_name, dev_seed)
+    return train, dev
+
+
 def write_dev_tasks(folder: Path, language: str, sts_dev: dict[str, list], ir_dev: dict[str, list]) -> list[Path]:
     """Dev sets in the local task layout: one STS task per STS file, one retrieval task over all IR files.
 
@@ -131,6 +157,7 @@ def sample_sts_tasks(tasks: Sequence[str], data_dir: Path, cap: int, folder: Pat
 __all__ = [
     "FUSION_DEV_SEED",
     "REPRODUCTION_DEV_SEED",
+    "hold_out",
     "read_training_file",
     "sample_sts_tasks",
     "split_dev",

@@ -20,7 +20,7 @@ from typing import Any
 
 from codiemb_st.evaluation.seed_statistics import RULE, mean_std
 from codiemb_st.experiments.errors import ExperimentError
-from codiemb_st.experiments.held_out import read_training_file, sample_sts_tasks, split_dev, write_dev_tasks
+from codiemb_st.experiments.held_out import hold_out, sample_sts_tasks, write_dev_tasks
 from codiemb_st.experiments.reproduction import (
     E5_BUILDER,
     RUNS,
@@ -33,7 +33,6 @@ from codiemb_st.experiments.reproduction import (
 )
 from codiemb_st.experiments.seeds import IR, OVERALL, STS, cell, compare, per_seed
 from codiemb_st.file_io import write_json_atomic, write_text_atomic
-from codiemb_st.recipe import dataset_name
 
 CLAIM_MARGIN = 0.01  # claim 2 ("approaches the specialists"): within 1 point (scores are fractions)
 
@@ -145,6 +144,48 @@ def resolve_base(track: Track, args, out: Path) -> str:
     return str(folder)
 
 
+def train_and_merge(
+    track: Track, args, base: str, data: TrainData, runs: list[str], models_dir: Path
+) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, Any]], dict[str, dict[int, Any]]]:
+    """Train every run per seed (ablations on the first ``--ablation-seeds`` seeds) and, per seed with CoDiEmb and
+    both specialists, its DeltaSoup and Model Soup; finished ones are reused.
+
+    Returns:
+        ``(paths, logs, soups)``: model folders by label and seed (the base as ``{"base": {0: base}}``), training
+        logs by run and seed, soup records by soup and seed.
+    """
+    paths: dict[str, dict[int, str]] = {"base": {0: base}}
+    logs: dict[str, dict[int, Any]] = {}
+    for run in runs:
+        seeds = args.seeds[: args.ablation_seeds] if RUNS[run].ablation else args.seeds
+        for seed in seeds:
+            folder = models_dir / run / f"seed{seed}"
+            logs.setdefault(run, {})[seed] = train_run(run, seed, track, base, data, args, folder)
+            paths.setdefault(run, {})[seed] = str(folder)
+    soups: dict[str, dict[int, Any]] = {}
+    if {"codiemb", "ir_only", "sts_only"} <= set(runs):
+        for seed in args.seeds:
+            ingredients = [models_dir / name / f"seed{seed}" for name in ("codiemb", "ir_only", "sts_only")]
+            for soup in ("delta_soup", "model_soup"):
+                folder = models_dir / soup / f"seed{seed}"
+                soups.setdefault(soup, {})[seed] = merge_runs(soup, ingredients, base, folder, args)
+                paths.setdefault(soup, {})[seed] = str(folder)
+    return paths, logs, soups
+
+
+def seed_means(results: dict[str, dict[int, dict[str, Any]]], names: Sequence[str]) -> dict[str, Any]:
+    """``{label: {aggregate: {"mean", "std"} or None}}`` over the seeds, on the named tasks."""
+    return {
+        label: {
+            key: dict(zip(("mean", "std"), mean_std(values)))
+            if (values := list(per_seed(results, label, names, key).values()))
+            else None
+            for key in (IR, STS, OVERALL)
+        }
+        for label in results
+    }
+
+
 def run_track(track: Track, args, command: str) -> dict[str, Any]:
     """Train, merge and evaluate one track (reusing every finished run, soup and evaluation), write its results.md,
     results.json and results.png, print the report, and return the summary (results.json)."""
@@ -156,15 +197,9 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(track, args, out)
 
-    ir_dev, sts_dev, data = {}, {}, TrainData(ir={}, sts={})
-    for path in track.ir_files:
-        data.ir[dataset_name(path)], ir_dev[dataset_name(path)] = split_dev(
-            read_training_file(path), args.dev_ir_records, dataset_name(path)
-        )
-    for path in track.sts_files:
-        data.sts[dataset_name(path)], sts_dev[dataset_name(path)] = split_dev(
-            read_training_file(path), args.dev_sts_pairs, dataset_name(path)
-        )
+    ir, ir_dev = hold_out(track.ir_files, args.dev_ir_records)
+    sts, sts_dev = hold_out(track.sts_files, args.dev_sts_pairs)
+    data = TrainData(ir=ir, sts=sts)
     dev_refs = write_dev_tasks(out / "dev_data", track.name, sts_dev, ir_dev)
     test_refs = (
         []
@@ -184,24 +219,8 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
         raise ExperimentError(f"Could not load a test task of track {track.name}: {error}") from None
     dev = [prepare(ref) for ref in dev_refs]
 
-    models_dir = out / "models"
     runs = [run for run in RUNS if run in args.runs]
-    paths: dict[str, dict[int, str]] = {"base": {0: base}}
-    logs: dict[str, dict[int, Any]] = {}
-    for run in runs:
-        seeds = args.seeds[: args.ablation_seeds] if RUNS[run].ablation else args.seeds
-        for seed in seeds:
-            folder = models_dir / run / f"seed{seed}"
-            logs.setdefault(run, {})[seed] = train_run(run, seed, track, base, data, args, folder)
-            paths.setdefault(run, {})[seed] = str(folder)
-    soups: dict[str, dict[int, Any]] = {}
-    if {"codiemb", "ir_only", "sts_only"} <= set(runs):
-        for seed in args.seeds:
-            ingredients = [models_dir / name / f"seed{seed}" for name in ("codiemb", "ir_only", "sts_only")]
-            for soup in ("delta_soup", "model_soup"):
-                folder = models_dir / soup / f"seed{seed}"
-                soups.setdefault(soup, {})[seed] = merge_runs(soup, ingredients, base, folder, args)
-                paths.setdefault(soup, {})[seed] = str(folder)
+    paths, logs, soups = train_and_merge(track, args, base, data, runs, out / "models")
 
     prompts = {"STS": track.sts_prefix} if track.sts_prefix else None
     texts, pairs = geometry_text_sample(test or dev, args.geometry_samples, args.eval_seed)
@@ -238,19 +257,7 @@ def run_track(track: Track, args, command: str) -> dict[str, Any]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "track_config": {k: (list(map(str, v)) if isinstance(v, list) else v) for k, v in asdict(track).items()},
         "scores": {lb: {str(s): r["scores"] for s, r in by_seed.items()} for lb, by_seed in results.items()},
-        "means": {
-            split: {
-                lb: {
-                    key: dict(zip(("mean", "std"), mean_std(v)))
-                    if (v := list(per_seed(results, lb, names, key).values()))
-                    else None
-                    for key in (IR, STS, OVERALL)
-                }
-                for lb in results
-            }
-            for split, names in by_split.items()
-            if names
-        },
+        "means": {split: seed_means(results, names) for split, names in by_split.items() if names},
         "claims": {split: claims(results, names) for split, names in by_split.items() if names},
         "claim_rule": RULE,
         "geometry": {lb: {str(s): r["geometry"] for s, r in by_seed.items()} for lb, by_seed in results.items()},
@@ -296,4 +303,4 @@ def machine() -> str:
     return f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-__all__ = ["CLAIM_MARGIN", "claims", "machine", "report", "resolve_base", "run_track"]
+__all__ = ["CLAIM_MARGIN", "claims", "machine", "report", "resolve_base", "run_track", "seed_means", "train_and_merge"]
