@@ -24,7 +24,12 @@ def load_legacy_script(name: str, folder: Path) -> ModuleType:
     ).stdout
     path = folder / f"legacy_{name}.py"
     path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(f"legacy_{name}", path)
+    return load_script(path, f"legacy_{name}")
+
+
+def load_script(path: Path, module_name: str) -> ModuleType:
+    """A script as a module (benchmarks/ is not a package, and nothing edits sys.path)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses need the module registered
     spec.loader.exec_module(module)
