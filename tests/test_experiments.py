@@ -169,3 +169,62 @@ def test_the_scripts_keep_their_command_lines(legacy):
         name = old.__name__.removeprefix("legacy_")
         new = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py", f"current_{name}")
         assert new.build_parser().format_help() == old.build_parser().format_help()
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("folder", ["en", "reproduction-en", "reproduction-zh"])
+def test_committed_fusion_reports_regenerate_from_their_results(folder):
+    from codiemb_st.experiments.fusion_study import report
+
+    results = json.loads((RESULTS / "fusion" / folder / "results.json").read_text("utf-8"))
+    assert report(results) == (RESULTS / "fusion" / folder / "results.md").read_text("utf-8")
+
+
+@pytest.mark.parametrize("name", ["en", "zh"])
+def test_committed_reproduction_claims_means_and_report_regenerate_from_their_scores(name):
+    # The committed results.json holds every score; the claims (seed pairing and the claim rule), the means over
+    # seeds and the whole results.md must follow from them with the package's code.
+    from codiemb_st.experiments.reproduction import track
+    from codiemb_st.experiments.reproduction_study import claims, report, seed_means
+
+    summary = json.loads((RESULTS / name / "results.json").read_text("utf-8"))
+
+    def kind(task: str) -> str:
+        return "retrieval" if task.endswith("Retrieval") or task in ("SciFact", "dev-ir") else "sts"
+
+    results = {
+        label: {
+            int(seed): {
+                "scores": scores,
+                "types": {t: kind(t) for t in scores},
+                "geometry": summary["geometry"][label][seed],
+            }
+            for seed, scores in by_seed.items()
+        }
+        for label, by_seed in summary["scores"].items()
+    }
+    tasks = {
+        split: [
+            SimpleNamespace(name=task, type=kind(task), corpus_subsample=summary["corpus_subsample"].get(task))
+            for task in (Path(ref).name for ref in summary["evaluation"][split])
+        ]
+        for split in ("test", "dev")
+    }
+    for split, split_tasks in tasks.items():
+        names = [task.name for task in split_tasks]
+        assert claims(results, names) == summary["claims"][split]
+        assert seed_means(results, names) == summary["means"][split]
+    meta = {
+        "seconds": summary["wall_seconds"],
+        "machine": summary["machine"],
+        "command": summary["command"],
+        "sampled": summary["sts_samples"],
+        "budget": summary["budget"]["name"],
+        "steps_per_task": summary["budget"]["steps_per_task"],
+        "training_minutes": sum(log["seconds"] for by in summary["training"].values() for log in by.values()) / 60,
+        "evaluation_minutes": sum(s for by in summary["evaluation_seconds"].values() for s in by.values()) / 60,
+    }
+    text = report(track(name), results, tasks["test"], tasks["dev"], meta)
+    assert text == (RESULTS / name / "results.md").read_text("utf-8")
