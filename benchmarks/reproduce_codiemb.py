@@ -62,7 +62,7 @@ from pathlib import Path
 
 from codiemb_st.cli import UsageError
 from codiemb_st.experiments import ExperimentError, sample_sts_tasks, split_dev, write_dev_tasks
-from codiemb_st.experiments.reproduction import RUNS, SHARED_EVAL, TRACK_DEFAULTS, naive_pairs, run_steps, track
+from codiemb_st.experiments.reproduction import RUNS, SHARED_EVAL, TRACK_DEFAULTS, make_track, naive_pairs, run_steps
 from codiemb_st.experiments.reproduction_study import claims, run_track
 
 # The study's building blocks, named here for readers and tests of this command.
@@ -205,15 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         for name in ("en", "zh") if args.track == "all" else (args.track,):
-            track_ = track(name)
-            track_.ir_files = args.ir_files or track_.ir_files
-            track_.sts_files = args.sts_files or track_.sts_files
-            track_.test_tasks = args.eval_tasks or track_.test_tasks
+            track = make_track(name)
+            track.ir_files = args.ir_files or track.ir_files
+            track.sts_files = args.sts_files or track.sts_files
+            track.test_tasks = args.eval_tasks or track.test_tasks
             track_args = argparse.Namespace(**vars(args))
             for key, value in TRACK_DEFAULTS[name].items():
                 if getattr(track_args, key) is None:
                     setattr(track_args, key, value)
-            run_track(track_, track_args, command)
+            run_track(track, track_args, command)
     except (UsageError, ExperimentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

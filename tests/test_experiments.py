@@ -186,7 +186,7 @@ def test_committed_fusion_reports_regenerate_from_their_results(folder):
 def test_committed_reproduction_claims_means_and_report_regenerate_from_their_scores(name):
     # The committed results.json holds every score; the claims (seed pairing and the claim rule), the means over
     # seeds and the whole results.md must follow from them with the package's code.
-    from codiemb_st.experiments.reproduction import track
+    from codiemb_st.experiments.reproduction import make_track
     from codiemb_st.experiments.reproduction_study import claims, report, seed_means
 
     summary = json.loads((RESULTS / name / "results.json").read_text("utf-8"))
@@ -226,5 +226,5 @@ def test_committed_reproduction_claims_means_and_report_regenerate_from_their_sc
         "training_minutes": sum(log["seconds"] for by in summary["training"].values() for log in by.values()) / 60,
         "evaluation_minutes": sum(s for by in summary["evaluation_seconds"].values() for s in by.values()) / 60,
     }
-    text = report(track(name), results, tasks["test"], tasks["dev"], meta)
+    text = report(make_track(name), results, tasks["test"], tasks["dev"], meta)
     assert text == (RESULTS / name / "results.md").read_text("utf-8")

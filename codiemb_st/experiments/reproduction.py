@@ -50,7 +50,7 @@ class Track:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def track(name: str) -> Track:
+def make_track(name: str) -> Track:
     """The ``en`` or ``zh`` track on ../shared/data."""
     if name == "en":
         return Track(
@@ -320,6 +320,6 @@ __all__ = [
     "naive_pairs",
     "run_config",
     "run_steps",
-    "track",
+    "make_track",
     "train_run",
 ]

@@ -4,7 +4,7 @@
 
 Example:
     >>> from codiemb_st.experiments.reproduction_study import run_track  # doctest: +SKIP
-    >>> summary = run_track(track("en"), args, "python benchmarks/reproduce_codiemb.py")  # doctest: +SKIP
+    >>> summary = run_track(make_track("en"), args, "python benchmarks/reproduce_codiemb.py")  # doctest: +SKIP
 """
 
 from __future__ import annotations
