@@ -11,6 +11,13 @@ Two identities, one of each kind, replace the four that the study scripts used t
   merges (a greedy soup that kept every ingredient is the Model Soup) share one evaluation. Equal to the fusion
   study's former ``content_key``.
 
+Evaluation records are kept in two layouts, both read as the old scripts wrote them: the reproduction's
+``eval/<label>-seed<k>.json`` through :func:`cached_json` (key: the model path, its :func:`record_fingerprint` and the
+evaluation recipe: tasks, prompts, lengths, caps, seed), and the fusion study's ``eval/<recipe>/<weights_key>.json``
+through :class:`CachedEvaluator` (the folder names the recipe). ``codiemb-st eval`` keeps its own stat-based
+``codiemb_st.file_io.folder_fingerprint`` (the CLI evaluates folders no run wrote, and the library does not import
+this layer).
+
 mteb's ``ResultCache`` was considered: it keys results by model name, revision and task and stores mteb's
 ``TaskResult`` per task, while the studies cache one record per (model, evaluation recipe) holding cross-task
 aggregates and embedding geometry, and must keep reading the keys their committed results were made with; the
