@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from legacy_studies import load_legacy_script, load_script
+from legacy_studies import load_legacy_script
 
 from codiemb_st.evaluation import load_local_task
 from codiemb_st.experiments import (
@@ -162,13 +162,6 @@ def test_the_library_never_imports_experiments():
     experiments = list((root / "codiemb_st" / "experiments").glob("*.py"))
     assert not [p for p in experiments if any(m.startswith("codiemb_st.cli") for m in imports(p))]
     assert all(len(p.read_text("utf-8").splitlines()) <= 500 for p in experiments)
-
-
-def test_the_scripts_keep_their_command_lines(legacy):
-    for old in legacy:
-        name = old.__name__.removeprefix("legacy_")
-        new = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py", f"current_{name}")
-        assert new.build_parser().format_help() == old.build_parser().format_help()
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -401,7 +401,7 @@ def test_runs_merges_and_caches_written_by_the_old_scripts_are_reused(tiny_setup
     assert without_wall_time((out / "en" / "results.md").read_text()) == without_wall_time(old_report)
 
     fusion_argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
-    fusion_argv += ["--methods", "delta_soup", "model_stock", "cocktail_5", "--greedy", "model_soup"]
+    fusion_argv += ["--methods", "delta_soup", "model_stock", "--greedy", "model_soup"]
     assert old_fusion.main(fusion_argv) == 0
     old_fused = json.loads((committed / "results.json").read_text())
     before = _files(study)
