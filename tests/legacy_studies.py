@@ -31,6 +31,7 @@ def load_legacy_script(name: str, folder: Path) -> ModuleType:
 
 def _ensure_legacy_commit() -> None:
     """Fetch :data:`LEGACY_COMMIT` when the checkout lacks it (a shallow clone), or say what to do."""
+
     def present() -> bool:
         return subprocess.run(["git", "cat-file", "-e", f"{LEGACY_COMMIT}^{{commit}}"], cwd=ROOT).returncode == 0
 
