@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from codiemb_st.data import RecordSource, ir_dataset_from_records, read_records, sts_dataset_from_records
+from codiemb_st.data import RecordSource, ir_dataset_from_records, read_ir_records, sts_dataset_from_records
 from codiemb_st.validation import check_choice, check_finite_float, check_non_negative_int, check_positive_int
 
 if TYPE_CHECKING:
@@ -99,19 +99,11 @@ def load_ir_dataset(
         num_negatives: N hard-negative columns wanted (0 = in-batch negatives only).
         seed: Seed of the resampling.
     """
-    if num_negatives:
-        if not isinstance(source, (str, os.PathLike)):
-            source = list(source)  # read twice below: once for the check, once for the conversion
-        if not all(record.get("negatives") for _, record in read_records(source)):
-            logger.info(
-                "%s: not every record has hard negatives; training with in-batch negatives only.", _name(source)
-            )
-            num_negatives = 0
-    return ir_dataset_from_records(source, num_positives=num_positives, num_negatives=num_negatives, seed=seed)
-
-
-def _name(source: RecordSource) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else "records"
+    records = read_ir_records(source)  # any of the three formats; read once
+    if num_negatives and not all(record["negatives"] for record in records.records):
+        logger.info("%s: not every record has hard negatives; training with in-batch negatives only.", records.name)
+        num_negatives = 0
+    return ir_dataset_from_records(records, num_positives=num_positives, num_negatives=num_negatives, seed=seed)
 
 
 def load_task_datasets(
