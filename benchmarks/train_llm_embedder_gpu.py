@@ -260,9 +260,7 @@ def train(args: argparse.Namespace, device: str) -> dict[str, Any]:
     model = load_model(args, device)
     ir_records, sts_records = synthetic_records(args.batch_size * 16, args.batch_size * 16, seed=0)
     data = load_task_datasets(ir={"ir": ir_records}, sts={"sts": sts_records}, num_positives=2, num_negatives=2)
-    losses = build_task_losses(
-        model, data, num_positives=2, mini_batch_size=args.mini_batch_size, gather_across_devices=True
-    )
+    losses = build_task_losses(model, data, mini_batch_size=args.mini_batch_size, gather_across_devices=True)
     training_args = training_arguments(
         tempfile.mkdtemp(prefix="llm_embedder_run_"),
         data,

@@ -9,7 +9,7 @@ from codiemb_st.data import (
     sts_dataset_from_records,
 )
 from codiemb_st.evaluation import MTEBEvaluator
-from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
+from codiemb_st.losses import LossColumnCheck, MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
 from codiemb_st.merging import TIES, DeltaSoup, GreedySoup, MergeMethod, ModelSoup, ModelStock, TaskArithmetic
 from codiemb_st.sampling import RoundRobinTaskBatchSampler
 
@@ -19,6 +19,7 @@ __all__ = [
     "TIES",
     "DeltaSoup",
     "GreedySoup",
+    "LossColumnCheck",
     "MTEBEvaluator",
     "MergeMethod",
     "ModelSoup",

@@ -16,7 +16,7 @@ Example:
     ::
 
         from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-        from codiemb_st import recipe
+        from codiemb_st import LossColumnCheck, recipe
 
         model = SentenceTransformer("intfloat/multilingual-e5-small")
         data = recipe.load_task_datasets(ir=["t2.jsonl.gz"], sts=["stsb.jsonl.gz"], num_negatives=4)
@@ -26,7 +26,9 @@ Example:
             "runs/codiemb", data, ir_batch_size=64, sts_batch_size=32, max_steps=1000,
             prompts=recipe.training_prompts(data, query=model.prompts.get("query", "")),
         )
-        SentenceTransformerTrainer(model=model, args=args, train_dataset=data.datasets, loss=losses).train()
+        SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=data.dataset_dict(), loss=losses, callbacks=[LossColumnCheck(losses)]
+        ).train()
 """
 
 from __future__ import annotations
@@ -81,6 +83,48 @@ class TaskDatasets:
     def tasks(self) -> dict[str, list[str]]:
         """``{"ir": names, "sts": names}`` without empty tasks (the sampler's ``tasks``)."""
         return {task: names for task, names in (("ir", self.ir), ("sts", self.sts)) if names}
+
+    def num_positives(self, name: str) -> int:
+        """P of the IR dataset ``name``, read from its columns (the data is the one record of it)."""
+        return ir_column_counts(self.datasets[name], name)[0]
+
+    def num_negatives(self, name: str) -> int:
+        """N (hard negatives) of the IR dataset ``name``, read from its columns; 0 = in-batch negatives only."""
+        return ir_column_counts(self.datasets[name], name)[1]
+
+
+def ir_column_counts(dataset: Dataset, name: str = "dataset") -> tuple[int, int]:
+    """``(P, N)`` of an IR dataset with columns ``anchor, positive_1..positive_P, negative_1..negative_N``.
+
+    The columns are where P and N are recorded: they survive ``DatasetDict``, the trainer and any dataset swapped
+    into :class:`TaskDatasets` by hand, so the loss built from them cannot disagree with the data.
+
+    Args:
+        dataset: An IR dataset (:func:`load_ir_dataset`, :func:`codiemb_st.ir_dataset_from_records`).
+        name: The dataset's name, for the error message.
+
+    Raises:
+        ValueError: If the columns are not ``anchor, positive_1..positive_P, negative_1..negative_N`` (P >= 1).
+
+    Example:
+        ::
+
+            ir_column_counts(ir_dataset_from_records(records, num_positives=2, num_negatives=4))  # (2, 4)
+    """
+    columns = [column for column in dataset.column_names if column != "dataset_name"]
+    num_positives = sum(1 for column in columns if column.startswith("positive_"))
+    num_negatives = len(columns) - 1 - num_positives
+    expected = [
+        "anchor",
+        *(f"positive_{k}" for k in range(1, num_positives + 1)),
+        *(f"negative_{k}" for k in range(1, num_negatives + 1)),
+    ]
+    if num_positives < 1 or columns != expected:
+        raise ValueError(
+            f"IR dataset {name!r} has columns {columns}; the recipe needs anchor, positive_1..positive_P, "
+            "negative_1..negative_N (P >= 1, N >= 0), as codiemb_st.ir_dataset_from_records builds them."
+        )
+    return num_positives, num_negatives
 
 
 def dataset_name(path: str | os.PathLike) -> str:
@@ -200,7 +244,6 @@ def build_task_losses(
     model: SentenceTransformer,
     data: TaskDatasets,
     *,
-    num_positives: int = 1,
     temperature: float = 0.02,
     mini_batch_size: int = 32,
     gather_across_devices: bool = False,
@@ -210,10 +253,12 @@ def build_task_losses(
 ) -> dict[str, nn.Module]:
     """One loss per dataset: the IR loss for IR datasets, the STS loss for STS datasets (one shared instance each).
 
+    P of each IR loss is taken from its datasets' columns (:meth:`TaskDatasets.num_positives`), never from a second
+    argument: IR datasets with different P get one IR loss per P.
+
     Args:
         model: The model being trained.
         data: The datasets (:func:`load_task_datasets`).
-        num_positives: P, as in the IR datasets.
         temperature: τ of the IR loss (official 0.02).
         mini_batch_size: GradCache chunk of the IR loss.
         gather_across_devices: Cross-device negatives for IR (the official setting under DDP).
@@ -229,16 +274,24 @@ def build_task_losses(
     from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
 
     check_choice("sts_loss", sts_loss, STS_LOSSES)
-    losses: dict[str, nn.Module] = {}
-    if data.ir:
-        ir = MultiPositiveCachedInfoNCELoss(
-            model,
-            num_positives=num_positives,
-            temperature=temperature,
-            mini_batch_size=mini_batch_size,
-            gather_across_devices=gather_across_devices,
+    if "num_positives" in sts_loss_kwargs:
+        raise TypeError(
+            "build_task_losses takes num_positives from the datasets (their positive_1..positive_P columns); "
+            "set it once, in load_task_datasets(num_positives=...), and drop it here."
         )
-        losses.update({name: ir for name in data.ir})
+    losses: dict[str, nn.Module] = {}
+    ir_losses: dict[int, nn.Module] = {}
+    for name in data.ir:
+        num_positives = data.num_positives(name)
+        if num_positives not in ir_losses:
+            ir_losses[num_positives] = MultiPositiveCachedInfoNCELoss(
+                model,
+                num_positives=num_positives,
+                temperature=temperature,
+                mini_batch_size=mini_batch_size,
+                gather_across_devices=gather_across_devices,
+            )
+        losses[name] = ir_losses[num_positives]
     if data.sts:
         if sts_loss == "cosent":
             if sts_loss_kwargs or sts_gather_across_devices:
@@ -326,6 +379,7 @@ __all__ = [
     "TaskDatasets",
     "build_task_losses",
     "dataset_name",
+    "ir_column_counts",
     "load_ir_dataset",
     "load_task_datasets",
     "training_arguments",

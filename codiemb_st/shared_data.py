@@ -1,8 +1,11 @@
-"""Where scripts and the command line find the project's shared data folder (``shared/data``), if there is one.
+"""Where this repository's scripts and tests find the project's shared data folder (``shared/data``).
 
-The package never needs it: it only supplies defaults (``codiemb-st eval`` with no ``--data-dir``, the
-reproduction's training files). Looked up, in order: the ``CODIEMB_SHARED_DATA`` environment variable, then a
-``shared/data`` folder in the current folder or any of its parents, then next to the package's source checkout.
+For the checkout only: the library and the ``codiemb-st`` command never call it (they use exactly the files and
+folders they are given). ``benchmarks/`` scripts use it for their documented defaults. Looked up, in order: the
+``CODIEMB_SHARED_DATA`` environment variable, then ``shared/data`` inside the source checkout this module belongs to
+or in one of the checkout's two parent folders (``../shared/data``; a git worktree may sit one level deeper). The
+current folder is never searched, and neither is an installed package's location (site-packages has no
+``pyproject.toml`` beside it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import os
 from pathlib import Path
 
 ENV_VARIABLE = "CODIEMB_SHARED_DATA"
+
+#: The source checkout holding this module, recognised by its pyproject.toml (None for an installed package).
+_CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def find_shared_data() -> Path | None:
@@ -25,12 +31,12 @@ def find_shared_data() -> Path | None:
     explicit = os.environ.get(ENV_VARIABLE)
     if explicit:
         return Path(explicit)
-    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
-    for start in starts:
-        for folder in (start, *start.parents):
-            candidate = folder / "shared" / "data"
-            if (candidate / "eval").is_dir() or (candidate / "train").is_dir():
-                return candidate
+    if not (_CHECKOUT / "pyproject.toml").is_file():
+        return None
+    for folder in (_CHECKOUT, *_CHECKOUT.parents[:2]):
+        candidate = folder / "shared" / "data"
+        if (candidate / "eval").is_dir() or (candidate / "train").is_dir():
+            return candidate
     return None
 
 

@@ -43,7 +43,7 @@ from codiemb_st._compat import DefaultBatchSampler
 from codiemb_st.cli import main
 from codiemb_st.evaluation import load_local_task, prepare_task, task_folders
 from codiemb_st.evaluation.local_data import LocalTaskInfo
-from codiemb_st.merging import DeltaSoup, ModelSoup
+from codiemb_st.merging import TIES, DeltaSoup, GreedySoup, ModelSoup, ModelStock, TaskArithmetic
 
 
 @dataclass
@@ -1230,3 +1230,142 @@ def test_at_least_sixty_bad_inputs():
     counts["losses"] += len(FALLBACK_CASES)
     assert all(counts.values()) and sum(counts.values()) >= 60, counts
     assert len({case.id for case in TABLE}) == len(TABLE)  # no case hides another
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# P recorded with the data: the loss refuses columns that do not fit its num_positives (before its first step)
+
+
+def _one_step_trainer(model, dataset, loss, tmp: Path) -> SentenceTransformerTrainer:
+    from codiemb_st import LossColumnCheck
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp / "run"), max_steps=1, per_device_train_batch_size=4, report_to="none", save_strategy="no"
+    )
+    return SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[LossColumnCheck(loss)]
+    )
+
+
+def _multi_positive_rows(n: int = 8) -> Dataset:
+    return Dataset.from_dict(
+        {
+            "anchor": [f"query {i}" for i in range(n)],
+            "positive_1": [f"first answer {i}" for i in range(n)],
+            "positive_2": [f"second answer {i}" for i in range(n)],
+            "negative_1": [f"unrelated text {i}" for i in range(n)],
+        }
+    )
+
+
+def test_loss_refuses_a_second_positive_column_before_its_first_step(tmp_path):
+    model = build_tiny_model(seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = MultiPositiveCachedInfoNCELoss(model, num_positives=1, mini_batch_size=4)
+    trainer = _one_step_trainer(model, _multi_positive_rows(), loss, tmp_path)
+    expected = r"num_positives=1 does not fit .*'positive_2'.*positive_2 would be trained as hard negative.*=2"
+    with pytest.raises(ValueError, match=expected):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_loss_whose_num_positives_fits_the_columns_trains(tmp_path):
+    model = build_tiny_model(seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = MultiPositiveCachedInfoNCELoss(model, num_positives=2, mini_batch_size=4)
+    trainer = _one_step_trainer(model, _multi_positive_rows(), loss, tmp_path)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_column_check_finds_the_loss_of_each_named_dataset(tmp_path):
+    model = build_tiny_model(seed=0)
+    fits = MultiPositiveCachedInfoNCELoss(model, num_positives=2, mini_batch_size=4)
+    too_few = MultiPositiveCachedInfoNCELoss(model, num_positives=1, mini_batch_size=4)
+    data = DatasetDict({"good": _multi_positive_rows(), "bad": _multi_positive_rows()})
+    trainer = _one_step_trainer(model, data, {"good": fits, "bad": too_few}, tmp_path)
+    with pytest.raises(ValueError, match=r"training dataset 'bad'.*num_positives=1"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    ("columns", "num_positives", "match"),
+    [
+        (["anchor", "positive", "negative"], 2, r"negative would be trained as positive"),
+        (["anchor", "positive_1"], 2, r"needs at least 3 text columns"),
+        (
+            ["anchor", "negative_1", "positive_1"],
+            1,
+            r"negative_1 would be trained as positive.*right after the anchor",
+        ),
+    ],
+)
+def test_column_rule_names_columns_and_num_positives(columns, num_positives, match):
+    from codiemb_st.losses.column_check import check_ir_columns
+
+    with pytest.raises(ValueError, match=match):
+        check_ir_columns(columns, num_positives)
+    check_ir_columns(["anchor", "positive_1", "positive_2", "negative_1", "label"], 2)
+    check_ir_columns(["question", "answer", "other"], 1)  # names it does not judge pass
+
+
+def test_recipe_takes_num_positives_from_the_data(tmp_path):
+    from codiemb_st import recipe
+
+    model = build_tiny_model(seed=0)
+    records = [{"query": f"q{i}", "positives": [f"a{i}", f"b{i}"], "negatives": [f"n{i}"]} for i in range(4)]
+    data = recipe.load_task_datasets(ir={"two": records}, num_positives=2)
+    assert (data.num_positives("two"), data.num_negatives("two")) == (2, 1)
+    data.datasets["one"] = ir_dataset_from_records(records, num_positives=1, num_negatives=0)  # swapped in by hand
+    data.ir.append("one")
+    losses = recipe.build_task_losses(model, data, mini_batch_size=4)
+    assert losses["two"].num_positives == 2 and losses["one"].num_positives == 1
+    with pytest.raises(TypeError, match="takes num_positives from the datasets"):
+        recipe.build_task_losses(model, data, num_positives=1)
+    data.datasets["odd"] = Dataset.from_dict({"anchor": ["x"], "positive": ["y"]})
+    data.ir.append("odd")
+    with pytest.raises(ValueError, match=r"IR dataset 'odd' has columns \['anchor', 'positive'\]"):
+        recipe.build_task_losses(model, data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging one checkpoint (or the same one twice): one rule for every method that combines checkpoints
+
+
+@pytest.mark.parametrize("method", [DeltaSoup(), ModelSoup(), ModelStock(), TIES(), TaskArithmetic()], ids=repr)
+@pytest.mark.parametrize("twice", [False, True], ids=["one", "same-folder-twice"])
+def test_every_method_refuses_fewer_than_two_distinct_checkpoints(method, twice, env):
+    ckpt = env.merge_inputs["ckpt0"]
+    checkpoints = [ckpt, Path(str(ckpt) + "/.")] if twice else [ckpt]  # spelled differently, the same folder
+    before = _fingerprint(ckpt)
+    out = env.tmp / "nested" / "out"
+    with pytest.raises(
+        ValueError, match=rf"{type(method).__name__} combines checkpoints and needs at least 2 distinct"
+    ):
+        method.merge_to_folder(checkpoints, out, base_model=env.merge_inputs["base"])
+    assert not (env.tmp / "nested").exists() and _fingerprint(ckpt) == before
+
+
+def test_greedy_soup_refuses_the_same_candidate_twice(env):
+    ckpt = env.merge_inputs["ckpt0"]
+    with pytest.raises(ValueError, match=r"GreedySoup combines checkpoints .*2 checkpoint\(s\), 1 distinct"):
+        GreedySoup(lambda model: 1.0).merge_to_folder([ckpt, ckpt], env.tmp / "nested" / "g")
+    assert not (env.tmp / "nested").exists()
+
+
+def test_merge_cli_refuses_one_checkpoint(env, capsys):
+    ckpt = str(env.merge_inputs["ckpt0"])
+    out = env.tmp / "nested" / "out"
+    argv = ["merge", ckpt, "--base-model", str(env.merge_inputs["base"]), "--output", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "combines checkpoints and needs at least 2 distinct" in capsys.readouterr().err
+    assert not (env.tmp / "nested").exists()
+
+
+def test_greedy_soup_with_a_nan_score_leaves_no_parent_folders(env):
+    checkpoints = [env.merge_inputs["ckpt0"], env.merge_inputs["ckpt1"]]
+    with pytest.raises(ValueError, match="finite score"):
+        GreedySoup(lambda model: float("nan")).merge_to_folder(checkpoints, env.tmp / "nested" / "deeper" / "g")
+    assert not (env.tmp / "nested").exists()

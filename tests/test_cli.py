@@ -107,10 +107,12 @@ def test_eval_resumes_finished_tasks_and_redoes_changed_ones(data_dir, tiny_mode
 
 
 def test_eval_without_data_fails_cleanly(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_cli, "default_data_dir", lambda: None)
+    # No folder is searched: even with a shared/data/eval right here, eval without --data-dir asks for it.
+    (tmp_path / "shared" / "data" / "eval").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", "--models", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "No local evaluation data found" in err and "--data-dir" in err and "Traceback" not in err
+    assert "--data-dir was not given" in err and "Traceback" not in err
     assert main(["eval", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -249,3 +251,51 @@ def test_console_script_is_declared():
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert project["scripts"] == {"codiemb-st": "codiemb_st.cli:main"}
+
+
+def _train_files(tmp_path: Path) -> tuple[Path, Path]:
+    ir = tmp_path / "ir.jsonl"
+    ir.write_text(
+        "\n".join(json.dumps({"query": f"q {i}", "positives": [f"p {i}"], "negatives": [f"n {i}"]}) for i in range(8))
+    )
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text(
+        "\n".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": float(i % 5)}) for i in range(8))
+    )
+    return ir, sts
+
+
+@pytest.mark.parametrize("task", ["ir", "sts"])
+def test_train_one_task_alone_uses_exactly_the_files_given(task, tiny_model_path, tmp_path, monkeypatch, capsys):
+    # A shared/data/train here must not be picked up: the run trains on the one file named.
+    train_dir = tmp_path / "shared" / "data" / "train"
+    train_dir.mkdir(parents=True)
+    ir, sts = _train_files(tmp_path)
+    (train_dir / "en_stsb.jsonl.gz").write_bytes(b"not read")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_path), f"--{task}", str(ir if task == "ir" else sts)]
+    argv += ["--output-dir", str(out), "--max-steps", "1", "--ir-batch-size", "4", "--sts-batch-size", "4"]
+    assert main(argv) == 0
+    assert "Trained 1 optimizer steps" in capsys.readouterr().out
+    assert (out / "final" / "modules.json").is_file()
+
+
+def test_train_without_data_or_with_zero_steps_is_refused(tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "No training data: pass --ir and/or --sts" in capsys.readouterr().err
+    ir, _ = _train_files(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["train", "--ir", str(ir), "--output-dir", str(tmp_path / "run"), "--max-steps", "0"])
+    assert "--max-steps: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shared_data_lookup_is_the_checkouts_only(tmp_path, monkeypatch):
+    from codiemb_st import shared_data
+
+    (tmp_path / "shared" / "data" / "eval").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # a shared/data in the current folder is not searched
+    monkeypatch.delenv(shared_data.ENV_VARIABLE, raising=False)
+    monkeypatch.setattr(shared_data, "_CHECKOUT", tmp_path / "site-packages")  # an installed package
+    assert shared_data.find_shared_data() is None

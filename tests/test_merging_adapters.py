@@ -134,10 +134,41 @@ def test_adapter_and_full_checkpoints_can_be_mixed(decoder_lora, tmp_path):
     assert_same_weights(merged, expected)
 
 
-def test_single_adapter_model_soup_is_the_materialised_checkpoint(decoder_lora, tmp_path):
+def test_single_adapter_model_soup_is_the_materialised_checkpoint(decoder_lora, tmp_path, caplog):
     base, adapters, fulls = decoder_lora
-    merged = ModelSoup().merge_to_folder([adapters[0]], tmp_path / "soup", base_model=base)
+    with caplog.at_level("WARNING", logger="codiemb_st.merging.streaming_merge"):
+        merged = ModelSoup().merge_to_folder([adapters[0]], tmp_path / "soup", base_model=base)
     assert_same_weights(merged, fulls[0])
+    assert "ModelSoup of one LoRA adapter checkpoint: the output is that adapter materialised" in caplog.text
+    for method in (DeltaSoup(), TaskArithmetic()):  # the other methods combine checkpoints: one is refused
+        with pytest.raises(ValueError, match=r"needs at least 2 distinct.*use ModelSoup with that adapter"):
+            method.merge_to_folder([adapters[0]], tmp_path / "one", base_model=base)
+    assert not (tmp_path / "one").exists()
+
+
+def test_adapter_recorded_on_another_base_of_the_same_shapes_warns(decoder_lora, tmp_path, caplog):
+    base, adapters, _ = decoder_lora
+    other = [
+        copy_adapter(a, tmp_path / f"a{i}", base_model_name_or_path="Qwen/another-model")
+        for i, a in enumerate(adapters)
+    ]
+    with caplog.at_level("WARNING", logger="codiemb_st.merging.model_folder"):
+        DeltaSoup().merge_to_folder(other, tmp_path / "out", base_model=base)
+    assert "base_model_name_or_path='Qwen/another-model', but base_model is" in caplog.text
+    assert str(base) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="codiemb_st.merging.model_folder"):
+        DeltaSoup().merge_to_folder(adapters, tmp_path / "out2", base_model=base)  # recorded base = base: quiet
+    assert "base_model_name_or_path" not in caplog.text
+
+
+def test_adapter_folder_without_its_config_is_named(decoder_lora, tmp_path):
+    base, adapters, _ = decoder_lora
+    broken = copy_adapter(adapters[0], tmp_path / "no_config")
+    (broken / "adapter_config.json").unlink()
+    with pytest.raises(ValueError, match=r"holds adapter_model\.safetensors but no adapter_config\.json"):
+        DeltaSoup().merge_to_folder([broken, adapters[1]], tmp_path / "out", base_model=base)
+    assert not (tmp_path / "out").exists()
 
 
 def test_merged_folder_loads_without_peft(decoder_lora, tmp_path, monkeypatch):

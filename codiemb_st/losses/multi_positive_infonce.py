@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
@@ -30,6 +30,7 @@ from codiemb_st.losses import _input_checks
 from codiemb_st.losses._autocast_replay import AutocastReplayMixin
 from codiemb_st.losses._sharding import check_gradient_caching_supported
 from codiemb_st.losses._text_identity import hash_columns
+from codiemb_st.losses.column_check import check_ir_columns
 
 logger = logging.getLogger(__name__)
 
@@ -445,6 +446,17 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         if not self.mask_duplicates:
             text_ids = None
         return self._loss(list(embeddings), text_ids, with_backward=False)
+
+    def check_column_names(self, column_names: Sequence[str]) -> None:
+        """Refuse dataset columns that do not fit ``num_positives`` (a batch carries no column names).
+
+        :class:`codiemb_st.LossColumnCheck` calls it before the first training step (``codiemb-st train`` adds it);
+        see :func:`codiemb_st.losses.column_check.check_ir_columns` for the rule.
+
+        Raises:
+            ValueError: Naming the columns and ``num_positives``.
+        """
+        check_ir_columns(column_names, self.num_positives)
 
     def _check_num_columns(self, num_columns: int) -> None:
         if num_columns < 1 + self.num_positives:

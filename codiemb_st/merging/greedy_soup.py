@@ -22,6 +22,12 @@ from typing import Any
 
 from codiemb_st._compat import SentenceTransformer
 from codiemb_st.merging.methods import MergeMethod, ModelSoup
+from codiemb_st.merging.streaming_merge import (
+    _make_parents,
+    _remove_created,
+    check_checkpoint_count,
+    merge_model_folders,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +233,7 @@ class GreedySoup:
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("checkpoints is empty: pass at least one candidate model.")
+        check_checkpoint_count(self, checkpoints)
         output_path = Path(output_path).absolute()
         if output_path.exists() and not (output_path.is_dir() and not any(output_path.iterdir())):
             raise ValueError(f"output_path {str(output_path)!r} already exists. Choose a new path or remove it first.")
@@ -240,14 +247,22 @@ class GreedySoup:
                 )
         order = sorted(range(len(checkpoints)), key=lambda i: (-scores[i], i))
 
-        output_path.parent.mkdir(parents=True, exist_ok=True)
+        created_parents = _make_parents(output_path.parent)
+        done = False
         work = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", suffix=".greedy", dir=output_path.parent))
         try:
             first = order[0]
             soup = [first]
             best = work / "soup-0"
             # One checkpoint: copied through ModelSoup (bit for bit), whatever the method needs.
-            ModelSoup().merge_to_folder([checkpoints[first]], best, show_progress_bar=show_progress_bar)
+            merge_model_folders(
+                ModelSoup(),
+                [checkpoints[first]],
+                best,
+                base_model=base_model,
+                show_progress_bar=show_progress_bar,
+                copy_single=True,
+            )
             best_score = scores[first]
             steps = [GreedySoupStep(first, checkpoints[first], scores[first], best_score, True)]
             for trial, index in enumerate(order[1:], start=1):
@@ -285,8 +300,11 @@ class GreedySoup:
             }
             (best / "greedy_soup.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf8")
             os.rename(best, output_path)
+            done = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            if not done:
+                _remove_created(created_parents)  # a failed soup leaves nothing, not even the parents it created
         return GreedySoupResult(
             path=output_path, model=None, chosen=[checkpoints[i] for i in soup], score=best_score, steps=steps
         )

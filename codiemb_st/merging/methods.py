@@ -150,8 +150,9 @@ class MergeMethod(ABC):
         ``checkpoints[0]``; see :func:`codiemb_st.merging.streaming_merge.merge_model_folders` for the rules.
 
         Args:
-            checkpoints: The K >= 1 fine-tuned models: sentence-transformers model folders (safetensors weights) or
-                ``SentenceTransformer`` objects (saved to a temporary folder first).
+            checkpoints: The K >= 2 distinct fine-tuned models: sentence-transformers model folders (safetensors
+                weights) or ``SentenceTransformer`` objects (saved to a temporary folder first). One checkpoint, or
+                the same folder twice, is refused (ModelSoup of one LoRA adapter materialises it, with a warning).
             base_model: The pre-trained model the checkpoints were fine-tuned from (folder or object). Required by
                 DeltaSoup and TaskArithmetic; ModelSoup only checks it is compatible.
             output_path: Where to write the merged model folder. It must not exist yet (or be an empty folder) and

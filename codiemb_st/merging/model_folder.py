@@ -146,6 +146,12 @@ class ModelFolder:
             module_path = module.get("path", "")
             if is_adapter_folder(path / module_path):
                 adapters[index] = LoraAdapter.open(path / module_path, f"{role} (module {index})")
+            elif (path / module_path / ADAPTER_WEIGHTS_NAME).is_file():
+                raise ValueError(
+                    f"{role}: {path / module_path} holds {ADAPTER_WEIGHTS_NAME} but no {ADAPTER_CONFIG_NAME}, so it is "
+                    "a LoRA adapter whose rank, alpha and target modules are unknown. Copy the adapter_config.json "
+                    "saved with it (peft's save_pretrained writes both files) into that folder."
+                )
             for weight_file in _find_weight_files(path, index, module_path, role):
                 if index in adapters and weight_file.files[0].name == ADAPTER_WEIGHTS_NAME:
                     continue  # the adapter's matrices are not weights of the module; attach_base materialises them
@@ -454,6 +460,32 @@ def check_adapter_bases(folders: list[ModelFolder]) -> None:
                     "deltas are relative to different weights). If both names denote the same model, make them equal "
                     "in adapter_config.json."
                 )
+
+
+def warn_on_adapter_base_mismatch(folders: list[ModelFolder], base: ModelFolder) -> None:
+    """Warn when a LoRA checkpoint records another base model than ``base`` (``base_model_name_or_path``).
+
+    Shapes are checked in :meth:`ModelFolder.attach_base`; a base of identical shapes that is another model can only
+    be told by this name. The recorded name matches when it is the base folder (resolved) or the name its
+    ``config.json`` records (``_name_or_path``), or when it ends with the base folder's name (a local copy of a hub
+    model, ``Qwen/Qwen2-0.5B`` -> ``models/Qwen2-0.5B``).
+    """
+    base_path = base.path.resolve()
+    for folder in folders:
+        for index, adapter in folder.adapters.items():
+            recorded = adapter.base_model_name_or_path
+            if not recorded:
+                continue
+            config = base.read_json(Path(base.modules[index].get("path", "")) / "config.json", dict) or {}
+            names = {str(base_path), config.get("_name_or_path")}
+            if _normalised_base_name(recorded) in names or recorded.rstrip("/").split("/")[-1] == base_path.name:
+                continue
+            logger.warning(
+                f"{folder.role} is a LoRA adapter recorded as trained on base_model_name_or_path={recorded!r}, but "
+                f"base_model is {str(base.path)!r}. The shapes fit, so the merge goes on; if that is not the model the "
+                "adapter was trained on, the result is wrong. Pass the recorded base model as base_model (or fix "
+                "base_model_name_or_path in adapter_config.json)."
+            )
 
 
 def _normalised_base_name(name: str | None) -> str | None:

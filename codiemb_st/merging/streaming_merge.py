@@ -52,9 +52,10 @@ from codiemb_st.merging.model_folder import (
     check_adapter_bases,
     check_compatible,
     is_float_dtype,
+    warn_on_adapter_base_mismatch,
 )
 from codiemb_st.merging.safetensors_stream import RowReader, SafetensorsStreamWriter, torch_dtype
-from codiemb_st.merging.tensor_math import RowMerger, check_num_checkpoints, compute_dtype, fold_statistics
+from codiemb_st.merging.tensor_math import RowMerger, compute_dtype, fold_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -95,21 +96,23 @@ def merge_model_folders(
     *,
     base_model: ModelInput | None = None,
     show_progress_bar: bool = True,
+    copy_single: bool = False,
 ) -> Path:
     """Merge the checkpoints into a new model folder at ``output_path`` and return its path.
 
     Args:
         method: The merge method (DeltaSoup, ModelSoup, TaskArithmetic, ...): anything with the
             :class:`~codiemb_st.merging.tensor_math.RowMerger` interface.
-        checkpoints: The K >= 1 model folders or SentenceTransformer objects to merge.
+        checkpoints: The model folders or SentenceTransformer objects to merge: at least two distinct ones (see
+            :func:`check_checkpoint_count`).
         output_path: The folder to create; it must not exist (an empty folder is replaced) and must not be, or lie
             inside, an input folder.
         base_model: The pre-trained model (folder or object); required when ``method.requires_base``.
         show_progress_bar: Show a progress bar per weight file.
+        copy_single: Write one checkpoint as it is (GreedySoup's first soup) instead of refusing it.
     """
     base = base_model
     checkpoints = _check_checkpoints_argument(checkpoints)
-    check_num_checkpoints(method, len(checkpoints))
     if base is None and method.requires_base:
         raise ValueError(
             f"{type(method).__name__} needs base_model=: the pre-trained model the checkpoints were fine-tuned from "
@@ -130,6 +133,8 @@ def merge_model_folders(
             check_compatible(folders[0], folder, is_checkpoint=True)
         if base_folder is not None:
             check_compatible(folders[0], base_folder, is_checkpoint=False)
+        if not copy_single:
+            check_checkpoint_count(method, checkpoints, single_adapter=len(folders) == 1 and bool(folders[0].adapters))
         inputs = folders + ([base_folder] if base_folder is not None and method.requires_base else [])
 
         created_parents = _make_parents(output_path.parent)
@@ -180,6 +185,45 @@ def _attach_adapter_base(method: RowMerger, folders: list[ModelFolder], base_fol
     check_adapter_bases(adapters)
     for folder in adapters:
         folder.attach_base(base_folder)
+    warn_on_adapter_base_mismatch(adapters, base_folder)
+
+
+def distinct_checkpoints(checkpoints: Sequence[ModelInput]) -> int:
+    """How many different checkpoints: folders counted by resolved path, model objects by identity."""
+    return len({id(c) if isinstance(c, SentenceTransformer) else str(Path(c).resolve()) for c in checkpoints})
+
+
+def check_checkpoint_count(method: object, checkpoints: Sequence[ModelInput], *, single_adapter: bool = False) -> None:
+    """The one rule of every method that combines checkpoints: at least two distinct ones (or the method's minimum).
+
+    One checkpoint, or the same one given twice, would come out as a copy of itself (or, for ModelStock, unchanged)
+    while the call looks like a merge, so it is refused. The exception, where it means something: ModelSoup of one
+    LoRA adapter checkpoint (``single_adapter``) materialises the adapter as a full model, with a warning saying so.
+
+    Raises:
+        ValueError: Naming the method, the number of checkpoints given and of distinct ones.
+    """
+    name = type(method).__name__
+    needed = max(2, getattr(method, "min_checkpoints", 2))
+    distinct = distinct_checkpoints(checkpoints)
+    if distinct >= needed:
+        return
+    if single_adapter and name == "ModelSoup" and len(checkpoints) == 1:
+        logger.warning(
+            "ModelSoup of one LoRA adapter checkpoint: the output is that adapter materialised on base_model "
+            "(base + scaling * B A) as a full model, not a merge of several checkpoints."
+        )
+        return
+    given = f"{len(checkpoints)} checkpoint(s)" + (f", {distinct} distinct" if distinct != len(checkpoints) else "")
+    raise ValueError(
+        f"{name} combines checkpoints and needs at least {needed} distinct ones; got {given} (the same folder twice "
+        "counts once). The output would be a copy of the input, not a merge. Pass two or more different checkpoints"
+        + (
+            "; to materialise one LoRA adapter as a full model, use ModelSoup with that adapter."
+            if name != "ModelSoup"
+            else "."
+        )
+    )
 
 
 def _make_parents(folder: Path) -> list[Path]:
