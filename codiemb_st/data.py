@@ -416,12 +416,11 @@ def ir_dataset_from_records(
             prompted,
             "texts (symmetric type)" if ir_records.symmetric else "queries",
         )
-    return _ir_columns(records, ir_records.name, num_positives, num_negatives, seed)
+    return ir_columns(records, ir_records.name, num_positives, num_negatives, seed)
 
 
-def _ir_columns(
-    records: list[dict[str, Any]], name: str, num_positives: int, num_negatives: int, seed: int
-) -> Dataset:
+def ir_columns(records: list[dict[str, Any]], name: str, num_positives: int, num_negatives: int, seed: int) -> Dataset:
+    """Columns ``anchor, positive_1..P, negative_1..N`` from :attr:`IRRecords.records` (texts used as they are)."""
     rng = random.Random(seed)
     columns: dict[str, list[str]] = {"anchor": []}
     columns.update({f"positive_{k}": [] for k in range(1, num_positives + 1)})
@@ -571,10 +570,11 @@ def sts_dataset_from_records(source: RecordSource | STSRecords) -> Dataset:
     prompted = sum(1 for record in sts_records.records if record["prompt"])
     if prompted:
         logger.info("%s: wrote the `prompt` of %d pairs in front of both sentences.", sts_records.name, prompted)
-    return _sts_columns(sts_records.records, use_prompts=True)
+    return sts_columns(sts_records.records, use_prompts=True)
 
 
-def _sts_columns(records: list[dict[str, Any]], *, use_prompts: bool) -> Dataset:
+def sts_columns(records: list[dict[str, Any]], *, use_prompts: bool) -> Dataset:
+    """Columns ``sentence1, sentence2, score`` from :attr:`STSRecords.records` (``use_prompts``: prompt both)."""
     columns: dict[str, list[Any]] = {"sentence1": [], "sentence2": [], "score": []}
     for record in records:
         prompt = (record["prompt"] or "") if use_prompts else ""
@@ -728,8 +728,10 @@ __all__ = [
     "RecordSource",
     "STSRecords",
     "detect_format",
+    "ir_columns",
     "read_ir_records",
     "read_sts_records",
+    "sts_columns",
     "dataset_from_records",
     "ir_dataset_from_records",
     "read_records",
