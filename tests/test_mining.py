@@ -85,6 +85,8 @@ def test_bad_arguments(tiny_model):
         mine_hard_negatives(RECORDS, torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"row 0: `positives` is empty"):
         mine_hard_negatives([{"query": "q", "positives": []}], tiny_model)
+    with pytest.raises(ValueError, match="`model` could not embed the texts"):
+        mine_hard_negatives(RECORDS, tiny_model, num_negatives=2, query_prompt_name="no-such-prompt")
 
 
 def test_output_keeps_the_input_format(tiny_model, tmp_path):
