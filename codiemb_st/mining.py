@@ -259,8 +259,9 @@ def mine_hard_negatives(
             model.stop_multi_process_pool(pool)
     if corpus_embeddings.ndim != 2 or len(corpus_embeddings) != len(corpus_texts):
         raise ValueError(f"`model` returned embeddings of shape {tuple(corpus_embeddings.shape)}; expected 2-D.")
-    corpus_embeddings = corpus_embeddings.float().cpu()
-    query_embeddings = query_embeddings.float().cpu()
+    # Kept on the model's device: on a GPU the search runs there (semantic_search follows the corpus's device).
+    corpus_embeddings = corpus_embeddings.float()
+    query_embeddings = query_embeddings.float().to(corpus_embeddings.device)
 
     rng = np.random.default_rng(seed)
     chunks = range(0, len(queries), query_chunk_size)
