@@ -267,7 +267,7 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
             )
         query, positives, negatives = _IR_READERS[record_format](record, location)
         prompt = _prompt(record, location)
-        data_type = record.get("type")
+        data_type = record.get("type") if record_format == "flagembedding" else None  # a FlagEmbedding field
         if data_type is not None:
             if not isinstance(data_type, str):
                 raise ValueError(f"{location}: `type` must be a string; got {data_type!r}.")
