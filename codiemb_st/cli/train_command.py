@@ -8,6 +8,9 @@ instructions are sentence-transformers prompts (IR: on the query only; STS: on b
 pooling, as in the official CoDiEmb code.
 
 Training data is exactly the files given with --ir and/or --sts (one task alone works); nothing is looked up.
+Each file may be unified records, FlagEmbedding fine-tune JSONL or sentence-transformers columns (detected per
+file); --dataset-option NAME.FIELD=VALUE sets one dataset's batch_size, instruction, num_positives, num_negatives,
+in_batch_negatives or symmetric (codiemb_st.recipe.DatasetOptions).
 
 Single process (CPU or one GPU):
     codiemb-st train --ir t2.jsonl.gz --sts stsb.jsonl.gz --output-dir runs/codiemb --max-steps 200
