@@ -248,6 +248,7 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
     result = IRRecords(name=_describe(source))
     by_key: dict[tuple[str | None, str], dict[str, Any]] = {}
     ignored: set[str] = set()
+    warned: set[str] = set()
     first_location = None
     for location, record in read_records(source):
         _check_task_type(record, "ir", location)
@@ -278,6 +279,8 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
                 f"{location}: `type` {data_type!r} differs from that of {first_location} ({result.data_type!r}); "
                 "FlagEmbedding batches one type at a time: keep one type per file."
             )
+        if record_format == "unified":
+            _warn_unread_keys(record, location, warned)
         ignored.update(set(record) - _IR_USED_FIELDS[record_format] - _numbered_columns(record))
         key = (prompt, query)
         if key in by_key:
@@ -675,6 +678,29 @@ def _draw(texts: list[str], count: int, rng: random.Random, stats: _DrawStats) -
     drawn = rng.sample(texts, len(texts)) + rng.choices(texts, k=count - len(texts))
     rng.shuffle(drawn)
     return drawn
+
+
+#: Keys that mean positives or negatives in other record formats; an IR record holding one would lose those texts.
+_UNREAD_IR_KEYS = {
+    "pos": "positives",
+    "positive": "positives",
+    "neg": "negatives",
+    "negs": "negatives",
+    "negative": "negatives",
+    "hard_negatives": "negatives",
+}
+
+
+def _warn_unread_keys(record: Mapping[str, Any], location: str, warned: set[str]) -> None:
+    """Warn (once per key and source) about keys of a unified record that look like texts to train on but are not
+    read (e.g. FlagEmbedding's ``neg`` next to unified ``positives``)."""
+    for key in sorted(record.keys() & _UNREAD_IR_KEYS.keys() - warned):
+        warned.add(key)
+        field = _UNREAD_IR_KEYS[key]
+        logger.warning(
+            f"{location}: the IR record has a {key!r} key, which is not read (its texts are not trained on); this "
+            f"format takes them from {field!r}. Rename {key!r} to {field!r} in the records to use them."
+        )
 
 
 def _check_is_object(record: Any, location: str) -> Mapping[str, Any]:

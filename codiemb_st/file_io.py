@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,11 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     if compressed:
         with open(path, "rb") as raw:
             if raw.read(2) != _GZIP_MAGIC:
-                raise ValueError(f"{path}: the file name ends in .gz but the file is not gzip-compressed.")
+                raise ValueError(
+                    f"{path}: the file name ends in .gz but the file is not gzip-compressed. If it holds plain "
+                    f"JSON Lines, drop the .gz suffix (rename it to {path.with_suffix('').name}), or compress it: "
+                    f"mv {path} {path.with_suffix('')} && gzip {path.with_suffix('')}."
+                )
     opener = gzip.open if compressed else open
     line_number = 0
     try:
@@ -102,6 +107,34 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) while the block runs.
+
+    Processes that take the same lock run the block one at a time (POSIX ``flock``; where it is missing, the block
+    runs unlocked). The lock file stays behind, empty; it is released when the process ends, even by ``kill -9``.
+
+    Example:
+        ::
+
+            with file_lock(folder / ".STSBenchmark.lock"):
+                write_json_atomic(folder / "STSBenchmark.json", result)
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -153,6 +186,7 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
 
 __all__ = [
     "current_umask",
+    "file_lock",
     "folder_fingerprint",
     "json_safe",
     "read_jsonl",

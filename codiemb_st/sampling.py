@@ -413,6 +413,13 @@ def _resolve_dataset_names(
                 f"`dataset_names` has {len(names)} names but the training data has {num_datasets} datasets; pass "
                 "the names of the DatasetDict given as `train_dataset`, in its order."
             )
+        row_names = _row_dataset_names(dataset)
+        if all(isinstance(name, str) for name in row_names) and row_names != names:
+            raise ValueError(
+                f"`dataset_names` {names} does not match the training datasets, which are, in order, {row_names} "
+                "(the `dataset_name` the trainer gives each row). The names must be in the DatasetDict's order, or "
+                "tasks and batch sizes would go to the wrong datasets: pass `dataset_names=train_dataset`."
+            )
         if isinstance(dataset_names, Mapping):
             lengths = [len(dataset_names[name]) for name in names]
             if lengths != [len(sub_dataset) for sub_dataset in dataset.datasets]:
@@ -423,13 +430,7 @@ def _resolve_dataset_names(
         return names
 
     # The trainer adds a lazy `dataset_name` column when `loss` or `prompts` is a dict keyed by dataset name.
-    names = []
-    for sub_dataset in dataset.datasets:
-        first_row = sub_dataset[0] if len(sub_dataset) else None
-        name = first_row.get("dataset_name") if isinstance(first_row, Mapping) else None
-        if isinstance(name, list):  # a formatted row may hold a one-element list
-            name = name[0] if name else None
-        names.append(name)
+    names = _row_dataset_names(dataset)
     if all(isinstance(name, str) for name in names) and len(set(names)) == num_datasets:
         return names
     if explicit_tasks:
@@ -439,6 +440,18 @@ def _resolve_dataset_names(
             "`dataset_names=train_dataset` (the DatasetDict) to `RoundRobinTaskBatchSampler.with_options`."
         )
     return [f"dataset_{i}" for i in range(num_datasets)]
+
+
+def _row_dataset_names(dataset: ConcatDataset) -> list[str | None]:
+    """The ``dataset_name`` of each sub-dataset's first row (None where the rows carry none)."""
+    names: list[str | None] = []
+    for sub_dataset in dataset.datasets:
+        first_row = sub_dataset[0] if len(sub_dataset) else None
+        name = first_row.get("dataset_name") if isinstance(first_row, Mapping) else None
+        if isinstance(name, list):  # a formatted row may hold a one-element list
+            name = name[0] if name else None
+        names.append(name if isinstance(name, str) else None)
+    return names
 
 
 def _check_task_names(tasks: Mapping[str, Sequence[str]], names: list[str]) -> None:

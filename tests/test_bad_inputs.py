@@ -429,6 +429,12 @@ SAMPLER_CASES = [
         r"Dataset 'ir' \(task 'ir'\) has 24 rows, fewer than one step needs",
     ),
     Case(
+        "dataset-names-in-another-order",
+        lambda e: _trainer_dataloader(e, 1, dataset_names=["sts", "ir"]),
+        ValueError,
+        r"`dataset_names` \['sts', 'ir'\] does not match the training datasets, which are, in order, \['ir', 'sts'\]",
+    ),
+    Case(
         "dataset-names-count",
         lambda e: _build_sampler(dataset_names=["ir"], tasks={"ir": ["ir"]}),
         ValueError,
@@ -1156,7 +1162,7 @@ def _cli_cases(capsys) -> list[Case]:
             "train-model-missing",
             lambda e: train(e, "--sts", sts_file(e), "--model", str(e.tmp / "no-model")),
             UsageErrorSeen,
-            r"error: Could not load --model '.*no-model'",
+            r"error: --model '.*no-model': no such model folder",
         ),
     ]
 
@@ -1369,3 +1375,40 @@ def test_greedy_soup_with_a_nan_score_leaves_no_parent_folders(env):
     with pytest.raises(ValueError, match="finite score"):
         GreedySoup(lambda model: float("nan")).merge_to_folder(checkpoints, env.tmp / "nested" / "deeper" / "g")
     assert not (env.tmp / "nested").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Other paths that used to pass without a word
+
+
+def test_ir_records_with_negatives_under_another_key_warn(env, caplog):
+    records = [{"query": f"q{i}", "positives": [f"p{i}"], "neg": [f"n{i}"]} for i in range(3)]
+    path = _write(env.tmp / "flag.jsonl", records)
+    with caplog.at_level(logging.WARNING, logger="codiemb_st.data"):
+        dataset = ir_dataset_from_records(path, num_negatives=0)
+    assert dataset.column_names == ["anchor", "positive_1"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per key and file, not once per record
+    assert re.search(
+        r"flag\.jsonl:1: the IR record has a 'neg' key, which is not read.*Rename 'neg' to 'negatives'", warnings[0]
+    )
+
+
+def test_gz_that_is_not_gzip_says_what_to_do(env):
+    with pytest.raises(
+        ValueError, match=r"not gzip-compressed\. .*drop the \.gz suffix \(rename it to train\.jsonl\)"
+    ):
+        _not_gzip(env)
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_eval_output_dir_that_is_a_file_is_refused_before_any_work(where, env, capsys, monkeypatch):
+    from codiemb_st.cli import eval_command
+
+    monkeypatch.setattr(eval_command, "resolve_models", lambda specs: pytest.fail("a model was resolved"))
+    target = env.tmp / "results.txt"
+    target.write_text("not a folder")
+    out = target if where == "file" else target / "sub"
+    assert main(["eval", "--models", str(env.tmp), "--output-dir", str(out)]) == 2
+    assert re.search(r"error: --output-dir .*results\.txt is a file, not a folder", capsys.readouterr().err)
+    assert target.read_text() == "not a folder"

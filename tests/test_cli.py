@@ -187,7 +187,7 @@ def test_merge_cli_offers_the_fusion_methods_and_boolean_options(merge_inputs, t
     cases = [
         (["--method", "ties", "--density", "0.3", "--scale", "0.9"], TIES(density=0.3, scale=0.9)),
         (["--method", "model_stock"], ModelStock()),
-        (["--sign-consensus", "true", "--rescale", "false"], DeltaSoup(sign_consensus=True)),
+        (["--sign-consensus", "--no-rescale"], DeltaSoup(sign_consensus=True)),  # plain flags
     ]
     for index, (extra, method) in enumerate(cases):
         assert main([*argv, *extra, "--output", str(tmp_path / f"cli{index}")]) == 0
@@ -219,6 +219,65 @@ def test_merge_cli_refuses_bad_options_and_leaves_nothing(merge_inputs, tmp_path
     with pytest.raises(SystemExit):
         main(["merge", *paths, "--granularity", "column", "--output", str(out)])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_help_imports_neither_torch_nor_mteb_and_is_plain_text():
+    # A subprocess: what building the parser and printing every subcommand's help imports, and the help text.
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from codiemb_st.cli import COMMANDS, main\n"
+        "texts = {}\n"
+        "for command in COMMANDS:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        main([command, '--help'])\n"
+        "    texts[command] = out.getvalue()\n"
+        "heavy = ('torch', 'mteb', 'transformers', 'sentence_transformers', 'datasets')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "print(json.dumps({'loaded': loaded, 'texts': texts}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True, cwd=REPO_ROOT
+    )
+    result = json.loads(done.stdout)
+    assert result["loaded"] == []
+    for command, text in result["texts"].items():
+        assert f"usage: codiemb-st {command}" in text
+        assert "``" not in text and ":class:" not in text and ":mod:" not in text and ":data:" not in text
+    from codiemb_st.cli.method_options import method_specs_from_classes
+
+    needs_base = [name for name, spec in method_specs_from_classes().items() if spec.requires_base]
+    help_text = " ".join(result["texts"]["merge"].split())
+    assert f"needed by {', '.join(needs_base)}" in help_text and "ties" in needs_base
+
+
+def test_merge_options_read_from_source_equal_the_classes():
+    from codiemb_st.cli.method_options import method_specs_from_classes, method_specs_from_source
+
+    assert method_specs_from_source() == method_specs_from_classes()
+
+
+def test_unreachable_hub_model_fails_in_one_line(tmp_path, monkeypatch):
+    ir, _ = _train_files(tmp_path)
+    argv = ["-m", "codiemb_st", "train", "--ir", str(ir), "--model", "nobody/no-such-model", "--output-dir", "o"]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --model 'nobody/no-such-model' is not a local folder nor in the Hugging Face cache, and "
+        "HF_HUB_OFFLINE is set: pass a local model folder (or unset HF_HUB_OFFLINE to download it)."
+    ]
+    # Online but no route to the hub: one line too (a closed local port stands in for the hub).
+    from codiemb_st.cli.model_source import check_model_source
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(UsageError, match=r"--model 'nobody/no-such-model' .*cannot be reached \(no network\?\)"):
+        check_model_source("nobody/no-such-model", "--model")
+    with pytest.raises(UsageError, match="no such model folder"):
+        check_model_source(str(tmp_path / "missing"), "--model")
 
 
 def test_help_of_every_subcommand_and_the_wrappers():
@@ -299,3 +358,33 @@ def test_shared_data_lookup_is_the_checkouts_only(tmp_path, monkeypatch):
     monkeypatch.delenv(shared_data.ENV_VARIABLE, raising=False)
     monkeypatch.setattr(shared_data, "_CHECKOUT", tmp_path / "site-packages")  # an installed package
     assert shared_data.find_shared_data() is None
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_{name}_under_test", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repository_scripts_pass_the_shared_data_explicitly(tmp_path, monkeypatch, capsys):
+    shared = tmp_path / "shared" / "data"
+    (shared / "eval").mkdir(parents=True)
+    (shared / "train").mkdir()
+    run_mteb, train_codiemb = _script("run_mteb"), _script("train_codiemb")
+    for script in (run_mteb, train_codiemb):
+        monkeypatch.setattr(script, "shared_data_path", lambda *parts: shared.joinpath(*parts))
+    assert run_mteb.eval_argv([]) == ["eval", "--data-dir", str(shared / "eval")]
+    assert run_mteb.eval_argv(["--data-dir", "mine"]) == ["eval", "--data-dir", "mine"]  # an explicit one wins
+    argv = train_codiemb.train_argv(["--output-dir", "run"])
+    assert argv[:2] == ["train", "--ir"] and str(shared / "train" / "en_stsb.jsonl.gz") in argv
+    assert "training on the demo files" in capsys.readouterr().out  # the demo default is printed
+    assert train_codiemb.train_argv(["--sts", "s.jsonl", "--output-dir", "run"]) == [
+        "train",
+        "--sts",
+        "s.jsonl",
+        "--output-dir",
+        "run",
+    ]

@@ -1,20 +1,38 @@
-"""Training fault tolerance: a run resumed from a mid-epoch checkpoint ends with the uninterrupted run's weights, and a
+"""Fault tolerance. Training: a run resumed from a mid-epoch checkpoint ends with the uninterrupted run's weights, and a
 4-rank gloo run with both gathering losses finishes (under a watchdog) with the same dataset at every step on every
-rank."""
+rank. Merging: a merge killed with SIGKILL mid-write, or failing with ENOSPC, leaves the inputs byte-identical and
+nothing at the output path (a killed merge leaves its hidden ``.partial`` folder, which the next merge removes).
+Evaluation: two runs into one results folder both finish with valid files, and a truncated or corrupt stored task
+result is detected, warned about and evaluated again."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from evaluation_fixtures import write_tiny_tasks
+from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from tiny_model import save_tiny_model
 from torchrun_harness import run_torchrun
 
-from codiemb_st import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss, RoundRobinTaskBatchSampler
+from codiemb_st import DeltaSoup, MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss, RoundRobinTaskBatchSampler
+from codiemb_st.cli import main
+from codiemb_st.evaluation import runner
+from codiemb_st.merging import safetensors_stream
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = Path(__file__).with_name("ddp_train_worker.py")
 WORDS = "the quick brown fox jumps over lazy dog a man is playing guitar on stage woman slicing onion".split()
@@ -120,3 +138,187 @@ def test_four_rank_run_with_both_gathering_losses_finishes_with_equal_dataset_se
     # The gathered STS loss is one global value on every rank.
     sts = [[step["loss"] for step in rank["steps"] if step["dataset"] == "sts"] for rank in ranks]
     assert all(rank_sts == pytest.approx(sts[0], abs=1e-6) for rank_sts in sts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging: SIGKILL mid-write, ENOSPC
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tmp_path_factory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("fault_merge")
+    base = save_tiny_model(root / "base", seed=0)
+    checkpoints = []
+    for index in range(2):
+        folder = save_tiny_model(root / f"ckpt{index}", seed=0)
+        weights = next(folder.rglob("model.safetensors"))
+        generator = torch.Generator().manual_seed(index)
+        tensors = {
+            k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in load_file(weights).items()
+        }
+        save_file(tensors, weights)
+        checkpoints.append(folder)
+    return base, checkpoints
+
+
+def _digest(folders: list[Path]) -> dict[str, str]:
+    return {
+        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+_KILLED_MERGE = """
+import sys, time
+from pathlib import Path
+from codiemb_st.merging import DeltaSoup, safetensors_stream
+
+base, ckpt0, ckpt1, out, signal_file = map(Path, sys.argv[1:])
+real_write = safetensors_stream.SafetensorsStreamWriter.write
+
+def write_then_stall(self, name, data):
+    real_write(self, name, data)
+    self._file.flush()
+    signal_file.touch()  # the weight file is half written: kill me now
+    time.sleep(600)
+
+safetensors_stream.SafetensorsStreamWriter.write = write_then_stall
+DeltaSoup().merge_to_folder([ckpt0, ckpt1], out, base_model=base, show_progress_bar=False)
+"""
+
+
+def test_merge_killed_mid_write_leaves_inputs_and_no_output_and_the_next_run_cleans_up(merge_inputs, tmp_path, caplog):
+    base, checkpoints = merge_inputs
+    before = _digest([base, *checkpoints])
+    out, signal_file = tmp_path / "merged", tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    argv = [sys.executable, "-c", _KILLED_MERGE, str(base), *map(str, checkpoints), str(out), str(signal_file)]
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not signal_file.exists():
+            assert child.poll() is None, child.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the merge never started writing"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+
+    assert _digest([base, *checkpoints]) == before  # inputs byte-identical
+    assert not out.exists()  # nothing complete-looking at the output path
+    (partial,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]  # the documented work folder
+    assert partial.name.startswith(f".merged.{child.pid}.")
+
+    with caplog.at_level(logging.WARNING, logger="codiemb_st.merging.streaming_merge"):
+        DeltaSoup().merge_to_folder(checkpoints, out, base_model=base, show_progress_bar=False)
+    assert f"the unfinished work of a merge (process {child.pid}) that was killed" in caplog.text
+    assert not partial.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    reference = DeltaSoup().merge_to_folder(
+        checkpoints, tmp_path / "reference", base_model=base, show_progress_bar=False
+    )
+    got, expected = (
+        load_file(next(out.rglob("model.safetensors"))),
+        load_file(next(reference.rglob("model.safetensors"))),
+    )
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_merge_running_out_of_disk_space_leaves_nothing(merge_inputs, tmp_path, monkeypatch, capsys):
+    base, checkpoints = merge_inputs
+    before = _digest([base, *checkpoints])
+    real_write = safetensors_stream.SafetensorsStreamWriter.write
+    written = {"tensors": 0}
+
+    def write_until_the_disk_is_full(self, name, data):
+        if written["tensors"] == 3:
+            self._file.write(b"\0" * 16)  # a few bytes get through, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["tensors"] += 1
+        real_write(self, name, data)
+
+    monkeypatch.setattr(safetensors_stream.SafetensorsStreamWriter, "write", write_until_the_disk_is_full)
+    out = tmp_path / "deep" / "er" / "merged"
+    with pytest.raises(OSError) as error:
+        DeltaSoup().merge_to_folder(checkpoints, out, base_model=base, show_progress_bar=False)
+    assert error.value.errno == errno.ENOSPC
+    assert not (tmp_path / "deep").exists()  # no output, no work folder, not even the parents it created
+    assert _digest([base, *checkpoints]) == before
+
+    written["tensors"] = 0  # the command line says what happened in one line
+    argv = ["merge", *map(str, checkpoints), "--base-model", str(base), "--output", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: two runs into one folder, damaged stored results
+
+
+def _eval_argv(model: Path, data_dir: Path, out: Path) -> list[str]:
+    return [
+        "eval",
+        "--models",
+        f"tiny={model}",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--tasks",
+        "TinySTS",
+        "TinyRetrieval",
+        "--corpus-cap",
+        "8",
+        "--no-geometry",
+        "--no-plot",
+    ]
+
+
+def test_two_evaluations_into_one_results_folder_both_finish_with_valid_files(tiny_model_path, tmp_path, monkeypatch):
+    data_dir = write_tiny_tasks(tmp_path / "tasks")
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    argv = [sys.executable, "-m", "codiemb_st", *_eval_argv(tiny_model_path, data_dir, out), "--no-resume"]
+    runs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [run.communicate(timeout=400) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err.decode()[-2000:] for _, err in outputs]
+    for path in out.rglob("*.json"):
+        json.loads(path.read_text(encoding="utf-8"))  # every file complete and valid
+    assert not list(out.rglob("*.tmp"))
+    assert set(json.loads((out / "run.json").read_text())["scores"]["tiny"]) >= {"TinySTS", "TinyRetrieval"}
+    # Each stored result belongs to its key: a third run reuses both tasks instead of evaluating them again.
+    evaluated: list[str] = []
+    real = runner._evaluate_one
+    monkeypatch.setattr(runner, "_evaluate_one", lambda m, p, *a: evaluated.append(p.name) or real(m, p, *a))
+    assert main(_eval_argv(tiny_model_path, data_dir, out)) == 0
+    assert evaluated == []
+
+
+@pytest.mark.parametrize("damage", ["truncated-result", "corrupt-key", "result-without-scores"])
+def test_damaged_stored_result_is_detected_warned_and_redone(damage, tiny_model_path, tmp_path, monkeypatch, caplog):
+    data_dir = write_tiny_tasks(tmp_path / "tasks")
+    out = tmp_path / "results"
+    argv = _eval_argv(tiny_model_path, data_dir, out)
+    assert main(argv) == 0
+    result_path, key_path = out / "tiny" / "TinySTS.json", out / "tiny" / "TinySTS.key.json"
+    good = json.loads(result_path.read_text())
+    if damage == "truncated-result":
+        text = result_path.read_text()
+        result_path.write_text(text[: len(text) // 2])
+    elif damage == "corrupt-key":
+        key_path.write_bytes(b"\x00\x01not json")
+    else:
+        result_path.write_text(json.dumps({**good, "scores": {}}))
+    evaluated: list[str] = []
+    real = runner._evaluate_one
+    monkeypatch.setattr(runner, "_evaluate_one", lambda m, p, *a: evaluated.append(p.name) or real(m, p, *a))
+    with caplog.at_level(logging.WARNING, logger="codiemb_st.evaluation.runner"):
+        assert main(argv) == 0
+    assert evaluated == ["TinySTS"]  # only the damaged task is evaluated again
+    assert "TinySTS" in caplog.text and "evaluating again" in caplog.text
+    assert json.loads(result_path.read_text())["scores"] == good["scores"]

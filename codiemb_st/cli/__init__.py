@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -23,6 +24,14 @@ COMMANDS = {
 }
 
 
+def plain_text(doc: str) -> str:
+    """A reStructuredText docstring as terminal text: ``code`` -> code, :class:`~a.B` -> B, :mod:`a.b` -> a.b."""
+    doc = re.sub(r":[a-z]+:`~?([^`<]*?)\s*<[^`]*>`", r"\1", doc)  # :ref:`text <target>` -> text
+    doc = re.sub(r":[a-z]+:`~([^`]*)`", lambda m: m.group(1).split(".")[-1], doc)
+    doc = re.sub(r":[a-z]+:`([^`]*)`", r"\1", doc)
+    return re.sub(r"``([^`]*)``", r"\1", doc).replace("\\\\", "\\")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``codiemb-st`` parser with its subcommands."""
     from codiemb_st import __version__
@@ -36,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(
             name,
             help=summary,
-            description=module.__doc__,
+            description=plain_text(module.__doc__ or ""),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)

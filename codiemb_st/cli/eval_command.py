@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from codiemb_st.cli.model_source import check_model_source
 from codiemb_st.cli.options import non_negative_int, positive_int
 from codiemb_st.cli.usage_error import UsageError
 from codiemb_st.file_io import folder_fingerprint, write_json_atomic, write_text_atomic
@@ -144,6 +145,18 @@ def _data_dir_or_none(data_dir: Path | None) -> Path | None:
     if data_dir is not None and not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir} does not exist.")
     return data_dir
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output-dir that cannot be a folder before any model is loaded or task evaluated."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "--output-dir" if folder == output_dir else f"--output-dir {output_dir}: its parent"
+                raise UsageError(f"{what} {folder} is a file, not a folder; pass a folder path for the results.")
+            if not os.access(folder, os.W_OK):
+                raise UsageError(f"--output-dir {output_dir}: {folder} is not writable.")
+            return
 
 
 def _no_local_data_message(data_dir: Path | None) -> str:
@@ -315,8 +328,11 @@ def run(args: argparse.Namespace) -> int:
     args.corpus_cap = args.corpus_cap or None
     if args.geometry_samples < 2:
         raise UsageError(f"--geometry-samples must be at least 2, got {args.geometry_samples}.")
+    _check_output_dir(args.output_dir)
     data_dir = _data_dir_or_none(args.data_dir)
     models = resolve_models(args.models)
+    for _, target in models:
+        check_model_source(target, "--models")  # one line in seconds, not a minute of hub retries
     start = time.perf_counter()
     tasks, skipped = prepare(args, data_dir)
     print(

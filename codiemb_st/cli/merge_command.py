@@ -9,101 +9,67 @@ Examples:
     codiemb-st merge runs/a runs/b --method model_soup --output soup
     codiemb-st merge runs/a runs/b --base-model models/base --method delta_soup --power 2 --granularity row --output m
     codiemb-st merge runs/a runs/b runs/c --base-model models/base --method ties --density 0.2 --output m
-    codiemb-st merge runs/a runs/b runs/c --base-model models/base --method delta_soup --sign-consensus true --output m
+    codiemb-st merge runs/a runs/b runs/c --base-model models/base --method delta_soup --sign-consensus --output m
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
-import typing
 from pathlib import Path
-from typing import Any
 
+from codiemb_st.cli.method_options import method_specs, method_specs_from_classes
 from codiemb_st.cli.usage_error import UsageError
 
 
-def _method_parameters() -> dict[str, dict[str, inspect.Parameter]]:
-    from codiemb_st.merging import MERGE_METHODS
-
-    return {
-        name: {
-            parameter.name: parameter
-            for parameter in inspect.signature(method.__init__).parameters.values()
-            if parameter.name != "self"
-            and parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-        }
-        for name, method in MERGE_METHODS.items()
-    }
-
-
-def _converter(method_name: str, parameter: inspect.Parameter) -> Any:
-    """A string -> value converter from the parameter's annotation (string annotations: from __future__)."""
-    from codiemb_st.merging import MERGE_METHODS
-
-    hints = typing.get_type_hints(MERGE_METHODS[method_name].__init__)
-    hint = hints.get(parameter.name, str)
-    if typing.get_origin(hint) is typing.Literal:
-        return str, typing.get_args(hint)  # e.g. Literal["element", "row", "tensor"]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if any(a is bool for a in args):
-        return _parse_bool, None  # e.g. --sign-consensus true
-    if any(a is float for a in args):
-        return float, None
-    if any(a is int for a in args):
-        return int, None
-    return str, None
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("true", "yes", "1", "on"):
-        return True
-    if lowered in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-_parse_bool.__name__ = "bool"  # argparse names the type in its error message
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``codiemb-st merge``."""
-    from codiemb_st.merging import MERGE_METHODS
-
+    """The options of ``codiemb-st merge`` (from :func:`~codiemb_st.cli.method_options.method_specs`: no torch)."""
+    specs = method_specs()
+    needs_base = [name for name, spec in specs.items() if spec.requires_base]
     parser.add_argument("checkpoints", nargs="+", type=Path, help="the fine-tuned sentence-transformers model folders")
     parser.add_argument(
         "--base-model",
         type=Path,
         default=None,
-        help="the pre-trained model folder the checkpoints were fine-tuned from (needed by delta_soup and "
-        "task_arithmetic)",
+        help="the pre-trained model folder the checkpoints were fine-tuned from (needed by "
+        f"{', '.join(needs_base)}, and by every method when a checkpoint is a LoRA adapter)",
     )
     parser.add_argument(
-        "--method", choices=sorted(MERGE_METHODS), default="delta_soup", help="merge method (default delta_soup)"
+        "--method", choices=sorted(specs), default="delta_soup", help="merge method (default delta_soup)"
     )
     parser.add_argument("--output", type=Path, required=True, help="the merged model folder to create")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = parser.add_argument_group("method options (each applies to the methods named in its help)")
-    all_parameters = _method_parameters()
     seen: dict[str, list[str]] = {}
-    for method_name, parameters in all_parameters.items():
-        for name in parameters:
+    for method_name, spec in specs.items():
+        for name in spec.options:
             seen.setdefault(name, []).append(method_name)
     for name, methods in seen.items():
-        parameter = all_parameters[methods[0]][name]
-        convert, choices = _converter(methods[0], parameter)
-        default = parameter.default if parameter.default is not inspect.Parameter.empty else None
+        option = specs[methods[0]].options[name]
+        flag = f"--{name.replace('_', '-')}"
+        if option.kind == "bool":
+            group.add_argument(
+                flag,
+                dest=f"option_{name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{', '.join(methods)} (default {'on' if option.default else 'off'})",
+            )
+            continue
+        choices = option.choices
         group.add_argument(
-            f"--{name.replace('_', '-')}",
+            flag,
             dest=f"option_{name}",
             metavar=name.upper(),
-            type=convert,
+            type=_CONVERTERS[option.kind],
             choices=choices,
             default=None,
-            help=f"{', '.join(methods)} (default {default}" + (f"; one of {', '.join(choices)})" if choices else ")"),
+            help=f"{', '.join(methods)} (default {option.default}"
+            + (f"; one of {', '.join(choices)})" if choices else ")"),
         )
+
+
+_CONVERTERS = {"float": float, "int": int, "str": str}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from codiemb_st.merging import MERGE_METHODS
 
     method_class = MERGE_METHODS[args.method]
-    accepted = _method_parameters()[args.method]
+    accepted = method_specs_from_classes()[args.method].options
     given = {
         key.removeprefix("option_"): value
         for key, value in vars(args).items()
@@ -136,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    except OSError as error:  # a full disk, no permission: nothing was left at --output
+        raise UsageError(f"Could not write {args.output} (nothing was left there): {error}") from None
     print(f"Merged {len(args.checkpoints)} checkpoint(s) with {method!r} into {output}", file=sys.stderr)
     return 0
 

@@ -36,9 +36,9 @@ import os
 import sys
 from pathlib import Path
 
+from codiemb_st.cli.model_source import check_model_source
 from codiemb_st.cli.options import non_negative_int, positive_float, positive_int, unit_interval
 from codiemb_st.cli.usage_error import UsageError
-from codiemb_st.recipe import DEFAULT_IR_INSTRUCTION, DEFAULT_STS_INSTRUCTION
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PearsonSpearmanLoss (CoDiEmb) or sentence-transformers' CoSENTLoss as a baseline",
     )
     parser.add_argument("--sts-gather", action="store_true", help="gather STS pairs across devices (official: off)")
-    parser.add_argument("--ir-instruction", default=DEFAULT_IR_INSTRUCTION)
-    parser.add_argument("--sts-instruction", default=DEFAULT_STS_INSTRUCTION)
+    parser.add_argument(
+        "--ir-instruction",
+        default=None,
+        help="instruction prepended to IR queries (default: codiemb_st.recipe.DEFAULT_IR_INSTRUCTION; '' for none)",
+    )
+    parser.add_argument(
+        "--sts-instruction",
+        default=None,
+        help="instruction prepended to STS sentences (default: codiemb_st.recipe.DEFAULT_STS_INSTRUCTION; '' for none)",
+    )
     parser.add_argument("--max-seq-length", type=positive_int, default=256)
     parser.add_argument("--epochs", type=positive_float, default=1.0)
     parser.add_argument(
@@ -149,19 +157,26 @@ def parse_dataset_options(items: list[str]) -> dict[str, dict[str, object]]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``codiemb-st train`` with parsed arguments; returns the exit code."""
-    import torch
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-
     from codiemb_st import recipe
-    from codiemb_st.evaluation import MTEBEvaluator, prepare_tasks
-    from codiemb_st.losses import LossColumnCheck
 
+    if args.ir_instruction is None:
+        args.ir_instruction = recipe.DEFAULT_IR_INSTRUCTION
+    if args.sts_instruction is None:
+        args.sts_instruction = recipe.DEFAULT_STS_INSTRUCTION
     ir_files, sts_files = args.ir, args.sts
     if not ir_files and not sts_files:
         raise UsageError("No training data: pass --ir and/or --sts record files (JSONL / JSONL.gz).")
     for path in [*ir_files, *sts_files]:
         if not path.is_file():
             raise UsageError(f"Training file {path} not found.")
+    if args.model is not None:
+        check_model_source(args.model, "--model")  # one line in seconds, not a minute of hub retries
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+
+    from codiemb_st.evaluation import MTEBEvaluator, prepare_tasks
+    from codiemb_st.losses import LossColumnCheck
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from codiemb_st.evaluation.aggregates import aggregate_main_scores
 from codiemb_st.evaluation.corpus_subsample import CorpusSubsample
 from codiemb_st.evaluation.tasks import PreparedTask
-from codiemb_st.file_io import json_safe, write_atomic, write_json_atomic
+from codiemb_st.file_io import file_lock, json_safe, write_atomic, write_json_atomic
 from codiemb_st.validation import check_positive_int
 
 if TYPE_CHECKING:
@@ -119,13 +120,26 @@ def evaluate_model(
     scores = []
     for prepared in tasks:
         key = _task_key(prepared, prompts, run_key) if folder is not None else None
-        result = _load_finished(folder, prepared.name, key) if folder is not None and reuse else None
+        result = None
+        if folder is not None and reuse:
+            with file_lock(folder / f".{prepared.name}.lock"):  # never read a pair another run is writing
+                result = _load_finished(folder, prepared.name, key)
+            if result is not None and not _has_finite_score(result, prepared.split):
+                logger.warning(
+                    "%s: the stored result in %s has no finite %s score (truncated or edited); evaluating again.",
+                    prepared.name,
+                    folder,
+                    prepared.split,
+                )
+                result = None
         if result is None:
             result = _evaluate_one(model, prepared, prompts, batch_size, show_progress_bar)
             if folder is not None:
-                write_atomic(folder / f"{prepared.name}.json", result.to_disk)
-                # The key is written last: it marks the result as complete.
-                write_json_atomic(folder / f"{prepared.name}.key.json", key)
+                # Two runs writing one folder take turns here, so a result and its key always belong together.
+                with file_lock(folder / f".{prepared.name}.lock"):
+                    write_atomic(folder / f"{prepared.name}.json", result.to_disk)
+                    # The key is written last: it marks the result as complete.
+                    write_json_atomic(folder / f"{prepared.name}.key.json", key)
         else:
             logger.info("%s: reusing the finished result in %s", prepared.name, folder)
         scores.append(
@@ -195,7 +209,8 @@ def _load_finished(folder: Path, name: str, key: dict[str, Any]) -> TaskResult |
         return None
     try:
         stored = json.loads(key_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        logger.warning("%s: could not read %s (%s); evaluating again.", name, key_path, error)
         return None
     if stored != json.loads(json.dumps(key, default=str)):
         return None
@@ -204,6 +219,13 @@ def _load_finished(folder: Path, name: str, key: dict[str, Any]) -> TaskResult |
     except Exception as error:  # a damaged result file is recomputed, not fatal
         logger.warning("%s: could not read %s (%s); evaluating again.", name, result_path, error)
         return None
+
+
+def _has_finite_score(result: TaskResult, split: str) -> bool:
+    try:
+        return math.isfinite(float(result.get_score(splits=[split])))
+    except Exception:  # a result without that split or score
+        return False
 
 
 def summarize_scores(scores: Sequence[TaskScore]) -> dict[str, float]:

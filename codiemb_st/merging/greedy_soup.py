@@ -27,6 +27,8 @@ from codiemb_st.merging.streaming_merge import (
     _remove_created,
     check_checkpoint_count,
     merge_model_folders,
+    remove_stale_work_folders,
+    work_folder_prefix,
 )
 
 logger = logging.getLogger(__name__)
@@ -249,7 +251,8 @@ class GreedySoup:
 
         created_parents = _make_parents(output_path.parent)
         done = False
-        work = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", suffix=".greedy", dir=output_path.parent))
+        remove_stale_work_folders(output_path, ".greedy")
+        work = Path(tempfile.mkdtemp(prefix=work_folder_prefix(output_path), suffix=".greedy", dir=output_path.parent))
         try:
             first = order[0]
             soup = [first]

@@ -21,9 +21,11 @@ inputs. Methods whose weights depend on the whole tensor (DeltaSoup with ``granu
 ModelStock, TIES) read each tensor once per statistics pass (one, two for TIES's exact top-k thresholds on float32
 weights), then once to merge.
 
-Atomicity: the folder is written to a hidden temporary folder next to ``output_path`` and renamed into place only when
-complete; on any error (or Ctrl-C) the temporary folder is removed and nothing appears at ``output_path``. (A crash
-of the machine itself can leave the hidden temporary folder behind, never a partial ``output_path``.)
+Atomicity: the folder is written to a hidden temporary folder next to ``output_path``
+(``.<name>.<pid>.<random>.partial``) and renamed into place only when complete; on any error (or Ctrl-C) the
+temporary folder is removed and nothing appears at ``output_path``. A process killed outright (``kill -9``, a crash
+of the machine) can leave the hidden temporary folder behind, never a partial ``output_path``; the next merge into
+the same ``output_path`` removes such a folder once its process is gone (with a warning).
 """
 
 from __future__ import annotations
@@ -139,7 +141,10 @@ def merge_model_folders(
 
         created_parents = _make_parents(output_path.parent)
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", suffix=".partial", dir=output_path.parent))
+            remove_stale_work_folders(output_path, ".partial")
+            tmp = Path(
+                tempfile.mkdtemp(prefix=work_folder_prefix(output_path), suffix=".partial", dir=output_path.parent)
+            )
         except BaseException:
             _remove_created(created_parents)
             raise
@@ -224,6 +229,47 @@ def check_checkpoint_count(method: object, checkpoints: Sequence[ModelInput], *,
             else "."
         )
     )
+
+
+def work_folder_prefix(output_path: Path) -> str:
+    """The prefix of a hidden work folder for ``output_path``: ``.<name>.<pid>.`` (the pid tells a stale one)."""
+    return f".{output_path.name}.{os.getpid()}."
+
+
+def remove_stale_work_folders(output_path: Path, suffix: str) -> list[Path]:
+    """Remove hidden work folders for ``output_path`` whose process is gone (a merge killed mid-write); return them.
+
+    Folders of a process still running (a concurrent merge) are left alone, and so is anything not named
+    ``.<name>.<pid>.<random><suffix>``.
+    """
+    removed = []
+    prefix = f".{output_path.name}."
+    for folder in output_path.parent.glob(f"{glob_escape(prefix)}*{suffix}"):
+        pid_text = folder.name[len(prefix) :].split(".", 1)[0]
+        if not folder.is_dir() or not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        logger.warning(f"Removing {folder}: the unfinished work of a merge (process {pid_text}) that was killed.")
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _make_parents(folder: Path) -> list[Path]:
