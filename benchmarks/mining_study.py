@@ -87,7 +87,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--output-dir", type=Path, default=Path("runs/mining_study"))
     parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results/mining_study"))
+    parser.add_argument("--summarize-only", action="store_true", help="rewrite the summary from the variants' results")
     args = parser.parse_args()
+    if args.summarize_only:
+        summarize(args)
+        return
     shared = find_shared_data()
     if shared is None:
         raise SystemExit("No shared/data folder found (set CODIEMB_SHARED_DATA).")
@@ -127,7 +131,7 @@ def summarize(args: argparse.Namespace) -> None:
         "|---|---|" + "---:|" * len(results),
     ]
     for task, label in (*TASKS, *STS_TASKS):
-        for run in ("ir_only", "codiemb"):
+        for run in ("base", "ir_only", "codiemb"):
             cells = []
             for variant in VARIANTS:
                 if variant not in results:
