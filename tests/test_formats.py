@@ -138,15 +138,15 @@ def test_empty_and_unreadable_files(tmp_path):
         read_ir_records(tmp_path / "s.csv")
 
 
-def test_readme_own_data_example_runs_as_written(tmp_path, monkeypatch):
+def test_docs_own_data_example_runs_as_written(tmp_path, monkeypatch):
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "your-own-data.md").read_text(encoding="utf-8")
     match = re.search(r"<!-- own-data-example -->\s*```python\n(.*?)```\s*<!-- /own-data-example -->", text, re.S)
-    assert match, "README has no own-data-example block"
+    assert match, "docs/your-own-data.md has no own-data-example block"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(match.group(1), "README own-data example", "exec"), namespace)
+    exec(compile(match.group(1), "docs/your-own-data.md example", "exec"), namespace)
     rows = [json.loads(line) for line in (tmp_path / "pairs_mined.jsonl").read_text().splitlines()]
     assert all(set(row) == {"query", "pos", "neg", "prompt"} and len(row["neg"]) == 2 for row in rows)
     assert all(not set(row["neg"]) & set(row["pos"]) for row in rows)

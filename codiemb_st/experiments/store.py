@@ -107,7 +107,7 @@ class CachedEvaluator:
     """Scores a model folder on prepared tasks (main scores and their means), cached on disk by :func:`weights_key`.
 
     Args:
-        tasks: Prepared evaluation tasks (``codiemb_st.evaluation.prepare_task``).
+        tasks (list[PreparedTask]): Prepared evaluation tasks (``codiemb_st.evaluation.prepare_task``).
         cache: Folder of the cached records, one ``<weights_key>.json`` each.
         max_seq_length: Tokens at evaluation.
         prompts: Prompts by task type, as ``evaluate_model`` takes them.

@@ -276,7 +276,7 @@ class CocktailWeights:
         mean_losses: The mean over files, L_c.
         weights: softmax_c(−L_c / T).
         group_losses: With layer groups: ``group_losses[g][c]``, candidate c's mean loss over the files at group g.
-        group_weights: With layer groups: ``group_weights[g]`` = softmax_c(−group_losses[g][c] / T).
+        group_weights: With layer groups: ``group_weights[g] = softmax_c(−group_losses[g][c] / T)``.
     """
 
     losses: list[list[float]]
