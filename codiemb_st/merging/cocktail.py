@@ -207,12 +207,12 @@ def example_group_losses(model: SentenceTransformer, examples: ExampleSet, batch
     middle-layer term). Later modules (Dense, Normalize) apply to ``head`` only.
     """
     from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
-    from codiemb_st.losses._text_identity import hash_columns
-    from codiemb_st.losses.pearson_spearman import (
+    from codiemb_st.losses._hidden_states import (
         _FINAL_LAYER_KEYS,
         _hidden_state_modules,
         _hidden_states_requested,
     )
+    from codiemb_st.losses._text_identity import hash_columns
 
     transformer, pooling = _hidden_state_modules(model)
     prompts = getattr(model, "prompts", None) or {}
