@@ -152,8 +152,14 @@ LOSS_CASES = [
     Case(
         "ir-temperature-string",
         lambda e: MultiPositiveCachedInfoNCELoss(e.model, temperature="0.02"),
-        ValueError,
-        "temperature",
+        TypeError,
+        "`temperature` must be a number",
+    ),
+    Case(  # one rule everywhere (codiemb_st.validation): wrong type -> TypeError, as the data loader raises
+        "ir-num-positives-string",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, num_positives="2"),
+        TypeError,
+        "`num_positives` must be an integer",
     ),
     Case(
         "ir-model-name-not-model",

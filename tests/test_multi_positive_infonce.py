@@ -280,20 +280,22 @@ def test_trainer_run_lowers_the_loss(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"num_positives": 0}, "num_positives"),
-        ({"num_positives": 1.5}, "num_positives"),
-        ({"temperature": 0}, "temperature"),
-        ({"temperature": -0.1}, "temperature"),
-        ({"temperature": float("nan")}, "temperature"),
-        ({"mini_batch_size": 0}, "mini_batch_size"),
-        ({"objective": "both"}, "objective"),
-        ({"mini_batch_num_tokens": 0}, "mini_batch_num_tokens"),
+        ({"num_positives": 0}, ValueError, "`num_positives` must be an integer >= 1"),
+        ({"num_positives": 1.5}, TypeError, "`num_positives` must be an integer"),  # wrong type: TypeError
+        ({"temperature": 0}, ValueError, "`temperature` must be > 0"),
+        ({"temperature": -0.1}, ValueError, "`temperature` must be > 0"),
+        ({"temperature": float("nan")}, ValueError, "`temperature` must be a finite number"),
+        ({"mini_batch_size": 0}, ValueError, "`mini_batch_size`"),
+        ({"objective": "both"}, ValueError, "`objective` must be one of 'per_slot', 'joint'"),
+        ({"mini_batch_num_tokens": 0}, ValueError, "`mini_batch_num_tokens`"),
+        ({"keep_graphs": -1}, ValueError, "`keep_graphs` must be an integer >= 0"),
+        ({"in_batch_negatives": 1}, TypeError, "`in_batch_negatives` must be True or False"),
     ],
 )
-def test_invalid_arguments_raise_value_error(tiny_model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_arguments_raise_value_or_type_error(tiny_model, kwargs, error, match):
+    with pytest.raises(error, match=match):
         MultiPositiveCachedInfoNCELoss(tiny_model, **kwargs)
 
 

