@@ -10,9 +10,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from codiemb_st.task_types import TRAINING_TASKS
+
 logger = logging.getLogger("codiemb_st.data")
 
-_TASK_TYPES = ("ir", "sts")
+_TASK_TYPES = TRAINING_TASKS  # "ir" / "sts" (evaluation says "retrieval" / "sts": codiemb_st.task_types)
 
 
 def _refuse_unknown(record: Mapping[str, Any], location: str, fields: Mapping[str, str], task: str) -> ValueError:

@@ -226,9 +226,11 @@ def run(args: argparse.Namespace) -> int:
             )
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise UsageError(f"--eval: {error}") from None
+        from codiemb_st.task_types import EVALUATION_TASK_TYPE
+
         eval_prompts = {}
         for task in eval_tasks:
-            if task.type == "retrieval" and args.ir_instruction:
+            if task.type == EVALUATION_TASK_TYPE["ir"] and args.ir_instruction:
                 eval_prompts[f"{task.name}-query"] = args.ir_instruction
             elif task.type == "sts" and args.sts_instruction:
                 eval_prompts[task.name] = args.sts_instruction

@@ -63,13 +63,14 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
             L = 1/P Σ_k 1/B Σ_i -log( exp(s(q_i, p_ik)/τ) / Σ_j [exp(s(q_i, p_jk)/τ) + Σ_m exp(s(q_i, n_jm)/τ)] )
 
         with ``s`` the cosine similarity. A query's own other positives never appear in its denominator. For
-        ``num_positives=1`` this is exactly :class:`~sentence_transformers.losses.MultipleNegativesRankingLoss`
-        with ``scale = 1 / temperature`` (before duplicate masking). ``objective="joint"`` instead puts all of a
-        query's positives in one numerator over one softmax over every positive and negative of the batch:
+        ``num_positives=1`` this is exactly
+        :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss` with
+        ``scale = 1 / temperature`` (before duplicate masking). ``objective="joint"`` instead puts all of a query's
+        positives in one numerator over one softmax over every positive and negative of the batch:
         ``-log(Σ_k exp(s(q_i, p_ik)/τ) / Σ_all exp(s(q_i, c)/τ))`` (an earlier variant of the official code).
 
-        Unlike :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`, a second positive column
-        is treated as a positive, not silently as a negative.
+        Unlike :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`, a second
+        positive column is treated as a positive, not silently as a negative.
 
         Args:
             model: SentenceTransformer model.
@@ -92,7 +93,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
                 never on embeddings (dropout makes the embeddings of one text differ).
             mini_batch_num_tokens: If set, embedding mini-batches are packed by number of non-padding tokens
                 instead of ``mini_batch_size`` sequences (see
-                :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`).
+                :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`).
             show_progress_bar: If True, show progress bars over mini-batches.
             keep_graphs: How much of the first pass to keep instead of recomputing it (see "Passes" below), in
                 mini-batch graphs: when a step needs several mini-batches, the last ``keep_graphs`` of them (in
@@ -123,14 +124,15 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
             mini-batch). Flattened (``cu_seq_lens_q``) and multimodal inputs are left unsorted.
 
         Passes:
-            GradCache (like :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`) embeds every
-            mini-batch twice: once without gradients to compute the loss and the gradients w.r.t. the embeddings,
-            once more with gradients in the backward pass. This loss skips the repeated work where it can:
+            GradCache (like :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`)
+            embeds every mini-batch twice: once without gradients to compute the loss and the gradients w.r.t. the
+            embeddings, once more with gradients in the backward pass. This loss skips the repeated work where it can:
 
             - **Single pass**: when every column of the step fits in one mini-batch (``mini_batch_size`` rows, or
               ``mini_batch_num_tokens`` tokens), or the whole step has at most ``keep_graphs`` mini-batches, every
               column is embedded once with gradients and ``loss.backward()`` goes straight through the model, like
-              :class:`~sentence_transformers.losses.MultipleNegativesRankingLoss` (and with its memory).
+              :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss` (and with its
+              memory).
             - **Kept graphs**: otherwise the last ``keep_graphs`` mini-batches keep their graph from the first pass
               and only the others are replayed.
 
@@ -165,8 +167,9 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
 
         Relations:
             - With ``num_positives=1`` and ``mask_duplicates=False``: equal (loss and gradients) to
-              :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss` and
-              :class:`~sentence_transformers.losses.MultipleNegativesRankingLoss` with ``scale=1/temperature``.
+              :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss` and
+              :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss` with
+              ``scale=1/temperature``.
             - Pair it with :class:`codiemb_st.PearsonSpearmanLoss` on STS datasets and
               :class:`codiemb_st.RoundRobinTaskBatchSampler` so every step (and every GPU) sees one task.
 
