@@ -334,7 +334,7 @@ def test_two_process_gather_equals_single_process_full_batch(tiny_model_path, tm
     columns[2][1] = columns[1][6]  # a passage shared by queries on different ranks: masking must see it
     batch_file = tmp_path / "batch.json"
     batch_file.write_text(json.dumps(columns))
-    worker = Path(__file__).parent / "dist_infonce_worker.py"
+    worker = Path(__file__).parents[1] / "dist_infonce_worker.py"
     result = run_torchrun(worker, [tiny_model_path, batch_file, tmp_path], tmp_path / "torchrun.log", timeout=240)
     assert result.returncode == 0, result.stdout[-4000:]
 

@@ -26,7 +26,7 @@ from torchrun_harness import run_torchrun
 from codiemb_st import MultiPositiveCachedInfoNCELoss
 from codiemb_st.losses._text_identity import hash_texts
 
-WORKER = Path(__file__).with_name("dist_gradcache_paths_worker.py")
+WORKER = Path(__file__).parents[1] / "dist_gradcache_paths_worker.py"
 
 
 def record_embeddings(loss_fn: MultiPositiveCachedInfoNCELoss) -> dict[bool, list[torch.Tensor]]:
