@@ -12,10 +12,12 @@ way: ``tensor_math`` (no I/O) <- ``streaming_merge`` (I/O) <- ``methods`` (this 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
+from codiemb_st.merging.base import MergeMethod, check_weights  # noqa: F401 (re-exported: the old import path)
+from codiemb_st.merging.spherical import SLERP, MultiSLERP
 from codiemb_st.merging.tensor_math import (
     GRANULARITIES,
     Granularity,
@@ -37,11 +39,6 @@ from codiemb_st.merging.tensor_math import (
     topk_threshold_finish,
 )
 from codiemb_st.validation import check_bool, check_choice, check_finite_float
-
-if TYPE_CHECKING:
-    pass
-from codiemb_st.merging.base import MergeMethod, check_weights  # noqa: F401 (re-exported: the old import path)
-from codiemb_st.merging.spherical import SLERP, MultiSLERP
 
 
 class ModelSoup(MergeMethod):

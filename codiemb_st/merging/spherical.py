@@ -4,24 +4,15 @@ Karcher mean of K), of the deltas or of the weights, per tensor."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from codiemb_st.merging.tensor_math import (
-    SPACES,
-    Space,
-    combine_rows,
-    karcher_coefficients,
-    slerp_coefficients,
-    spherical_gram,
-)
-from codiemb_st.validation import check_choice, check_finite_float
-
-if TYPE_CHECKING:
-    pass
 from codiemb_st.merging.base import MergeMethod, check_weights
+from codiemb_st.merging.spherical_math import combine_rows, karcher_coefficients, slerp_coefficients, spherical_gram
+from codiemb_st.merging.tensor_math import SPACES, Space
+from codiemb_st.validation import check_choice, check_finite_float
 
 
 class _SphericalMerge(MergeMethod):
