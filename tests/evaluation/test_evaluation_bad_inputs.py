@@ -17,10 +17,22 @@ from bad_input_cases import (
     run_case,
 )
 
-from codiemb_st.evaluation import load_local_task, prepare_task
+from codiemb_st.evaluation import MTEBEvaluator, load_local_task, prepare_task
 from codiemb_st.evaluation.local_data import LocalTaskInfo
 
 EVALUATION_CASES = [
+    Case(  # one rule (codiemb_st.validation): a wrong type is a TypeError naming the argument
+        "prepare-corpus-cap-string",
+        lambda e: prepare_task(_sts_folder(e, [GOOD_PAIR]), corpus_cap="100"),
+        TypeError,
+        "`corpus_cap` must be an integer",
+    ),
+    Case(
+        "evaluator-batch-size-float",
+        lambda e: MTEBEvaluator([_sts_folder(e, [GOOD_PAIR])], batch_size=8.0),
+        TypeError,
+        "`batch_size` must be an integer",
+    ),
     Case(
         "task-folder-sts-score-nan",
         lambda e: load_local_task(_sts_folder(e, [GOOD_PAIR, '{"sentence1": "a", "sentence2": "b", "score": NaN}'])),
