@@ -8,6 +8,8 @@ from typing import Any
 
 from torch.utils.data import BatchSampler, ConcatDataset
 
+from codiemb_st.validation import check_positive_int
+
 # The label columns sentence-transformers' data collator recognises (DEFAULT_LABEL_COLUMNS); a dataset with one of
 # them is a scored-pair (STS) dataset when tasks are inferred.
 _LABEL_COLUMNS = ("label", "labels", "score", "scores")
@@ -41,14 +43,11 @@ def _check_options(
         if not isinstance(batch_sizes, Mapping):
             raise TypeError(f"`batch_sizes` must be a dict of task name -> batch size; got {batch_sizes!r}.")
         for task, size in batch_sizes.items():
-            if not _is_positive_int(size):
-                raise ValueError(f"`batch_sizes[{task!r}]` must be a positive integer; got {size!r}.")
-    if world_size is not None and not _is_positive_int(world_size):
-        raise ValueError(f"`world_size` must be a positive integer or None; got {world_size!r}.")
-    if gradient_accumulation_steps is not None and not _is_positive_int(gradient_accumulation_steps):
-        raise ValueError(
-            f"`gradient_accumulation_steps` must be a positive integer or None; got {gradient_accumulation_steps!r}."
-        )
+            check_positive_int(f"batch_sizes[{task!r}]", size)
+    if world_size is not None:
+        check_positive_int("world_size", world_size)
+    if gradient_accumulation_steps is not None:
+        check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
 
 
 def _check_sizes(argument: str, sizes: Mapping[str, int] | None, what: str) -> None:
@@ -57,8 +56,7 @@ def _check_sizes(argument: str, sizes: Mapping[str, int] | None, what: str) -> N
     if not isinstance(sizes, Mapping):
         raise TypeError(f"`{argument}` must be a dict of {what} name -> batch size; got {sizes!r}.")
     for name, size in sizes.items():
-        if not _is_positive_int(size):
-            raise ValueError(f"`{argument}[{name!r}]` must be a positive integer; got {size!r}.")
+        check_positive_int(f"{argument}[{name!r}]", size)
 
 
 def _resolve_against_trainer(name: str, value: int | None, trainer_args: Any, default: int | None) -> int | None:

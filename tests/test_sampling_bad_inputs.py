@@ -84,7 +84,7 @@ SAMPLER_CASES = [
         "accumulation-zero",
         lambda e: _build_sampler(gradient_accumulation_steps=0),
         ValueError,
-        "`gradient_accumulation_steps` must be a positive integer",
+        "`gradient_accumulation_steps` must be an integer >= 1",
     ),
     Case(
         "tasks-unknown-dataset",
@@ -115,7 +115,7 @@ SAMPLER_CASES = [
         "batch-size-zero",
         lambda e: _build_sampler(batch_sizes={"ir": 0}),
         ValueError,
-        r"`batch_sizes\['ir'\]` must be a positive integer",
+        r"`batch_sizes\['ir'\]` must be an integer >= 1",
     ),
     Case(
         "dataset-smaller-than-a-step",
