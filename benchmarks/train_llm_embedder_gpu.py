@@ -4,7 +4,7 @@ Ready for a GPU machine; not run in this project's CI (no GPU there). What it do
 
 1. ``--check-gradients`` (under torchrun, 2+ GPUs): shards the model with FSDP2 (``fully_shard`` on every decoder
    layer, then the root) and checks that the cached IR loss and the gathered STS loss give the loss and gradients of
-   the unsharded model on the global batch (the CPU test ``tests/test_fsdp.py`` does the same on gloo). Prints the
+   the unsharded model on the global batch (the CPU test ``tests/losses/test_fsdp.py`` does the same on gloo). Prints the
    largest relative gradient difference; exits 1 above ``--tolerance``.
 2. A short training run through ``SentenceTransformerTrainer`` with the chosen ``--sharding`` (DDP, FSDP2 through
    accelerate's FSDP plugin, DeepSpeed ZeRO-1/2): bf16, activation checkpointing, instruction prompts, the

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bad_input_cases import env, model, pristine_merge_inputs  # noqa: E402, F401 (fixtures of the bad-input tables)
 from tiny_model import build_tiny_model, save_tiny_model  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

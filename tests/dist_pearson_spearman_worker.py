@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_pearson_spearman.py: gathered 2-rank DDP loss == one process on the full batch.
+"""torchrun worker for tests/losses/test_pearson_spearman.py: gathered 2-rank DDP loss == one process on the full batch.
 
 The loss has all four terms, the middle-layer InfoNCE (MidNCE) included, whose middle-layer embeddings are gathered
 like the final ones. Without gathering, each rank's MidNCE must be the one of its own slice (the official per-device

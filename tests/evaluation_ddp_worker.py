@@ -1,4 +1,4 @@
-"""Run under ``torchrun --nproc_per_node 2`` (gloo, CPU) by test_evaluation_ddp.py; writes ``rank<r>.json``."""
+"""Run under ``torchrun --nproc_per_node 2`` (gloo, CPU) by evaluation/test_evaluation_ddp.py; writes ``rank<r>.json``."""
 
 from __future__ import annotations
 

@@ -70,11 +70,16 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_circle_in_the_package():
     graph = _import_graph()
-    assert graph["codiemb_st.merging.methods"] >= {"codiemb_st.merging.streaming_merge"}
+    assert graph["codiemb_st.merging.base"] >= {"codiemb_st.merging.streaming_merge"}
+    assert graph["codiemb_st.merging.methods"] >= {"codiemb_st.merging.base", "codiemb_st.merging.spherical"}
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
     # The per-tensor merge math imports no I/O and no other project module but validation.
-    assert graph["codiemb_st.merging.tensor_math"] == set()
-    assert "codiemb_st.merging.methods" not in graph["codiemb_st.merging.streaming_merge"]
+    assert graph["codiemb_st.merging.tensor_math"] == {"codiemb_st.merging.spherical_math"}
+    assert graph["codiemb_st.merging.spherical_math"] == set()
+    assert not {"codiemb_st.merging.methods", "codiemb_st.merging.base"} & graph["codiemb_st.merging.streaming_merge"]
+    # The STS terms' math and the epoch plan are pure: no other project module.
+    assert graph["codiemb_st.losses.sts_terms"] == set()
+    assert graph["codiemb_st.epoch_plan"] == set()
 
 
 def test_the_cycle_finder_finds_a_cycle():

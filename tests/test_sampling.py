@@ -198,9 +198,9 @@ def test_default_tasks_inferred_from_label_column():
         ({"tasks": {"ir": ["ir_a", "ir_b"], "sts": "sts"}}, TypeError, r"write \['sts'\]"),
         ({"tasks": ["ir_a"]}, TypeError, "must be a non-empty dict"),
         ({"batch_sizes": {"ir": 3, "nli": 5}}, ValueError, r"unknown tasks \['nli'\]"),
-        ({"batch_sizes": {"ir": 0}}, ValueError, r"`batch_sizes\['ir'\]` must be a positive integer"),
-        ({"gradient_accumulation_steps": 0}, ValueError, "`gradient_accumulation_steps` must be a positive"),
-        ({"world_size": 2.0}, ValueError, "`world_size` must be a positive integer"),
+        ({"batch_sizes": {"ir": 0}}, ValueError, r"`batch_sizes\['ir'\]` must be an integer >= 1"),
+        ({"gradient_accumulation_steps": 0}, ValueError, "`gradient_accumulation_steps` must be an integer >= 1"),
+        ({"world_size": 2.0}, TypeError, "`world_size` must be an integer"),  # wrong type: TypeError
         (
             {"dataset_names": ["ir_a", "sts"], "tasks": None},
             ValueError,

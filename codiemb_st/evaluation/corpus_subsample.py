@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from codiemb_st.validation import check_positive_int
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from mteb.abstasks import AbsTask
@@ -61,10 +63,10 @@ def subsample_corpus(
         nothing is dropped (it fits, or every passage is judged).
 
     Raises:
-        ValueError: If ``max_documents`` is not a positive integer.
+        TypeError: If ``max_documents`` is not an integer.
+        ValueError: If it is below 1.
     """
-    if isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1:
-        raise ValueError(f"max_documents must be a positive integer, got {max_documents!r}.")
+    check_positive_int("max_documents", max_documents)
     total = len(corpus)
     if total <= max_documents:
         return corpus, None

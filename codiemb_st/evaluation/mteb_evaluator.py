@@ -15,6 +15,7 @@ from codiemb_st.evaluation.aggregates import MEAN_TASK, aggregate_keys
 from codiemb_st.evaluation.local_data import LocalTaskInfo
 from codiemb_st.evaluation.runner import evaluate_model, summarize_scores
 from codiemb_st.evaluation.tasks import PreparedTask, instruction_prompts, prepare_tasks
+from codiemb_st.validation import check_positive_int
 
 if TYPE_CHECKING:
     from mteb.abstasks import AbsTask
@@ -92,8 +93,7 @@ class MTEBEvaluator(BaseEvaluator):
                 #  'mteb_retrieval_mean': ..., 'mteb_mean_task_type': ..., 'mteb_mean_task': ...}
         """
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        check_positive_int("batch_size", batch_size)
         if instructions not in (False, True, "zh", "en"):
             raise ValueError(f"instructions must be False, True, 'zh' or 'en', got {instructions!r}.")
         if isinstance(tasks, (str, Path)):

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from codiemb_st.evaluation.aggregates import aggregate_keys, aggregate_main_scores, aggregate_title
 from codiemb_st.file_io import write_atomic
@@ -152,6 +153,49 @@ def bar_chart(
     return True
 
 
+def markdown_report(
+    tasks: Sequence[Any],
+    skipped: dict[str, str],
+    results: dict[str, dict[str, Any]],
+    geometry: dict[str, dict[str, float]],
+) -> str:
+    """The Markdown report of ``codiemb-st eval``: the score table with aggregates, notes on corpus subsamples and
+    skipped tasks, and the geometry table.
+
+    Args:
+        tasks: The prepared tasks (:func:`codiemb_st.evaluation.prepare_task`), in table order.
+        skipped: Task name -> why it was not evaluated.
+        results: Model label -> ``{"scores": {task name: TaskScore}}``.
+        geometry: Model label -> geometry metrics (may be empty).
+    """
+    rows = [
+        ReportRow(
+            name=task.name,
+            type=task.type,
+            split=task.split,
+            metric=task.task.metadata.main_score,
+            mark=SUBSAMPLE_MARK if task.corpus_subsample is not None else "",
+        )
+        for task in tasks
+    ]
+    scores = {label: {name: s.main_score for name, s in result["scores"].items()} for label, result in results.items()}
+    lines = score_table(rows, scores, missing=list(skipped))
+    lines += ["", "Main scores x100 (mteb's own metric code, no result cache)."]
+    for task in tasks:
+        info = task.corpus_subsample
+        if info is not None:
+            lines.append(
+                f"† {task.name}: corpus subsampled to {info.documents_kept:,} of {info.documents_total:,} passages "
+                f"(all {info.judged_documents:,} judged passages kept, seed {info.seed}); scores are optimistic vs. "
+                "the full corpus and comparable only between runs with the same subsample."
+            )
+    for name, reason in skipped.items():
+        lines.append(f"‡ {name}: not evaluated ({reason}).")
+    if geometry:
+        lines += ["", *geometry_table(geometry)]
+    return "\n".join(lines) + "\n"
+
+
 __all__ = [
     "GEOMETRY_ROWS",
     "ReportRow",
@@ -159,5 +203,6 @@ __all__ = [
     "bar_chart",
     "format_score",
     "geometry_table",
+    "markdown_report",
     "score_table",
 ]

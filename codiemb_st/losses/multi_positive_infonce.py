@@ -1,18 +1,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
-from functools import partial
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import tqdm
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from codiemb_st import validation
 from codiemb_st._compat import (
     CachedLossMixin,
     SentenceTransformer,
@@ -20,7 +18,6 @@ from codiemb_st._compat import (
     all_gather_with_grad,
     get_rank,
     get_world_size,
-    gradcache_replay_hook,
     has_static_embedding_input,
     is_dist_initialized,
     minibatch_ranges,
@@ -28,6 +25,7 @@ from codiemb_st._compat import (
 from codiemb_st.citation import CODIEMB_CITATION
 from codiemb_st.losses import _input_checks, _length_order
 from codiemb_st.losses._autocast_replay import AutocastReplayMixin
+from codiemb_st.losses._cached_gradients import KeptGraphsMixin
 from codiemb_st.losses._sharding import check_gradient_caching_supported
 from codiemb_st.losses._text_identity import hash_columns
 from codiemb_st.losses.column_check import check_ir_columns
@@ -35,64 +33,7 @@ from codiemb_st.losses.column_check import check_ir_columns
 logger = logging.getLogger(__name__)
 
 
-def _scaled_gradient(grad: Tensor, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
-    """``grad * grad_output`` in the precision sentence-transformers' replay surrogate uses, cast to ``dtype``.
-
-    The mixin back-propagates ``dot(embeddings, grad) * grad_output`` in at least float32; computing the same product
-    here gives a kept graph the gradient a replay would give it, also under fp16/bf16 autocast.
-    """
-    precision = torch.promote_types(dtype, grad.dtype)
-    if precision in (torch.float16, torch.bfloat16):
-        precision = torch.float32
-    return (grad.to(precision) * grad_output.to(precision)).to(dtype)
-
-
-class _CachedGradientsToGraphs(torch.autograd.Function):
-    """Return the (detached) loss value; backward hands every embedding its cached gradient times the incoming one.
-
-    This is the single-pass path: every embedding still carries its graph, so the outer ``loss.backward()`` goes
-    through all of them in one ordinary backward pass (DDP synchronises once, as for an uncached loss) and the
-    incoming gradient (gradient accumulation division, fp16 loss scale) reaches all of them.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, loss: Tensor, grads: list[Tensor], *embeddings: Tensor) -> Tensor:
-        ctx.grads = grads
-        ctx.dtypes = [embedding.dtype for embedding in embeddings]
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grads = [
-            _scaled_gradient(grad, grad_output, dtype) if needed else None
-            for grad, dtype, needed in zip(ctx.grads, ctx.dtypes, ctx.needs_input_grad[2:])
-        ]
-        ctx.grads = None
-        return (None, None, *grads)
-
-
-def _backward_kept_then_replay(
-    grad_output: Tensor, kept: list[Tensor], kept_grads: list[Tensor], replay: Callable[[Tensor], None]
-) -> None:
-    """Hook on the returned loss: back-propagate the kept graphs, then replay the other mini-batches.
-
-    The kept graphs go first so that their activations are freed before the replay builds one more mini-batch: peak
-    memory stays that of the classic passes. They were built under DDP ``no_sync`` and are back-propagated before any
-    replay, so their gradients accumulate locally and are synchronised with the replay's once, by the mixin's hook
-    (which synchronises on its last mini-batch only).
-    """
-    with torch.enable_grad():
-        trainable = [(embedding, grad) for embedding, grad in zip(kept, kept_grads) if embedding.requires_grad]
-        if trainable:
-            torch.autograd.backward(
-                [embedding for embedding, _ in trainable],
-                [_scaled_gradient(grad, grad_output, embedding.dtype) for embedding, grad in trainable],
-            )
-    kept.clear()  # the graphs are spent; let the embeddings go with them
-    replay(grad_output)
-
-
-class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Module):
+class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, CachedLossMixin, nn.Module):
     def __init__(
         self,
         model: SentenceTransformer,
@@ -122,13 +63,14 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
             L = 1/P Σ_k 1/B Σ_i -log( exp(s(q_i, p_ik)/τ) / Σ_j [exp(s(q_i, p_jk)/τ) + Σ_m exp(s(q_i, n_jm)/τ)] )
 
         with ``s`` the cosine similarity. A query's own other positives never appear in its denominator. For
-        ``num_positives=1`` this is exactly :class:`~sentence_transformers.losses.MultipleNegativesRankingLoss`
-        with ``scale = 1 / temperature`` (before duplicate masking). ``objective="joint"`` instead puts all of a
-        query's positives in one numerator over one softmax over every positive and negative of the batch:
+        ``num_positives=1`` this is exactly
+        :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss` with
+        ``scale = 1 / temperature`` (before duplicate masking). ``objective="joint"`` instead puts all of a query's
+        positives in one numerator over one softmax over every positive and negative of the batch:
         ``-log(Σ_k exp(s(q_i, p_ik)/τ) / Σ_all exp(s(q_i, c)/τ))`` (an earlier variant of the official code).
 
-        Unlike :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`, a second positive column
-        is treated as a positive, not silently as a negative.
+        Unlike :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`, a second
+        positive column is treated as a positive, not silently as a negative.
 
         Args:
             model: SentenceTransformer model.
@@ -151,7 +93,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
                 never on embeddings (dropout makes the embeddings of one text differ).
             mini_batch_num_tokens: If set, embedding mini-batches are packed by number of non-padding tokens
                 instead of ``mini_batch_size`` sequences (see
-                :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`).
+                :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`).
             show_progress_bar: If True, show progress bars over mini-batches.
             keep_graphs: How much of the first pass to keep instead of recomputing it (see "Passes" below), in
                 mini-batch graphs: when a step needs several mini-batches, the last ``keep_graphs`` of them (in
@@ -182,14 +124,15 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
             mini-batch). Flattened (``cu_seq_lens_q``) and multimodal inputs are left unsorted.
 
         Passes:
-            GradCache (like :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`) embeds every
-            mini-batch twice: once without gradients to compute the loss and the gradients w.r.t. the embeddings,
-            once more with gradients in the backward pass. This loss skips the repeated work where it can:
+            GradCache (like :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`)
+            embeds every mini-batch twice: once without gradients to compute the loss and the gradients w.r.t. the
+            embeddings, once more with gradients in the backward pass. This loss skips the repeated work where it can:
 
             - **Single pass**: when every column of the step fits in one mini-batch (``mini_batch_size`` rows, or
               ``mini_batch_num_tokens`` tokens), or the whole step has at most ``keep_graphs`` mini-batches, every
               column is embedded once with gradients and ``loss.backward()`` goes straight through the model, like
-              :class:`~sentence_transformers.losses.MultipleNegativesRankingLoss` (and with its memory).
+              :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss` (and with its
+              memory).
             - **Kept graphs**: otherwise the last ``keep_graphs`` mini-batches keep their graph from the first pass
               and only the others are replayed.
 
@@ -224,8 +167,9 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
 
         Relations:
             - With ``num_positives=1`` and ``mask_duplicates=False``: equal (loss and gradients) to
-              :class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss` and
-              :class:`~sentence_transformers.losses.MultipleNegativesRankingLoss` with ``scale=1/temperature``.
+              :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss` and
+              :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss` with
+              ``scale=1/temperature``.
             - Pair it with :class:`codiemb_st.PearsonSpearmanLoss` on STS datasets and
               :class:`codiemb_st.RoundRobinTaskBatchSampler` so every step (and every GPU) sees one task.
 
@@ -251,28 +195,15 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         """
         super().__init__()
         _input_checks.check_infonce_options(type(self).__name__, model, temperature)
-        if isinstance(num_positives, bool) or not isinstance(num_positives, int) or num_positives < 1:
-            raise ValueError(f"num_positives must be an integer >= 1, got {num_positives!r}.")
-        if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
-            raise ValueError(
-                f"temperature must be a finite number > 0 (the official CoDiEmb value is 0.02), got {temperature!r}."
-            )
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be an integer >= 1, got {mini_batch_size!r}.")
-        if mini_batch_num_tokens is not None and (
-            isinstance(mini_batch_num_tokens, bool)
-            or not isinstance(mini_batch_num_tokens, int)
-            or mini_batch_num_tokens < 1
-        ):
-            raise ValueError(f"mini_batch_num_tokens must be None or an integer >= 1, got {mini_batch_num_tokens!r}.")
-        if objective not in ("per_slot", "joint"):
-            raise ValueError(f"objective must be 'per_slot' or 'joint', got {objective!r}.")
-        if isinstance(keep_graphs, bool) or not isinstance(keep_graphs, int) or keep_graphs < 0:
-            raise ValueError(
-                f"keep_graphs must be an integer >= 0 (0 = plain two-pass GradCache), got {keep_graphs!r}."
-            )
-        if not isinstance(sort_by_length, bool):
-            raise TypeError(f"sort_by_length must be a bool, got {type(sort_by_length).__name__}.")
+        validation.check_positive_int("num_positives", num_positives)
+        validation.check_positive_float("temperature", temperature)  # the official CoDiEmb value is 0.02
+        validation.check_positive_int("mini_batch_size", mini_batch_size)
+        if mini_batch_num_tokens is not None:
+            validation.check_positive_int("mini_batch_num_tokens", mini_batch_num_tokens)
+        validation.check_choice("objective", objective, ("per_slot", "joint"))
+        validation.check_non_negative_int("keep_graphs", keep_graphs)  # 0 = plain two-pass GradCache
+        validation.check_bool("sort_by_length", sort_by_length)
+        validation.check_bool("in_batch_negatives", in_batch_negatives)
         if has_static_embedding_input(model):
             raise ValueError(
                 "MultiPositiveCachedInfoNCELoss cannot split the inputs of a StaticEmbedding model into mini-batches. "
@@ -289,8 +220,6 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
         self.show_progress_bar = show_progress_bar
         self.keep_graphs = keep_graphs
         self.sort_by_length = sort_by_length
-        if not isinstance(in_batch_negatives, bool):
-            raise TypeError(f"in_batch_negatives must be a bool, got {in_batch_negatives!r}.")
         self.in_batch_negatives = in_batch_negatives
 
     @property
@@ -372,127 +301,6 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, CachedLossMixin, nn.Mo
             sentence_feature = _length_order.chunk_feature(sentence_feature, begin, end, keep_positions)
             begin, end = 0, end - begin
         return super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
-
-    def _num_kept_graphs(
-        self, ranges: list[list[tuple[int, int]]], sentence_features: list[dict[str, Tensor]], ddp: bool
-    ) -> int:
-        """How many of the step's mini-batches (the last ones) to embed with gradients in the first pass.
-
-        All of them (single pass) when every column fits in one mini-batch or the step has at most ``keep_graphs``
-        mini-batches. When gathering, that must hold on every rank (max over ranks): the path decides which passes
-        and backward calls a rank runs, and ranks whose sequences of collectives depend on their own data are what
-        deadlocks gathering. (The loss's collectives run in the forward pass on both paths today; deciding together
-        keeps the ranks in step by construction, whatever a path does.) Otherwise at most ``keep_graphs``, leaving
-        at least one mini-batch to replay, so that a rank never takes the single pass alone.
-
-        Under DDP the kept graphs accumulate locally and rely on a replayed mini-batch to synchronise them, which a
-        frozen one cannot (e.g. a Router whose query route is frozen). A mini-batch of the same column goes through
-        the same modules, so under DDP graphs are kept from the last column only, one of whose mini-batches is
-        always replayed: then a trainable kept graph always has a trainable replay after it.
-        """
-        most_per_column = max(len(column_ranges) for column_ranges in ranges)
-        total = sum(len(column_ranges) for column_ranges in ranges)
-        global_most_per_column, global_total = most_per_column, total
-        if self.gather_across_devices and is_dist_initialized() and get_world_size() > 1:
-            device = next(v.device for v in sentence_features[0].values() if isinstance(v, Tensor))
-            stats = torch.tensor([most_per_column, total], device=device)
-            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            global_most_per_column, global_total = stats.tolist()
-        if global_most_per_column == 1 or global_total <= self.keep_graphs:
-            return total
-        if ddp:
-            return min(self.keep_graphs, len(ranges[-1]) - 1)
-        return min(self.keep_graphs, total - 1)
-
-    def _forward_keeping_graphs(
-        self,
-        sentence_features: list[dict[str, Tensor]],
-        labels: Tensor | None,
-        ranges: list[list[tuple[int, int]]],
-        num_kept: int,
-        model: nn.Module,
-    ) -> Tensor:
-        total = sum(len(column_ranges) for column_ranges in ranges)
-        first_kept = total - num_kept
-        single_pass = num_kept == total
-        logger.debug(
-            "%s: %s (%d of %d mini-batches kept)",
-            type(self).__name__,
-            "single pass" if single_pass else "GradCache with kept graphs",
-            num_kept,
-            total,
-        )
-        # A kept graph of a multi-pass step must not arm DDP's reducer: the replayed mini-batches are
-        # back-propagated after it and the mixin's hook synchronises on the last of them. A single pass is an
-        # ordinary forward/backward and synchronises as usual.
-        ddp = isinstance(model, DistributedDataParallel)
-        kept_context = model.no_sync if ddp and num_kept and not single_pass else nullcontext
-
-        # First pass, in the order of the plain passes, so every mini-batch draws the same random numbers (dropout
-        # masks) as it would there; a replay reproduces exactly these, so a kept graph is what a replay would build.
-        reps: list[list[Tensor]] = []
-        random_states: list[list[Any]] = []
-        kept: list[Tensor] = []
-        index = 0
-        for feature, column_ranges in zip(sentence_features, ranges):
-            reps_mbs, states = [], []
-            for begin, end in tqdm.tqdm(column_ranges, desc="Embed mini-batches", disable=not self.show_progress_bar):
-                keep = index >= first_kept
-                with kept_context() if keep else nullcontext():
-                    embedding, state = self.embed_minibatch(
-                        sentence_feature=feature,
-                        begin=begin,
-                        end=end,
-                        with_grad=keep,
-                        # Only the replayed mini-batches need their RNG state (snapshots draw no random numbers).
-                        copy_random_state=not keep,
-                    )
-                if keep:
-                    kept.append(embedding)
-                reps_mbs.append(embedding.detach().requires_grad_())
-                states.append(state)
-                index += 1
-            reps.append(reps_mbs)
-            random_states.append(states)
-
-        # The loss and the gradients w.r.t. the embeddings, by the same chunked code as the plain passes.
-        loss = self.calculate_loss(reps, labels, with_backward=True)
-        cache = [[rep.grad for rep in rep_mbs] for rep_mbs in reps]
-        unused = [str(column) for column, grads in enumerate(cache) if any(grad is None for grad in grads)]
-        if unused:
-            raise ValueError(
-                f"The loss computation of {type(self).__name__} did not use input column(s) {', '.join(unused)}: "
-                "their embeddings received no gradient. Remove the unused column(s) from the dataset."
-            )
-        flat_cache = [grad for grads in cache for grad in grads]
-        kept_grads = flat_cache[first_kept:]
-
-        if single_pass:
-            if not any(embedding.requires_grad for embedding in kept):  # a frozen model: nothing to back-propagate
-                return loss.detach().requires_grad_()
-            return _CachedGradientsToGraphs.apply(loss.detach(), kept_grads, *kept)
-
-        # The replayed mini-batches are a prefix of every column (the kept ones are the last of the step).
-        replay_cache, replay_states, replay_ranges = [], [], []
-        index = 0
-        for grads, states, column_ranges in zip(cache, random_states, ranges):
-            count = max(0, min(len(column_ranges), first_kept - index))
-            replay_cache.append(grads[:count])
-            replay_states.append(states[:count])
-            replay_ranges.append(column_ranges[:count])
-            index += len(column_ranges)
-        replay = partial(
-            gradcache_replay_hook,
-            sentence_features=sentence_features,
-            loss_obj=self,
-            cache=replay_cache,
-            random_states=replay_states,
-            ranges=replay_ranges,
-        )
-        # Everything the backward pass needs travels in the hook, none of it on self.
-        loss = loss.detach().requires_grad_()
-        loss.register_hook(partial(_backward_kept_then_replay, kept=kept, kept_grads=kept_grads, replay=replay))
-        return loss
 
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False

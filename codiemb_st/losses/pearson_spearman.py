@@ -9,17 +9,15 @@ the CPU and runs PRO as a Python loop over the batch. Here every term stays on t
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from sentence_transformers import util
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from codiemb_st import validation
 from codiemb_st._compat import (
     Pooling,
     SentenceTransformer,
@@ -30,346 +28,22 @@ from codiemb_st._compat import (
 )
 from codiemb_st.citation import CODIEMB_CITATION
 from codiemb_st.losses import _input_checks, _length_order
-
-logger = logging.getLogger(__name__)
-
-# Label gaps at or below this do not order two pairs in PRO (the official code's ``eps``).
-PRO_EPS = 1e-8
-
-
-def average_ranks(values: Tensor) -> Tensor:
-    """0-based ranks of ``values`` in descending order, ties sharing their average rank.
-
-    Equal to ``scipy.stats.rankdata(-values, method="average") - 1``, computed with one sort and two
-    ``searchsorted`` calls, so it stays on the tensor's device without a host sync.
-
-    Args:
-        values: 1-D tensor.
-
-    Returns:
-        Tensor of the same shape (and floating dtype, float32 for integer input): the largest value gets 0.
-    """
-    sorted_values = values.sort().values
-    below = torch.searchsorted(sorted_values, values, right=False)
-    at_or_below = torch.searchsorted(sorted_values, values, right=True)
-    dtype = values.dtype if values.is_floating_point() else torch.float32
-    above = (values.numel() - at_or_below).to(dtype)
-    return above + (at_or_below - below - 1).to(dtype) / 2
-
-
-def pearson_loss(scores: Tensor, labels: Tensor) -> Tensor:
-    """``1 - r`` with ``r`` the population Pearson correlation of ``scores`` and ``labels``.
-
-    Where ``r`` is undefined the term gives no gradient: 0 when all labels are equal (as the official code), and
-    ``1 - 0`` when all scores are equal (the official code gives NaN there).
-
-    Args:
-        scores: 1-D predicted similarities (at least 2).
-        labels: 1-D gold scores, same shape and dtype.
-
-    Returns:
-        Scalar tensor.
-    """
-    _check_term_inputs(scores, labels)
-    return _PearsonLoss.apply(scores, labels)
-
-
-class _PearsonLoss(torch.autograd.Function):
-    # One autograd node with the closed-form gradient: d(1 - r)/ds = r * a / |a|^2 - b / (|a| |b|), with a and b the
-    # centred scores and labels (the 1/n factors of the population moments cancel).
-
-    @staticmethod
-    def forward(ctx, scores: Tensor, labels: Tensor) -> Tensor:
-        centred_scores = scores - scores.mean()
-        centred_labels = labels - labels.mean()
-        scores_norm = centred_scores.norm()
-        labels_norm = centred_labels.norm()
-        labels_vary = labels.amax() > labels.amin()
-        defined = labels_vary & (scores.amax() > scores.amin())
-        denominator = (scores_norm * labels_norm).clamp_min(torch.finfo(scores.dtype).tiny)
-        correlation = torch.where(defined, (centred_scores @ centred_labels) / denominator, 0.0)
-        gradient = correlation * centred_scores / scores_norm.square().clamp_min(torch.finfo(scores.dtype).tiny)
-        gradient = torch.where(defined, gradient - centred_labels / denominator, 0.0)
-        ctx.save_for_backward(gradient)
-        return torch.where(labels_vary, 1 - correlation, 0.0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
-        (gradient,) = ctx.saved_tensors
-        return grad_output * gradient, None
-
-
-def rank_kl_loss(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """KL(P || Q) with P = softmax(normalised gold ranks / T) and Q = softmax(scores / T), "batchmean" reduction.
-
-    The gold ranks are descending with ties averaged (``r_i``, 0-based) and normalised to ``t_i = (n-1-r_i)/(n-1)``,
-    so the term depends on the order of the labels only. All labels equal gives a uniform P.
-
-    Args:
-        scores: 1-D predicted similarities (at least 2).
-        labels: 1-D gold scores, same shape.
-        temperature: softmax temperature T for both distributions.
-
-    Returns:
-        Scalar tensor.
-    """
-    _check_term_inputs(scores, labels)
-    return _RankKLLoss.apply(scores, labels, temperature)
-
-
-class _RankKLLoss(torch.autograd.Function):
-    # "batchmean" on a 1-D input divides by n, as in the official code; the gradient is (Q - P) / (n T).
-
-    @staticmethod
-    def forward(ctx, scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
-        n = labels.numel()
-        normalised_rank = (n - 1 - average_ranks(labels)) / (n - 1)
-        log_target = torch.log_softmax(normalised_rank.to(scores.dtype) / temperature, dim=0)
-        log_predicted = torch.log_softmax(scores / temperature, dim=0)
-        target = log_target.exp()
-        ctx.save_for_backward((log_predicted.exp() - target) / (n * temperature))
-        return (target * (log_target - log_predicted)).sum() / n
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        (gradient,) = ctx.saved_tensors
-        return grad_output * gradient, None, None
-
-
-def pro_loss(
-    scores: Tensor,
-    labels: Tensor,
-    temperature: float,
-    eps: float = PRO_EPS,
-    group_tied_labels: bool | None = None,
-    chunk_elements: int | None = None,
-) -> Tensor:
-    """PRO listwise loss with label-gap weights, as in the official CoDiEmb code.
-
-    For every pair k with a strictly lower-labelled pair somewhere in the batch (gap > ``eps``), the candidates are
-    k itself and every pair j with ``y_k - y_j > eps``; the logits are ``w * s / T`` with ``w_j = y_k - y_j`` and
-    ``w_k = max_j w_j = y_k - min(y)``, and ``l_k = -log softmax(...)[k]``. The loss is the mean of ``l_k`` over those
-    pairs, 0 when there are none (all labels equal). The weights are raw label gaps, so unlike the Pearson and
-    rank-KL terms this term depends on the label scale.
-
-    Cost: the k x j logit matrix is inherently quadratic, but its row k depends on k only through ``y_k`` (the own
-    logit is handled apart), so pairs with tied labels share one row. With ``group_tied_labels`` the matrix has one
-    row per distinct label (``torch.unique``), which makes graded labels (binary, 0-5, STS-B's 70 values) close to
-    linear in the batch size; all-distinct labels stay quadratic. ``torch.unique`` needs a device sync on
-    accelerators, so by default rows are grouped on CPU only and accelerators use one row per pair. The matrix is
-    built ``chunk_elements`` entries at a time, and only O(batch) values are kept for backward (which recomputes the
-    matrix chunk by chunk), so memory stays bounded for large gathered batches.
-
-    Args:
-        scores: 1-D predicted similarities (at least 2).
-        labels: 1-D gold scores, same shape.
-        temperature: logit temperature T.
-        eps: label gaps at or below ``eps`` do not order two pairs.
-        group_tied_labels: one logit row per distinct label (True), per pair (False), or decide by device (None).
-        chunk_elements: matrix entries computed at a time (default 2**20 on CPU, 2**26 elsewhere).
-
-    Returns:
-        Scalar tensor.
-    """
-    _check_term_inputs(scores, labels)
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()
-    on_cpu = labels.device.type == "cpu"
-    if group_tied_labels is None:
-        group_tied_labels = on_cpu
-    if chunk_elements is None:
-        chunk_elements = 2**20 if on_cpu else 2**26
-    return _ProLoss.apply(scores, labels.to(scores.dtype), temperature, eps, group_tied_labels, chunk_elements)
-
-
-# exp of inputs that underflow takes a slow path on CPU (10-30x slower per element), so shifted logits are clamped
-# here: a term below e^-80 of its row's largest term is far below float32 resolution, and e^-80 is a normal float.
-_EXP_FLOOR = -80.0
-
-
-class _ProLoss(torch.autograd.Function):
-    """PRO as one autograd node with a hand-written, chunked backward.
-
-    With logits ``c = s / T``, rows ``r`` (one per distinct label, or per pair) and the row log-sum-exp over the
-    lower-labelled pairs ``R_r = log sum_{j: y_r - y_j > eps} exp((y_r - y_j) c_j)`` (``-inf`` for a row without
-    any), pair k's loss is ``l_k = logaddexp(o_k, R_row(k)) - o_k`` with own logit ``o_k = (y_k - min y) c_k``. The
-    gradient has an own part, ``(sigma_k - 1) (y_k - min y)`` with ``sigma_k = exp(o_k - logaddexp(...))``, and a
-    row part, ``sum_r g_r softmax_r(j) (y_r - y_j)`` with row weights ``g_r = sum_{k in row r} (1 - sigma_k)``; both
-    over the number of valid pairs and T. The matrix is processed in chunks of rows. On CPU with grouped rows and
-    several chunks, rows and columns are ascending and each chunk stops at the last column its largest row label
-    reaches (read on the host).
-    """
-
-    @staticmethod
-    def forward(ctx, scores, labels, temperature, eps, group_tied_labels, chunk_elements):
-        logits = scores / temperature
-        gap_to_lowest = labels - labels.amin()
-        has_lower = gap_to_lowest > eps
-        own_logit = gap_to_lowest * logits
-        if group_tied_labels:
-            row_labels, row_of_pair = torch.unique(labels, return_inverse=True)  # ascending
-        else:
-            row_labels, row_of_pair = labels, None
-        chunk_rows = max(1, chunk_elements // labels.numel())
-        trim_columns = group_tied_labels and labels.device.type == "cpu" and chunk_rows < row_labels.numel()
-        if trim_columns:
-            column_labels, order = labels.sort()
-            column_logits = logits[order]
-        else:
-            column_labels, order, column_logits = labels, None, logits
-
-        chunks, row_parts = [], []
-        for start in range(0, row_labels.numel(), chunk_rows):
-            stop = min(start + chunk_rows, row_labels.numel())
-            width = int((row_labels[stop - 1] - column_labels > eps).sum()) if trim_columns else labels.numel()
-            chunks.append((start, stop, width))
-            if width == 0:
-                row_parts.append(logits.new_full((stop - start,), -torch.inf))
-                continue
-            gaps = row_labels[start:stop, None] - column_labels[None, :width]
-            is_lower = gaps > eps
-            lower_logits = gaps.mul_(column_logits[None, :width])
-            # A row without lower labels has max -inf and sum 0: its log-sum-exp is -inf (no term, no gradient).
-            row_max = lower_logits.masked_fill(~is_lower, -torch.inf).amax(dim=1, keepdim=True)
-            total = lower_logits.sub_(row_max).clamp_(_EXP_FLOOR, 0.0).exp_().mul_(is_lower).sum(dim=1)
-            row_parts.append(row_max.squeeze(1) + total.log())
-        row_logsumexp = row_parts[0] if len(row_parts) == 1 else torch.cat(row_parts)
-
-        pair_logsumexp = row_logsumexp if row_of_pair is None else row_logsumexp[row_of_pair]
-        combined = torch.logaddexp(own_logit, pair_logsumexp)
-        count = has_lower.sum().clamp_min(1).to(logits.dtype)
-        loss = (combined - own_logit).masked_fill(~has_lower, 0.0).sum() / count
-
-        if ctx.needs_input_grad[0]:
-            scale = count * temperature
-            own_share = (own_logit - combined).exp()  # sigma_k: softmax weight of the pair's own logit
-            own_gradient = ((own_share - 1) * gap_to_lowest).masked_fill_(~has_lower, 0.0).div_(scale)
-            row_weight = (1 - own_share).masked_fill_(~has_lower, 0.0).div_(scale)
-            if row_of_pair is not None:
-                row_weight = row_weight.new_zeros(row_labels.shape).index_add_(0, row_of_pair, row_weight)
-            ctx.save_for_backward(
-                row_labels, column_labels, column_logits, order, row_logsumexp, row_weight, own_gradient
-            )
-            ctx.eps, ctx.chunks = eps, chunks
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        row_labels, column_labels, column_logits, order, row_logsumexp, row_weight, own_gradient = ctx.saved_tensors
-        column_gradient = torch.zeros_like(column_logits)
-        for start, stop, width in ctx.chunks:
-            if width == 0:
-                continue
-            gaps = row_labels[start:stop, None] - column_labels[None, :width]
-            is_lower = gaps > ctx.eps
-            # softmax_r(j) * (y_r - y_j), recomputed from the saved row log-sum-exp.
-            weights = (gaps * column_logits[None, :width]).sub_(row_logsumexp[start:stop, None])
-            weights = weights.clamp_(_EXP_FLOOR, 0.0).exp_().mul_(is_lower).mul_(gaps)
-            column_gradient[:width] += row_weight[start:stop] @ weights
-        if order is None:
-            gradient = own_gradient + column_gradient
-        else:
-            gradient = own_gradient.index_add(0, order, column_gradient)
-        return grad_output * gradient, None, None, None, None, None
-
-
-def mid_nce_loss(
-    embeddings1: Tensor, embeddings2: Tensor, labels: Tensor, temperature: float, threshold: float
-) -> Tensor:
-    """CoDiEmb's auxiliary STS InfoNCE (L_MidNCE) on given (middle-layer) embeddings of the pairs.
-
-    Both sides are L2-normalised; the anchors are the pairs whose raw gold score is ``>= threshold``; anchor ``i``'s
-    positive is its own second sentence and its candidates are the second sentences of all pairs (in-batch
-    negatives), so ``l_i = -log softmax(cos(a_i, b_j) / T over j)[i]``. The loss is the mean of ``l_i`` over the
-    anchors, and 0 (still attached to the graph, so DDP and the trainer see an ordinary loss) when there is none.
-    Computed for every row and masked, so there is no host sync and no data-dependent branch.
-
-    Args:
-        embeddings1: (batch_size, dim) embeddings of the first sentences.
-        embeddings2: (batch_size, dim) embeddings of the second sentences.
-        labels: 1-D gold scores on their raw scale, one per pair.
-        temperature: InfoNCE temperature T (the official 0.02).
-        threshold: pairs with a gold score at or above it are anchors (the official 1.0, on the raw label scale).
-
-    Returns:
-        Scalar tensor.
-    """
-    if embeddings1.ndim != 2 or embeddings2.shape != embeddings1.shape or labels.shape != embeddings1.shape[:1]:
-        raise ValueError(
-            "Expected two (batch_size, dim) embedding tensors of the same shape and 1-D labels of length batch_size, "
-            f"got {tuple(embeddings1.shape)}, {tuple(embeddings2.shape)} and {tuple(labels.shape)}."
-        )
-    logits = F.normalize(embeddings1, dim=-1) @ F.normalize(embeddings2, dim=-1).T / temperature
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    per_pair = F.cross_entropy(logits, targets, reduction="none")
-    anchors = labels >= threshold
-    return torch.where(anchors, per_pair, 0.0).sum() / anchors.sum().clamp_min(1).to(per_pair.dtype)
-
-
-# Keys of a model output that belong to the final layer and must not leak into the middle layer's pooling:
-# ``cls_token_embeddings`` would make CLS pooling return the final layer's CLS vector.
-_FINAL_LAYER_KEYS = frozenset(
-    {"token_embeddings", "sentence_embedding", "cls_token_embeddings", "all_layer_embeddings"}
+from codiemb_st.losses._hidden_states import (  # noqa: F401 (re-exported: the cocktail merge imports them from here)
+    _FINAL_LAYER_KEYS,
+    _hidden_state_modules,
+    _hidden_states_requested,
+    middle_layer_index,
+)
+from codiemb_st.losses.sts_terms import (  # noqa: F401 (re-exported: the old public import path)
+    PRO_EPS,
+    average_ranks,
+    mid_nce_loss,
+    pearson_loss,
+    pro_loss,
+    rank_kl_loss,
 )
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrap the SentenceTransformer.
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def _hidden_state_modules(model: nn.Module) -> tuple[Transformer, Pooling]:
-    """The Transformer module whose hidden states MidNCE reads and the Pooling module that pools them."""
-    modules = list(_unwrap(model).children())
-    transformer_index = next((i for i, module in enumerate(modules) if isinstance(module, Transformer)), None)
-    if transformer_index is None:
-        names = [type(module).__name__ for module in modules]
-        raise ValueError(
-            "`mid_nce_weight` > 0 needs the hidden states of a sentence-transformers Transformer module, but the "
-            f"model has none (modules: {names}). Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
-        )
-    transformer = modules[transformer_index]
-    config = getattr(transformer.model, "config", None)
-    if config is None or not hasattr(config, "output_hidden_states"):
-        raise ValueError(
-            f"`mid_nce_weight` > 0 needs hidden states, but the Transformer module's model "
-            f"({type(transformer.model).__name__}) has no config with `output_hidden_states`. Set `mid_nce_weight=0`."
-        )
-    pooling = next((module for module in modules[transformer_index + 1 :] if isinstance(module, Pooling)), None)
-    if pooling is None:
-        raise ValueError(
-            "`mid_nce_weight` > 0 pools the middle layer with the model's Pooling module, but the model has no "
-            "Pooling module after its Transformer module. Set `mid_nce_weight=0` to train without the middle-layer term."
-        )
-    return transformer, pooling
-
-
-@contextmanager
-def _hidden_states_requested(transformer: Transformer) -> Iterator[None]:
-    """Make the Transformer module return all hidden states for the calls inside the block only.
-
-    sentence-transformers' Transformer module stores ``all_layer_embeddings`` only when the model config has
-    ``output_hidden_states`` on (a per-call ``output_hidden_states=True`` reaches the model but its hidden states are
-    dropped), so the flag is switched on for this block and restored afterwards, also on error: ``model.encode``,
-    other losses and the IR steps never keep every layer. sentence-transformers' own AdaptiveLayerLoss switches the
-    same flag the same way.
-    """
-    config = transformer.model.config
-    previous = config.output_hidden_states
-    config.output_hidden_states = True
-    try:
-        yield
-    finally:
-        config.output_hidden_states = previous
+logger = logging.getLogger(__name__)
 
 
 class PearsonSpearmanLoss(nn.Module):
@@ -541,27 +215,19 @@ class PearsonSpearmanLoss(nn.Module):
             "mid_nce_weight": mid_nce_weight,
         }
         for name, weight in weights.items():
-            _check_real(name, weight)
-            if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {weight!r}.")
+            validation.check_finite_float(name, weight, minimum=0.0)
         if not any(weight > 0 for weight in weights.values()):
             raise ValueError(
                 "At least one of `pearson_weight`, `rank_kl_weight`, `pro_weight`, `mid_nce_weight` must be > 0; "
                 "all are 0, so the loss would be constant."
             )
-        for name, value in (("temperature", temperature), ("mid_nce_temperature", mid_nce_temperature)):
-            _check_real(name, value)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-        _check_real("mid_nce_threshold", mid_nce_threshold)
-        if not math.isfinite(mid_nce_threshold):
-            raise ValueError(f"`mid_nce_threshold` must be a finite number, got {mid_nce_threshold!r}.")
-        if mid_nce_layer is not None and (isinstance(mid_nce_layer, bool) or not isinstance(mid_nce_layer, int)):
-            raise TypeError(f"`mid_nce_layer` must be an int or None, got {type(mid_nce_layer).__name__}.")
-        if not isinstance(gather_across_devices, bool):
-            raise TypeError(f"`gather_across_devices` must be a bool, got {type(gather_across_devices).__name__}.")
-        if not isinstance(sort_by_length, bool):
-            raise TypeError(f"`sort_by_length` must be a bool, got {type(sort_by_length).__name__}.")
+        validation.check_positive_float("temperature", temperature)
+        validation.check_positive_float("mid_nce_temperature", mid_nce_temperature)
+        validation.check_finite_float("mid_nce_threshold", mid_nce_threshold)
+        if mid_nce_layer is not None:
+            validation.check_int("mid_nce_layer", mid_nce_layer)
+        validation.check_bool("gather_across_devices", gather_across_devices)
+        validation.check_bool("sort_by_length", sort_by_length)
         if not isinstance(return_dict, bool):
             raise TypeError(f"`return_dict` must be a bool, got {type(return_dict).__name__}.")
         _input_checks.check_inverse_temperature(type(self).__name__, temperature)
@@ -692,15 +358,7 @@ class PearsonSpearmanLoss(nn.Module):
         return output["sentence_embedding"], pooling(layer_features)["sentence_embedding"]
 
     def _middle_layer_index(self, num_hidden_states: int) -> int:
-        if self.mid_nce_layer is None:
-            return num_hidden_states // 2
-        if not -num_hidden_states <= self.mid_nce_layer < num_hidden_states:
-            raise ValueError(
-                f"`mid_nce_layer`={self.mid_nce_layer} is out of range: the Transformer module returns "
-                f"{num_hidden_states} hidden states (the embedding output and {num_hidden_states - 1} layers), so it "
-                f"must be in [{-num_hidden_states}, {num_hidden_states - 1}]."
-            )
-        return self.mid_nce_layer
+        return middle_layer_index(self.mid_nce_layer, num_hidden_states)
 
     def compute_loss_from_embeddings(
         self,
@@ -836,17 +494,3 @@ class PearsonSpearmanLoss(nn.Module):
     @property
     def citation(self) -> str:
         return CODIEMB_CITATION
-
-
-def _check_term_inputs(scores: Tensor, labels: Tensor) -> None:
-    if scores.ndim != 1 or labels.shape != scores.shape:
-        raise ValueError(
-            f"Expected 1-D `scores` and `labels` of the same shape, got {tuple(scores.shape)} and {tuple(labels.shape)}."
-        )
-    if scores.numel() < 2:
-        raise ValueError(f"The correlation terms need at least 2 pairs, got {scores.numel()}.")
-
-
-def _check_real(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")

@@ -1,4 +1,5 @@
-"""Merge methods: DeltaSoup (CoDiEmb's delta-guided fusion), ModelSoup, TaskArithmetic, ModelStock and TIES — the
+"""Merge methods: DeltaSoup (CoDiEmb's delta-guided fusion), ModelSoup, TaskArithmetic, ModelStock and TIES (SLERP and
+MultiSLERP: :mod:`~codiemb_st.merging.spherical`; the base class: :mod:`~codiemb_st.merging.base`) — the
 public data-free merge API (:class:`~codiemb_st.merging.greedy_soup.GreedySoup`, which needs an evaluator, builds on
 these).
 
@@ -11,186 +12,33 @@ way: ``tensor_math`` (no I/O) <- ``streaming_merge`` (I/O) <- ``methods`` (this 
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from codiemb_st.merging.streaming_merge import merge_and_load, merge_model_folders
+from codiemb_st.merging.base import MergeMethod, check_weights  # noqa: F401 (re-exported: the old import path)
+from codiemb_st.merging.spherical import SLERP, MultiSLERP
 from codiemb_st.merging.tensor_math import (
     GRANULARITIES,
-    SPACES,
     Granularity,
     NormStatistics,
     RadixSelectState,
-    Space,
-    combine_rows,
     delta_gram,
     delta_log_scores,
     delta_soup_delta,
     delta_soup_rows,
     delta_weights,
-    fold_statistics,
-    karcher_coefficients,
-    merge_whole_tensor,
     model_soup_rows,
     model_stock_ratio,
     model_stock_rows,
     rescale_factor,
     sign_consensus_,
-    slerp_coefficients,
-    spherical_gram,
     task_arithmetic_rows,
     ties_rows,
     topk_threshold_accumulate,
     topk_threshold_finish,
 )
 from codiemb_st.validation import check_bool, check_choice, check_finite_float
-
-if TYPE_CHECKING:
-    from codiemb_st._compat import SentenceTransformer
-
-
-class MergeMethod(ABC):
-    """Base class of the merge methods: the per-tensor math plus :meth:`merge`, which streams model folders.
-
-    Subclasses implement :meth:`merge_rows`; methods whose weights depend on a whole tensor also set
-    :attr:`needs_tensor_statistics` and implement :meth:`accumulate_statistics`.
-    """
-
-    #: Whether the method needs the base (pre-trained) model θ_0.
-    requires_base: ClassVar[bool] = True
-    #: Whether merging identical checkpoints returns them (then identical inputs are copied bit for bit).
-    keeps_agreement: bool = True
-    #: The fewest checkpoints the method can merge.
-    min_checkpoints: ClassVar[int] = 1
-
-    @property
-    def needs_tensor_statistics(self) -> bool:
-        """Whether the weights of a row depend on the whole tensor (then tensors are read twice when streamed)."""
-        return False
-
-    def finish_statistics_pass(self, statistics: Any) -> tuple[Any, bool]:
-        """Close one pass over all slices of a tensor: returns the statistics and whether another pass is needed.
-
-        The default is one pass. Methods that need several (TIES's exact top-k threshold) override it.
-        """
-        return statistics, False
-
-    def accumulate_statistics(self, statistics: Any, checkpoints: Tensor, base: Tensor | None) -> Any:
-        """Fold one slice of rows into the per-tensor statistics (only when :attr:`needs_tensor_statistics`).
-
-        Args:
-            statistics: The statistics of the slices seen so far, or None for the first slice.
-            checkpoints: The slice of every checkpoint, stacked: shape ``(K, rows, ...)``.
-            base: The same slice of the base tensor, shape ``(rows, ...)``, or None.
-
-        Returns:
-            The updated statistics.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not use per-tensor statistics.")
-
-    @abstractmethod
-    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
-        """Merge one slice of rows.
-
-        Args:
-            checkpoints: The slice of every checkpoint stacked along a new dim 0, shape ``(K, rows, ...)``, in the
-                compute dtype (float32, or float64 for float64 inputs). A scratch buffer: the method may overwrite it
-                (the subtraction of the base is done in place, which saves memory and time).
-            base: The same slice of the base tensor, shape ``(rows, ...)``, or None when the method needs no base.
-            statistics: The per-tensor statistics from :meth:`accumulate_statistics`, when the method uses them.
-
-        Returns:
-            The merged slice, shape ``(rows, ...)``, in the compute dtype.
-        """
-
-    def _statistics_of(self, checkpoints: Tensor, base: Tensor | None) -> Any:
-        """The per-tensor statistics of rows that are a whole tensor (``merge_rows`` called without statistics)."""
-        return fold_statistics(self, lambda: [(checkpoints, base)])
-
-    def merge_tensors(self, tensors: Sequence[Tensor], base: Tensor | None = None) -> Tensor:
-        """Merge one tensor of K checkpoints: the pure per-tensor function.
-
-        The math runs in float32 (float64 for float64 inputs) and the result is cast back to the dtype of
-        ``tensors[0]``. When :attr:`keeps_agreement` and all K tensors are equal, ``tensors[0]`` is returned
-        unchanged (a copy), bit for bit.
-
-        Args:
-            tensors: The K >= 1 checkpoint tensors, all of the same shape.
-            base: The base tensor θ_0 of the same shape; required when :attr:`requires_base`.
-
-        Returns:
-            The merged tensor, with the shape and dtype of ``tensors[0]``.
-
-        Raises:
-            TypeError: If a tensor is not a floating-point tensor.
-            ValueError: If there are no tensors, shapes differ, the base is missing although required, or an input
-                holds NaN or infinite values.
-        """
-        return merge_whole_tensor(self, tensors, base)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        """The method's parameters (written to ``merge_config.json`` next to a merged model)."""
-        return {}
-
-    def __repr__(self) -> str:
-        parameters = ", ".join(f"{key}={value!r}" for key, value in self.get_config_dict().items())
-        return f"{type(self).__name__}({parameters})"
-
-    def merge(
-        self,
-        checkpoints: Sequence[str | Path | SentenceTransformer],
-        *,
-        base_model: str | Path | SentenceTransformer | None = None,
-        output_path: str | Path | None = None,
-        show_progress_bar: bool = True,
-    ) -> SentenceTransformer:
-        """Merge sentence-transformers checkpoints and return the merged model.
-
-        Streams the weights tensor by tensor (peak memory about one model, whatever the number of checkpoints),
-        writes the merged folder to a temporary folder next to ``output_path`` and renames it into place, then loads
-        it. The non-weight files (modules.json, Pooling/Dense/Normalize configs, prompts, tokenizer) come from
-        ``checkpoints[0]``; see :func:`codiemb_st.merging.streaming_merge.merge_model_folders` for the rules.
-
-        Args:
-            checkpoints: The K >= 2 distinct fine-tuned models: sentence-transformers model folders (safetensors
-                weights) or ``SentenceTransformer`` objects (saved to a temporary folder first). One checkpoint, or
-                the same folder twice, is refused (ModelSoup of one LoRA adapter materialises it, with a warning).
-            base_model: The pre-trained model the checkpoints were fine-tuned from (folder or object). Required by
-                DeltaSoup and TaskArithmetic; ModelSoup only checks it is compatible.
-            output_path: Where to write the merged model folder. It must not exist yet (or be an empty folder) and
-                must not be, or lie inside, an input. With None, the folder is written to a temporary directory
-                that is removed after loading.
-            show_progress_bar: Show a progress bar per weight file.
-
-        Returns:
-            The merged ``SentenceTransformer``.
-
-        Example:
-            ::
-
-                merged = DeltaSoup().merge(["runs/a", "runs/b"], base_model="models/base", output_path="merged")
-        """
-        return merge_and_load(
-            self, checkpoints, base_model=base_model, output_path=output_path, show_progress_bar=show_progress_bar
-        )
-
-    def merge_to_folder(
-        self,
-        checkpoints: Sequence[str | Path | SentenceTransformer],
-        output_path: str | Path,
-        *,
-        base_model: str | Path | SentenceTransformer | None = None,
-        show_progress_bar: bool = True,
-    ) -> Path:
-        """Like :meth:`merge`, but only write the merged folder (the model is not loaded) and return its path."""
-        return merge_model_folders(
-            self, checkpoints, output_path, base_model=base_model, show_progress_bar=show_progress_bar
-        )
 
 
 class ModelSoup(MergeMethod):
@@ -560,166 +408,6 @@ class TIES(MergeMethod):
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"density": self.density, "scale": self.scale}
-
-
-class _SphericalMerge(MergeMethod):
-    """What SLERP and MultiSLERP share: the space (deltas or weights) and the per-tensor Gram matrix."""
-
-    # Coefficients are per tensor and need not sum to 1: a slice where the checkpoints agree still moves.
-    keeps_agreement = False
-    min_checkpoints = 2
-
-    def __init__(self, space: Space) -> None:
-        check_choice("space", space, SPACES)
-        self.space = space
-        self.requires_base = space == "deltas"
-
-    @property
-    def needs_tensor_statistics(self) -> bool:
-        return True
-
-    def accumulate_statistics(self, statistics: Any, checkpoints: Tensor, base: Tensor | None) -> Tensor:
-        """The K × K Gram matrix of the interpolated vectors (deltas or weights) over the rows seen so far."""
-        self._check_count(checkpoints.shape[0])
-        return spherical_gram(statistics, checkpoints, base if self.requires_base else None)
-
-    def _check_count(self, count: int) -> None:
-        """Raise ValueError when the method cannot merge ``count`` checkpoints (checked at the first tensor)."""
-
-    def coefficients(self, gram: Tensor) -> Tensor:
-        """The per-checkpoint coefficients γ of one tensor (float64, ``(K,)``) from its Gram matrix."""
-        raise NotImplementedError
-
-    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
-        if statistics is None:  # the rows are the whole tensor
-            statistics = self._statistics_of(checkpoints, base)
-        return combine_rows(checkpoints, base if self.requires_base else None, self.coefficients(statistics))
-
-
-class SLERP(_SphericalMerge):
-    """Spherical linear interpolation of two checkpoints, per tensor: along the great circle, not the chord.
-
-    Per tensor, with v_c the flattened deltas δ_c = θ_c − θ_0 (``space="deltas"``, the default) or the weights θ_c
-    (``space="weights"``), n_c = ‖v_c‖, Ω = arccos(⟨v_0, v_1⟩ / (n_0 n_1)) and u_c = v_c / n_c::
-
-        v = ((1 − t) n_0 + t n_1) · (sin((1 − t) Ω) u_0 + sin(t Ω) u_1) / sin Ω
-        θ = θ_0 + v   (deltas)   or   θ = v   (weights)
-
-    The direction moves at constant angular speed from u_0 (t = 0) to u_1 (t = 1); the norm is interpolated
-    linearly, so, unlike the linear average, two deltas of equal norm at an angle are not shrunk. (mergekit's
-    ``slerp`` applies the sine coefficients to the raw vectors instead; the two agree when n_0 = n_1.)
-
-    **Fallback**: linear interpolation, θ = (1 − t) θ_0' + t θ_1' of the vectors, where a vector has norm 0 (a tensor
-    a fine-tune did not change), where Ω < 1e-4 rad (near-parallel: the two differ by less than float32 resolution;
-    fine-tuned *weights* are often this close) and where Ω > π − 1e-4 (opposed: no unique great circle); see
-    :data:`~codiemb_st.merging.tensor_math.PARALLEL_ANGLE`.
-
-    Each tensor is read twice when streaming: once for the 2 × 2 Gram matrix (float64), once to merge.
-
-    Args:
-        t: The interpolation fraction, in [0, 1]: 0 gives checkpoints[0], 1 checkpoints[1]. Defaults to 0.5.
-        space: ``"deltas"`` (interpolate the task vectors; needs ``base_model``) or ``"weights"`` (interpolate the
-            weights themselves, as Qwen3-Embedding's checkpoint slerp). Defaults to ``"deltas"``.
-
-    References:
-        - Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985 (slerp).
-        - Goddard et al., "Arcee's MergeKit", 2024 (``slerp``). https://arxiv.org/abs/2403.13257
-
-    Example:
-        ::
-
-            from codiemb_st.merging import SLERP
-
-            merged = SLERP(t=0.3).merge(["runs/ir", "runs/sts"], base_model="models/base", output_path="slerp")
-    """
-
-    def __init__(self, t: float = 0.5, space: Space = "deltas") -> None:
-        super().__init__(space)
-        self.t = float(check_finite_float("t", t, minimum=0.0, maximum=1.0))
-
-    def _check_count(self, count: int) -> None:
-        if count != 2:
-            raise ValueError(f"SLERP merges exactly 2 checkpoints, got {count}; use MultiSLERP for more.")
-
-    def coefficients(self, gram: Tensor) -> Tensor:
-        return slerp_coefficients(gram, self.t)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "space": self.space}
-
-
-class MultiSLERP(_SphericalMerge):
-    """Multi-SLERP: the weighted spherical mean (Karcher mean) of K checkpoints, per tensor.
-
-    Per tensor, with v_c the flattened deltas δ_c = θ_c − θ_0 (``space="deltas"``, the default) or the weights θ_c,
-    n_c = ‖v_c‖, u_c = v_c / n_c and weights w_c (Σ_c w_c = 1)::
-
-        m = argmin_{‖m‖ = 1} Σ_c w_c · arccos(⟨m, u_c⟩)²      (the weighted Karcher mean on the sphere)
-        v = (Σ_c w_c n_c) · m
-        θ = θ_0 + v   (deltas)   or   θ = v   (weights)
-
-    m is found by the fixed-point iteration m ← exp_m(Σ_c w_c log_m(u_c)), started at the normalised weighted mean
-    of the u_c, until the step is below 1e-10 rad (see :func:`~codiemb_st.merging.tensor_math.karcher_coefficients`).
-    With K = 2 and weights (1 − t, t) this is :class:`SLERP` at t. (mergekit's ``multislerp`` takes one such step
-    from the normalised mean; this iterates to the mean itself.)
-
-    **Fallback**: the weighted linear average Σ_c w_c v_c where a vector of positive weight has norm 0, where all of
-    them lie within 1e-4 rad of each other (near-parallel), where the mean of the unit vectors is 0 or a vector is
-    opposed to the mean (no unique spherical mean), or where the iteration has not converged after 200 steps.
-
-    Each tensor is read twice when streaming: once for the K × K Gram matrix (float64), once to merge.
-
-    Args:
-        weights: One non-negative weight per checkpoint (normalised to sum 1), or None for uniform weights.
-        space: ``"deltas"`` (needs ``base_model``; BOOM's use of mergekit's multislerp) or ``"weights"``. Defaults
-            to ``"deltas"``.
-
-    References:
-        - Buss and Fillmore, "Spherical averages and applications to spherical splines and interpolation", ACM
-          Transactions on Graphics 2001.
-        - Goddard et al., "Arcee's MergeKit", 2024 (``multislerp``). https://arxiv.org/abs/2403.13257
-
-    Example:
-        ::
-
-            from codiemb_st.merging import MultiSLERP
-
-            merged = MultiSLERP().merge(["runs/s1", "runs/s2", "runs/s3"], base_model="models/base")
-    """
-
-    def __init__(self, weights: Sequence[float] | None = None, space: Space = "deltas") -> None:
-        super().__init__(space)
-        self.weights = None if weights is None else check_weights("weights", weights)
-
-    def _check_count(self, count: int) -> None:
-        if self.weights is not None and len(self.weights) != count:
-            raise ValueError(f"MultiSLERP has {len(self.weights)} weights for {count} checkpoints; give one each.")
-
-    def coefficients(self, gram: Tensor) -> Tensor:
-        k = gram.shape[0]
-        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if self.weights is None else None
-        if weights is None:
-            weights = torch.tensor(self.weights, dtype=torch.float64)
-            weights = weights / weights.sum()
-        return karcher_coefficients(gram, weights)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights, "space": self.space}
-
-
-def check_weights(name: str, weights: Any) -> list[float]:
-    """Per-checkpoint weights as a list of floats: finite, non-negative, at least one positive.
-
-    Raises:
-        TypeError: ``weights`` is not a sequence of numbers.
-        ValueError: A weight is negative or not finite, or all are 0.
-    """
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise TypeError(f"{name} must be a sequence of numbers (one per checkpoint), got {type(weights).__name__}.")
-    values = [float(check_finite_float(f"{name}[{i}]", w, minimum=0.0)) for i, w in enumerate(weights)]
-    if not values or sum(values) <= 0:
-        raise ValueError(f"{name} must hold at least one positive weight, got {values}.")
-    return values
 
 
 #: The data-free merge methods by their command-line name (``codiemb-st merge --method NAME``).

@@ -280,20 +280,22 @@ def test_trainer_run_lowers_the_loss(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"num_positives": 0}, "num_positives"),
-        ({"num_positives": 1.5}, "num_positives"),
-        ({"temperature": 0}, "temperature"),
-        ({"temperature": -0.1}, "temperature"),
-        ({"temperature": float("nan")}, "temperature"),
-        ({"mini_batch_size": 0}, "mini_batch_size"),
-        ({"objective": "both"}, "objective"),
-        ({"mini_batch_num_tokens": 0}, "mini_batch_num_tokens"),
+        ({"num_positives": 0}, ValueError, "`num_positives` must be an integer >= 1"),
+        ({"num_positives": 1.5}, TypeError, "`num_positives` must be an integer"),  # wrong type: TypeError
+        ({"temperature": 0}, ValueError, "`temperature` must be > 0"),
+        ({"temperature": -0.1}, ValueError, "`temperature` must be > 0"),
+        ({"temperature": float("nan")}, ValueError, "`temperature` must be a finite number"),
+        ({"mini_batch_size": 0}, ValueError, "`mini_batch_size`"),
+        ({"objective": "both"}, ValueError, "`objective` must be one of 'per_slot', 'joint'"),
+        ({"mini_batch_num_tokens": 0}, ValueError, "`mini_batch_num_tokens`"),
+        ({"keep_graphs": -1}, ValueError, "`keep_graphs` must be an integer >= 0"),
+        ({"in_batch_negatives": 1}, TypeError, "`in_batch_negatives` must be True or False"),
     ],
 )
-def test_invalid_arguments_raise_value_error(tiny_model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_arguments_raise_value_or_type_error(tiny_model, kwargs, error, match):
+    with pytest.raises(error, match=match):
         MultiPositiveCachedInfoNCELoss(tiny_model, **kwargs)
 
 
@@ -332,7 +334,7 @@ def test_two_process_gather_equals_single_process_full_batch(tiny_model_path, tm
     columns[2][1] = columns[1][6]  # a passage shared by queries on different ranks: masking must see it
     batch_file = tmp_path / "batch.json"
     batch_file.write_text(json.dumps(columns))
-    worker = Path(__file__).parent / "dist_infonce_worker.py"
+    worker = Path(__file__).parents[1] / "dist_infonce_worker.py"
     result = run_torchrun(worker, [tiny_model_path, batch_file, tmp_path], tmp_path / "torchrun.log", timeout=240)
     assert result.returncode == 0, result.stdout[-4000:]
 

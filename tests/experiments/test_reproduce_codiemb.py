@@ -19,7 +19,7 @@ from codiemb_st.evaluation import load_local_task
 
 def _load_script(name: str = "reproduce_codiemb"):
     """A benchmark script as a module (benchmarks/ is not a package, and nothing edits sys.path)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses need the module registered

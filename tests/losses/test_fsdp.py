@@ -10,7 +10,7 @@ import torch
 from tiny_decoder import save_tiny_decoder
 from torchrun_harness import run_torchrun
 
-WORKER = Path(__file__).with_name("fsdp_loss_worker.py")
+WORKER = Path(__file__).parents[1] / "fsdp_loss_worker.py"
 
 
 @pytest.mark.distributed

@@ -735,7 +735,7 @@ def test_only_mid_nce_without_middle_embeddings_raises():
 
 @pytest.mark.distributed
 def test_two_rank_gathered_gradients_equal_single_process(tiny_model_path, tmp_path):
-    worker = Path(__file__).with_name("dist_pearson_spearman_worker.py")
+    worker = Path(__file__).parents[1] / "dist_pearson_spearman_worker.py"
     result = run_torchrun(worker, [tiny_model_path, tmp_path], tmp_path / "torchrun.log", timeout=180)
     output = result.stdout
     assert result.returncode == 0, output[-4000:]

@@ -7,7 +7,7 @@ import pytest
 from evaluation_fixtures import reference_ndcg_at_10, reference_sts_spearman, write_tiny_tasks
 from torchrun_harness import run_torchrun
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # the workers stay in tests/
 
 
 @pytest.mark.distributed

@@ -34,7 +34,7 @@ from codiemb_st.evaluation import (
     summarize_scores,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

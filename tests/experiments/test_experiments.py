@@ -146,7 +146,7 @@ def test_finished_runs_and_merges_are_reused_only_with_their_configuration(tmp_p
 
 
 def test_the_library_never_imports_experiments():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
 
     def imports(path: Path) -> set[str]:
         names = set()
@@ -164,7 +164,7 @@ def test_the_library_never_imports_experiments():
     assert all(len(p.read_text("utf-8").splitlines()) <= 500 for p in experiments)
 
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 @pytest.mark.parametrize("folder", ["en", "reproduction-en", "reproduction-zh"])

@@ -17,7 +17,7 @@ from codiemb_st.cli import eval_command as eval_cli
 from codiemb_st.evaluation import CMTEB_TASK_NAMES, runner
 from codiemb_st.merging import DeltaSoup, TaskArithmetic
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,363 @@
+"""Step 1 of the training recipe (:mod:`codiemb_st.recipe`): record files -> one training dataset per file, with
+per-dataset options (:class:`DatasetOptions`) and the IR/STS split (:class:`TaskDatasets`). Re-exported by
+:mod:`codiemb_st.recipe`, the documented entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from codiemb_st.data import (
+    RecordSource,
+    ir_columns,
+    ir_dataset_from_records,
+    read_ir_records,
+    read_sts_records,
+    sts_columns,
+)
+from codiemb_st.validation import check_non_negative_int, check_positive_int
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+logger = logging.getLogger("codiemb_st.recipe")
+
+SAMPLERS = ("round_robin", "proportional")
+STS_LOSSES = ("pearson_spearman", "cosent")
+
+
+@dataclass
+class DatasetOptions:
+    """Training options of one dataset; ``None`` means the run's default (the task's).
+
+    Args:
+        batch_size: Per-device batch size of this dataset's steps (default: its task's batch size).
+        instruction: Its instruction (a sentence-transformers prompt, excluded from pooling): on the query of an IR
+            dataset (and on its passages when ``symmetric``), on both sentences of an STS dataset. ``""`` trains it
+            without one. Default: the records' own ``prompt`` if they share one, else the task's instruction.
+        num_positives: P positive columns of an IR dataset (default: the run's ``num_positives``).
+        num_negatives: N hard negatives of an IR dataset (default: the run's ``num_negatives``, 1 for FlagEmbedding
+            ``type: only_1neg``, at most the records' own count for ``symmetric_class``).
+        in_batch_negatives: Whether an IR dataset's queries are also ranked against the other rows' passages
+            (default True; False for a FlagEmbedding file named ``*no_in_batch_neg.jsonl``). False needs N >= 1.
+        symmetric: Whether an IR dataset's passages get the query's instruction too (default: True for
+            FlagEmbedding ``type: symmetric_sts``/``symmetric_clustering``).
+
+    Example:
+        ::
+
+            data = recipe.load_task_datasets(
+                ir=["scifact.jsonl", "labels_no_in_batch_neg.jsonl"],
+                options={"scifact": DatasetOptions(batch_size=8, num_negatives=4, instruction="Find evidence: ")},
+            )
+    """
+
+    batch_size: int | None = None
+    instruction: str | None = None
+    num_positives: int | None = None
+    num_negatives: int | None = None
+    in_batch_negatives: bool | None = None
+    symmetric: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_positives"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        if self.num_negatives is not None:
+            check_non_negative_int("num_negatives", self.num_negatives)
+        for name in ("in_batch_negatives", "symmetric"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be True, False or None; got {getattr(self, name)!r}.")
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise TypeError(f"`instruction` must be a string or None; got {type(self.instruction).__name__}.")
+
+
+#: The fields of DatasetOptions, e.g. for command-line parsing.
+DATASET_OPTION_FIELDS = (
+    "batch_size",
+    "instruction",
+    "num_positives",
+    "num_negatives",
+    "in_batch_negatives",
+    "symmetric",
+)
+
+
+@dataclass
+class TaskDatasets:
+    """The training datasets by name, which names belong to which task, and each dataset's options.
+
+    Args:
+        datasets: ``{name: Dataset}`` in training order.
+        ir: The names of the IR datasets.
+        sts: The names of the STS datasets.
+        options: ``{name: DatasetOptions}``, resolved from the caller's options and the files (record prompts,
+            FlagEmbedding types); P and N are also in the IR datasets' columns.
+    """
+
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    ir: list[str] = field(default_factory=list)
+    sts: list[str] = field(default_factory=list)
+    options: dict[str, DatasetOptions] = field(default_factory=dict)
+
+    def option(self, name: str) -> DatasetOptions:
+        """The options of dataset ``name`` (all defaults when none were set)."""
+        return self.options.get(name) or DatasetOptions()
+
+    def batch_sizes(self) -> dict[str, int]:
+        """``{name: batch size}`` of the datasets that have their own (the sampler's ``dataset_batch_sizes``)."""
+        return {name: opt.batch_size for name, opt in self.options.items() if opt.batch_size is not None}
+
+    def dataset_dict(self) -> DatasetDict:
+        """The datasets as a ``DatasetDict`` (the trainer's ``train_dataset``)."""
+        from datasets import DatasetDict
+
+        return DatasetDict(self.datasets)
+
+    def tasks(self) -> dict[str, list[str]]:
+        """``{"ir": names, "sts": names}`` without empty tasks (the sampler's ``tasks``)."""
+        return {task: names for task, names in (("ir", self.ir), ("sts", self.sts)) if names}
+
+    def num_positives(self, name: str) -> int:
+        """P of the IR dataset ``name``, read from its columns (the data is the one record of it)."""
+        return ir_column_counts(self.datasets[name], name)[0]
+
+    def num_negatives(self, name: str) -> int:
+        """N (hard negatives) of the IR dataset ``name``, read from its columns; 0 = in-batch negatives only."""
+        return ir_column_counts(self.datasets[name], name)[1]
+
+
+def ir_column_counts(dataset: Dataset, name: str = "dataset") -> tuple[int, int]:
+    """``(P, N)`` of an IR dataset with columns ``anchor, positive_1..positive_P, negative_1..negative_N``.
+
+    The columns are where P and N are recorded: they survive ``DatasetDict``, the trainer and any dataset swapped
+    into :class:`TaskDatasets` by hand, so the loss built from them cannot disagree with the data.
+
+    Args:
+        dataset: An IR dataset (:func:`load_ir_dataset`, :func:`codiemb_st.ir_dataset_from_records`).
+        name: The dataset's name, for the error message.
+
+    Raises:
+        ValueError: If the columns are not ``anchor, positive_1..positive_P, negative_1..negative_N`` (P >= 1).
+
+    Example:
+        ::
+
+            ir_column_counts(ir_dataset_from_records(records, num_positives=2, num_negatives=4))  # (2, 4)
+    """
+    columns = [column for column in dataset.column_names if column != "dataset_name"]
+    num_positives = sum(1 for column in columns if column.startswith("positive_"))
+    num_negatives = len(columns) - 1 - num_positives
+    expected = [
+        "anchor",
+        *(f"positive_{k}" for k in range(1, num_positives + 1)),
+        *(f"negative_{k}" for k in range(1, num_negatives + 1)),
+    ]
+    if num_positives < 1 or columns != expected:
+        raise ValueError(
+            f"IR dataset {name!r} has columns {columns}; the recipe needs anchor, positive_1..positive_P, "
+            "negative_1..negative_N (P >= 1, N >= 0), as codiemb_st.ir_dataset_from_records builds them."
+        )
+    return num_positives, num_negatives
+
+
+def dataset_name(path: str | os.PathLike) -> str:
+    """A dataset's name from its file: ``train/en_stsb.jsonl.gz`` -> ``en_stsb``."""
+    return Path(path).name.split(".")[0]
+
+
+def load_ir_dataset(
+    source: RecordSource, *, num_positives: int = 1, num_negatives: int = 1, seed: int = 42
+) -> Dataset:
+    """IR records -> columns; when any record lacks hard negatives, the file is used with in-batch negatives only.
+
+    Args:
+        source: A record file or records in any of the three formats (see :func:`codiemb_st.data.read_ir_records`);
+            record prompts are written in front of the queries (:func:`load_task_datasets` makes them the dataset's
+            instruction instead).
+        num_positives: P positive columns.
+        num_negatives: N hard-negative columns wanted (0 = in-batch negatives only).
+        seed: Seed of the resampling.
+    """
+    records = read_ir_records(source)  # any of the three formats; read once
+    if num_negatives and not all(record["negatives"] for record in records.records):
+        logger.info("%s: not every record has hard negatives; training with in-batch negatives only.", records.name)
+        num_negatives = 0
+    return ir_dataset_from_records(records, num_positives=num_positives, num_negatives=num_negatives, seed=seed)
+
+
+def _load_ir(
+    name: str, source: RecordSource, given: DatasetOptions, num_positives: int, num_negatives: int, seed: int
+) -> tuple[Dataset, DatasetOptions]:
+    """One IR dataset and its resolved options (record prompt -> instruction, FlagEmbedding type and file name)."""
+    records = read_ir_records(source)
+    resolved = replace(given)
+    prompt = records.common_prompt()  # different prompts in one file: refused (one instruction per dataset)
+    if prompt is not None:
+        if resolved.instruction is None:
+            resolved.instruction = prompt
+            logger.info("%s: the records' prompt %r is the dataset's instruction.", name, prompt)
+        elif resolved.instruction != prompt:
+            logger.warning(
+                "%s: the instruction set for the dataset (%r) replaces the records' prompt (%r).",
+                name,
+                resolved.instruction,
+                prompt,
+            )
+    if resolved.symmetric is None:
+        resolved.symmetric = records.symmetric
+    if resolved.in_batch_negatives is None and isinstance(source, (str, os.PathLike)):
+        # FlagEmbedding marks data trained without in-batch negatives by the file name suffix.
+        if Path(source).name.split(".")[0].endswith("no_in_batch_neg"):
+            resolved.in_batch_negatives = False
+            logger.info("%s: file name ends in no_in_batch_neg: training without in-batch negatives.", name)
+    wanted = resolved.num_negatives
+    if wanted is None:
+        wanted = num_negatives
+        if records.data_type == "only_1neg":
+            wanted = min(wanted, 1) or 1
+        elif records.data_type == "symmetric_class":
+            wanted = min([wanted, *(len(record["negatives"]) for record in records.records)])
+    positives = resolved.num_positives or num_positives
+    if wanted and not all(record["negatives"] for record in records.records):
+        if resolved.num_negatives is not None or resolved.in_batch_negatives is False:
+            missing = next(record for record in records.records if not record["negatives"])
+            raise ValueError(
+                f"{missing['location']}: dataset {name!r} needs {wanted} hard negatives per record but this record has "
+                "none; mine them (`codiemb-st mine`) or set the dataset's num_negatives to 0."
+            )
+        logger.info("%s: not every record has hard negatives; training with in-batch negatives only.", name)
+        wanted = 0
+    if resolved.in_batch_negatives is False and wanted == 0:
+        raise ValueError(
+            f"Dataset {name!r}: in_batch_negatives=False needs hard negatives (num_negatives >= 1); without either, "
+            "a query has nothing to be ranked against."
+        )
+    items = records.records if prompt is not None else records.prompts_in_text()
+    dataset = ir_columns(items, records.name, positives, wanted, seed)
+    resolved.num_positives, resolved.num_negatives = positives, wanted
+    return dataset, resolved
+
+
+def _load_sts(name: str, source: RecordSource, given: DatasetOptions) -> tuple[Dataset, DatasetOptions]:
+    """One STS dataset and its resolved options (the pairs' shared prompt -> instruction on both sentences)."""
+    for key in ("num_positives", "num_negatives", "in_batch_negatives", "symmetric"):
+        if getattr(given, key) is not None:
+            raise ValueError(f"Dataset {name!r} is STS: the option {key!r} applies to IR datasets only.")
+    records = read_sts_records(source)
+    resolved = replace(given)
+    prompt = records.common_prompt()
+    if prompt is not None and resolved.instruction is None:
+        resolved.instruction = prompt
+        logger.info("%s: the pairs' prompt %r is the dataset's instruction (both sentences).", name, prompt)
+    return sts_columns(records.records, use_prompts=prompt is None), resolved
+
+
+def load_task_datasets(
+    ir: Sequence[RecordSource] | Mapping[str, RecordSource] = (),
+    sts: Sequence[RecordSource] | Mapping[str, RecordSource] = (),
+    *,
+    num_positives: int = 1,
+    num_negatives: int = 1,
+    seed: int = 42,
+    options: Mapping[str, DatasetOptions | Mapping[str, Any]] | None = None,
+) -> TaskDatasets:
+    """One dataset per IR and STS source, named after its file (or by the mapping's keys).
+
+    Sources may be in any of the three record formats (unified, FlagEmbedding, sentence-transformers columns; see
+    :mod:`codiemb_st.data`). A file whose records share a ``prompt`` trains with it as the dataset's instruction;
+    records with different prompts in one file are refused. FlagEmbedding's ``type`` sets defaults of the dataset's
+    options (see :class:`DatasetOptions`).
+
+    Args:
+        ir: IR record files, or ``{name: source}``.
+        sts: STS pair files, or ``{name: source}``.
+        num_positives: P positive columns of the IR datasets (official: 2).
+        num_negatives: N hard negatives of the IR datasets (official: 4): a file in which some record has none is
+            used with in-batch negatives only, unless its options ask for negatives.
+        seed: Seed of the IR resampling.
+        options: ``{dataset name: DatasetOptions}`` (or a dict of its fields) for datasets that differ from the
+            defaults.
+
+    Raises:
+        ValueError: If two datasets get the same name, there is no dataset at all, or ``options`` names an unknown
+            dataset or sets an IR option on an STS dataset.
+    """
+    check_positive_int("num_positives", num_positives)
+    check_non_negative_int("num_negatives", num_negatives)
+    given = _dataset_options(options)
+
+    def named(sources: Sequence[RecordSource] | Mapping[str, RecordSource], argument: str) -> dict[str, Any]:
+        if isinstance(sources, Mapping):
+            return dict(sources)
+        if isinstance(sources, (str, os.PathLike)):
+            raise TypeError(f"`{argument}` must be a list of files (or a dict name -> source), not one path.")
+        pairs = [(dataset_name(source), source) for source in sources]
+        return dict(pairs) if len({n for n, _ in pairs}) == len(pairs) else _refuse_duplicates(pairs)
+
+    ir_sources, sts_sources = named(ir, "ir"), named(sts, "sts")
+    clash = set(ir_sources) & set(sts_sources)
+    if clash:
+        raise ValueError(f"Dataset names must be unique across tasks (they route batches to losses): {sorted(clash)}.")
+    if not ir_sources and not sts_sources:
+        raise ValueError("No training data: give at least one IR or STS source.")
+    unknown = sorted(set(given) - set(ir_sources) - set(sts_sources))
+    if unknown:
+        raise ValueError(
+            f"`options` names unknown datasets {unknown}; the datasets are {[*ir_sources, *sts_sources]}."
+        )
+    data = TaskDatasets()
+    for name, source in ir_sources.items():
+        data.datasets[name], data.options[name] = _load_ir(
+            name, source, given.get(name, DatasetOptions()), num_positives, num_negatives, seed
+        )
+        data.ir.append(name)
+    for name, source in sts_sources.items():
+        data.datasets[name], data.options[name] = _load_sts(name, source, given.get(name, DatasetOptions()))
+        data.sts.append(name)
+    return data
+
+
+def _dataset_options(options: Mapping[str, DatasetOptions | Mapping[str, Any]] | None) -> dict[str, DatasetOptions]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"`options` must be a dict of dataset name -> DatasetOptions; got {type(options).__name__}.")
+    resolved = {}
+    for name, value in options.items():
+        if isinstance(value, DatasetOptions):
+            resolved[name] = value
+        elif isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(DATASET_OPTION_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"`options[{name!r}]` has unknown fields {unknown}; the fields are {list(DATASET_OPTION_FIELDS)}."
+                )
+            resolved[name] = DatasetOptions(**value)
+        else:
+            raise TypeError(f"`options[{name!r}]` must be a DatasetOptions or a dict; got {type(value).__name__}.")
+    return resolved
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    raise ValueError(f"Dataset file names must be unique (they name the datasets): {duplicates}.")
+
+
+__all__ = [
+    "DATASET_OPTION_FIELDS",
+    "SAMPLERS",
+    "STS_LOSSES",
+    "DatasetOptions",
+    "TaskDatasets",
+    "dataset_name",
+    "ir_column_counts",
+    "load_ir_dataset",
+    "load_task_datasets",
+]
