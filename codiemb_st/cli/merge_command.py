@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(specs),
         default=DEFAULT_METHOD,
         help=f"merge method (default {DEFAULT_METHOD}: no data-free rule beat the uniform Model Soup in the project's "
-        "paired fusion study; see the README)",
+        "paired fusion study; see docs/merging.md)",
     )
     parser.add_argument("--output", type=Path, required=True, help="the merged model folder to create")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

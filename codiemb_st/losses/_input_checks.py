@@ -1,7 +1,7 @@
 """Input checks shared by the task losses: what a loss does with a batch or an option it cannot use.
 
 Kept apart from the loss files so that each loss only calls one function at the top of ``__init__`` / ``forward``.
-The rules (also in the README's "What bad input gets"):
+The rules (also in docs/bad-input.md):
 
 - An option of the wrong type raises ``TypeError``, a value out of range ``ValueError``, naming the option.
 - A temperature so small that ``1 / temperature`` overflows float32 (the dtype the similarities are scaled in)

@@ -8,7 +8,7 @@ twice for this partition. Multiple gradient reduction is currently not supported
 #3173; tevatron #206 for ZeRO-3), or, with the check compiled out, would reduce partial gradients. ZeRO-1 only
 partitions optimizer states and reduces gradients once after the backward pass, so it works; so does FSDP2
 (``fully_shard``), whose per-backward reduce-scatter accumulates into the sharded gradient (tested on 2 gloo CPU
-ranks, see the README). This module finds the ZeRO stage of the current run so the cached losses can refuse
+ranks, see docs/llm-embedders.md). This module finds the ZeRO stage of the current run so the cached losses can refuse
 stages 2/3 at their first training step, before any gradient is touched.
 """
 

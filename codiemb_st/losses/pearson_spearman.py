@@ -115,7 +115,7 @@ class PearsonSpearmanLoss(nn.Module):
         together. Keep the official 1.0 to reproduce the paper, or set
         the threshold for your scale (e.g. 4.0 on 0-5 labels). Cost: the per-column forward passes keep every
         layer's hidden states until the loss is computed; they are saved for backward anyway, so the extra memory is
-        small (see the README for measured numbers).
+        small (see docs/results/measured-numbers.md).
 
         Args:
             model: SentenceTransformer model.

@@ -125,7 +125,7 @@ class DeltaSoup(MergeMethod):
       they are softmax_c(r_c / T) instead: T → 0 picks the largest score, large T tends to uniform weights, and no
       checkpoint ever gets weight 0.
 
-    Variants (off by default; measured in ``benchmarks/fusion_study.py``, see the README):
+    Variants (off by default; measured in ``benchmarks/fusion_study.py``, see docs/results/fusion-study.md):
 
     - ``sign_consensus``: TIES-style sign election before weighting. With the elected sign
       s = sign(Σ_c δ_c) per parameter and the mask m_c = 1[sign(δ_c) = s], the merge is
