@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_model import build_tiny_model, save_tiny_model
+from tiny_model import build_tiny_model, save_perturbed_tiny_model, save_tiny_model
 
 from codiemb_st import (
     ir_dataset_from_records,
@@ -60,15 +60,7 @@ def pristine_merge_inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad_merge_inputs")
     folders = {"base": save_tiny_model(root / "base", seed=0)}
     for index in range(2):
-        folder = save_tiny_model(root / f"ckpt{index}", seed=0)
-        weights = next(folder.rglob("model.safetensors"))
-        generator = torch.Generator().manual_seed(index)
-        tensors = {
-            k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
-            for k, v in load_file(weights).items()
-        }
-        save_file(tensors, weights)
-        folders[f"ckpt{index}"] = folder
+        folders[f"ckpt{index}"] = save_perturbed_tiny_model(root / f"ckpt{index}", perturbation_seed=index)
     return folders
 
 

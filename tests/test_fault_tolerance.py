@@ -22,9 +22,9 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from evaluation_fixtures import write_tiny_tasks
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from tiny_model import save_tiny_model
+from tiny_model import save_perturbed_tiny_model, save_tiny_model
 from torchrun_harness import run_torchrun
 
 from codiemb_st import DeltaSoup, MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss, RoundRobinTaskBatchSampler
@@ -150,15 +150,7 @@ def merge_inputs(tmp_path_factory) -> tuple[Path, list[Path]]:
     base = save_tiny_model(root / "base", seed=0)
     checkpoints = []
     for index in range(2):
-        folder = save_tiny_model(root / f"ckpt{index}", seed=0)
-        weights = next(folder.rglob("model.safetensors"))
-        generator = torch.Generator().manual_seed(index)
-        tensors = {
-            k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
-            for k, v in load_file(weights).items()
-        }
-        save_file(tensors, weights)
-        checkpoints.append(folder)
+        checkpoints.append(save_perturbed_tiny_model(root / f"ckpt{index}", perturbation_seed=index))
     return base, checkpoints
 
 

@@ -121,3 +121,18 @@ def save_tiny_model(path: str | Path, **kwargs) -> Path:
     model = build_tiny_model(**kwargs)
     model.save(str(path))
     return Path(path)
+
+
+def save_perturbed_tiny_model(path: str | Path, perturbation_seed: int, scale: float = 0.01) -> Path:
+    """A tiny model (seed 0) whose float weights moved by ``scale`` x N(0, 1): a stand-in for a fine-tuned checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_model(path, seed=0)
+    weights = next(folder.rglob("model.safetensors"))
+    generator = torch.Generator().manual_seed(perturbation_seed)
+    tensors = {
+        k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in load_file(weights).items()
+    }
+    save_file(tensors, weights)
+    return folder

@@ -133,26 +133,13 @@ def test_cmteb_preset_skips_tasks_without_data_offline(data_dir):
 
 @pytest.fixture(scope="module")
 def merge_inputs(tmp_path_factory):
-    from tiny_model import save_tiny_model
+    from tiny_model import save_perturbed_tiny_model, save_tiny_model
 
     root = tmp_path_factory.mktemp("merge_cli")
     base = save_tiny_model(root / "base", seed=0)
     checkpoints = []
     for index in range(2):
-        folder = save_tiny_model(root / f"ckpt{index}", seed=0)
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            weights = next(folder.rglob("model.safetensors"))
-        tensors = load_file(weights)
-        generator = torch.Generator().manual_seed(index)
-        tensors = {
-            k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
-            for k, v in tensors.items()
-        }
-        from safetensors.torch import save_file
-
-        save_file(tensors, weights)
-        checkpoints.append(folder)
+        checkpoints.append(save_perturbed_tiny_model(root / f"ckpt{index}", perturbation_seed=index))
     return base, checkpoints
 
 
