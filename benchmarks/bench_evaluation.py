@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from codiemb_st.benchmarking.timing import timed
 from codiemb_st.shared_data import shared_data_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +55,6 @@ class EncodeClock:
             return self._encode(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def row(raw: float, full: float, outside: float) -> str:

@@ -56,13 +56,17 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from codiemb_st.benchmarking.baselines import official_sts_loss_loop
+from codiemb_st.benchmarking.memory import peak_since, reset_peak, saved_activations_bytes
+from codiemb_st.benchmarking.tables import is_met, markdown_header, markdown_row, target_verdict
+from codiemb_st.benchmarking.timing import interleaved_medians, interleaved_rounds, ratio_summary
+from codiemb_st.benchmarking.workers import run_worker
 
 
 def _stsb_test_rows() -> list[dict]:
@@ -82,31 +86,6 @@ def _default_model_path() -> str:
     return default_model_path()
 
 
-def _timed(step: Callable[[], None], device: str) -> float:
-    start = time.perf_counter()
-    step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def _interleaved_medians(
-    steps: dict[str, tuple[Callable[[], None], int]], rounds: int, device: str
-) -> dict[str, float]:
-    """Median seconds per step of each ``name: (step, runs_per_round)``, alternating the steps round by round.
-
-    Alternating keeps a baseline and its competitor under the same load on a shared machine. Each step is run once
-    as a warm-up first.
-    """
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step, _ in steps.values():
-        _timed(step, device)
-    for _ in range(rounds):
-        for name, (step, runs) in steps.items():
-            times[name].extend(_timed(step, device) for _ in range(runs))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # IR: MultiPositiveCachedInfoNCELoss
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,30 +99,6 @@ _WORDS = (
 def _ir_texts(count: int, num_words: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(_WORDS) for _ in range(num_words)) + f" {i}" for i in range(count)]
-
-
-def _reset_peak(device: str) -> int:
-    """Reset the peak-memory counter and return the current usage in bytes (the baseline of a measurement)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
-    return _read_rss_kib("VmRSS") * 1024
-
-
-def _peak_since(baseline: int, device: str) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    return _read_rss_kib("VmHWM") * 1024 - baseline
-
-
-def _read_rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _contender_label(contender: dict) -> str:
@@ -233,20 +188,9 @@ def _ir_memory_worker(config: dict) -> dict:
     step = _ir_step(model, config, config["contender"])
     # Warm up on a 4-row batch so one-time allocations (kernels, thread pools) are not counted as the loss's memory.
     step(warmup_features)
-    cuda = config["device"].startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
-        baseline = _read_rss_kib("VmRSS") * 1024
+    baseline = reset_peak(config["device"])
     step(features)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        peak = _read_rss_kib("VmHWM") * 1024 - baseline
+    peak = peak_since(baseline, config["device"])
     return {"peak_mib": peak / 2**20}
 
 
@@ -297,25 +241,15 @@ def _mid_nce_worker(config: dict) -> dict:
     # Warm up on a 4-pair batch so one-time allocations (AdamW state, gradient buffers, thread pools) are not
     # counted as the term's memory.
     step(loss, *batch(4))
-    baseline = _reset_peak(device)
+    baseline = reset_peak(device)
     step(loss, features, labels)
-    peak = _peak_since(baseline, device)
+    peak = peak_since(baseline, device)
 
     # The resident-set peak moves by +-10% between fresh processes on CPU (allocator reuse), so also count the
     # activations autograd saves for backward in one step (unique storages, parameters left out): deterministic, and
     # where the term's cost would show.
-    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step(loss, features, labels)
-    return {"peak_mib": peak / 2**20, "saved_mib": sum(storages.values()) / 2**20}
+    saved = saved_activations_bytes(lambda: step(loss, features, labels), exclude=model.parameters())
+    return {"peak_mib": peak / 2**20, "saved_mib": saved / 2**20}
 
 
 def bench_mid_nce(args: argparse.Namespace) -> None:
@@ -351,7 +285,7 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
         model, batch, step = _mid_nce_setup(model_path, args.device, args.max_seq_length, batch_size)
         features, labels = batch(batch_size)
         losses = {"without": PearsonSpearmanLoss(model, mid_nce_weight=0.0), "with": PearsonSpearmanLoss(model)}
-        medians = _interleaved_medians(
+        medians = interleaved_medians(
             {name: (functools.partial(step, loss, features, labels), 1) for name, loss in losses.items()},
             args.mid_repeats,
             args.device,
@@ -382,22 +316,13 @@ def _ir_time_worker(config: dict) -> dict:
         step(features)
     # Wall clock and the process's CPU time. On a shared CPU the wall clock also measures the neighbours; with one
     # torch thread, CPU time measures the step's own work. On CUDA only the (synchronised) wall clock means anything.
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    cpu_times: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(config["rounds"]):
-        for label, step in steps.items():
-            cpu_start = time.process_time()
-            times[label].append(_timed(lambda step=step: step(features), config["device"]))
-            cpu_times[label].append(time.process_time() - cpu_start)
-    return {"times": times, "cpu_times": cpu_times}
+    timed_steps = {label: functools.partial(step, features) for label, step in steps.items()}
+    return interleaved_rounds(timed_steps, config["rounds"], config["device"])
 
 
 def _run_worker(mode: str, config: dict, env: dict[str, str] | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps({"mode": mode, **config})]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{mode} worker failed for {config}:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker(command, name=f"{mode} worker for {config}", env=env)
 
 
 def _ir_groups(args: argparse.Namespace) -> list[dict]:
@@ -482,11 +407,10 @@ def bench_ir(args: argparse.Namespace) -> None:
         baseline = _contender_label(group["contenders"][0])
         for contender in group["contenders"]:
             label = _contender_label(contender)
-            round_ratios = [t / b for t, b in zip(times[label], times[baseline])]
-            wall_ratios = [t / b for t, b in zip(timing["times"][label], timing["times"][baseline])]
+            time_ratio, low, high = ratio_summary(times[label], times[baseline])
             row = {
                 "wall_seconds": statistics.median(timing["times"][label]),
-                "wall_ratio": statistics.median(wall_ratios),
+                "wall_ratio": ratio_summary(timing["times"][label], timing["times"][baseline])[0],
                 "live_peak_mib": live_peaks.get(label),
                 "live_memory_ratio": live_peaks[label] / live_peaks[baseline] if live_peaks else None,
                 "precision": "bf16 autocast" if group["autocast"] == "bf16" else "fp32",
@@ -494,8 +418,8 @@ def bench_ir(args: argparse.Namespace) -> None:
                 "batch": group["batch"],
                 "label": label,
                 "seconds": statistics.median(times[label]),
-                "time_ratio": statistics.median(round_ratios),
-                "ratio_range": (min(round_ratios), max(round_ratios)),
+                "time_ratio": time_ratio,
+                "ratio_range": (low, high),
                 "peak_mib": peaks[label],
                 "memory_ratio": peaks[label] / peaks[baseline],
                 "baseline": baseline,
@@ -506,73 +430,35 @@ def bench_ir(args: argparse.Namespace) -> None:
 
     clock = "CPU s" if args.device == "cpu" else "s"
     live = args.ir_live_memory
+    live_headers = ["live peak MiB", "live ratio"] if live else []
+    headers = ["precision", "P", "batch", "loss", f"{clock}/step", "time ratio (min-max over rounds)", "wall ratio"]
     print(
-        f"\n| precision | P | batch | loss | {clock}/step | time ratio (min-max over rounds) | wall ratio | peak MiB "
-        "| memory ratio |" + (" live peak MiB | live ratio |" if live else "") + " vs | target (time, memory) |"
+        "\n"
+        + "\n".join(
+            markdown_header([*headers, "peak MiB", "memory ratio", *live_headers, "vs", "target (time, memory)"])
+        )
     )
-    print("|---" * (12 if live else 10) + "|")
     for row in rows:
         low, high = row["ratio_range"]
         target = ""
         if row["target"]:
             time_target, memory_target = row["target"]
-            time_ok = "met" if row["time_ratio"] <= time_target else "not met"
-            memory_ok = "met" if row["memory_ratio"] <= memory_target else "not met"
-            target = f"<= {time_target}x: {time_ok}; <= {memory_target}x: {memory_ok}"
+            target = f"{target_verdict(row['time_ratio'], time_target)}; {target_verdict(row['memory_ratio'], memory_target)}"
             if live:
-                target += f" (live: {'met' if row['live_memory_ratio'] <= memory_target else 'not met'})"
-        live_cells = f" {row['live_peak_mib']:.0f} | {row['live_memory_ratio']:.2f}x |" if live else ""
-        print(
-            f"| {row['precision']} | {row['P']} | {row['batch']} | {row['label']} | {row['seconds']:.2f} "
-            f"| {row['time_ratio']:.2f}x ({low:.2f}-{high:.2f}) | {row['wall_ratio']:.2f}x | {row['peak_mib']:.0f} "
-            f"| {row['memory_ratio']:.2f}x |{live_cells} {row['baseline']} | {target} |"
-        )
+                target += f" (live: {'met' if is_met(row['live_memory_ratio'], memory_target) else 'not met'})"
+        live_cells = [f"{row['live_peak_mib']:.0f}", f"{row['live_memory_ratio']:.2f}x"] if live else []
+        cells = [row["precision"], row["P"], row["batch"], row["label"], f"{row['seconds']:.2f}"]
+        cells += [
+            f"{row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})",
+            f"{row['wall_ratio']:.2f}x",
+            f"{row['peak_mib']:.0f}",
+        ]
+        print(markdown_row([*cells, f"{row['memory_ratio']:.2f}x", *live_cells, row["baseline"], target]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # STS: PearsonSpearmanLoss
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def official_sts_loss_loop(
-    scores: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05, weights: tuple = (2.0, 5.0, 0.5)
-) -> torch.Tensor:
-    """The baseline: the official CoDiEmb STS loss as released (scipy ranks on the CPU, PRO as a loop over k)."""
-    import torch.nn.functional as F
-    from scipy.stats import rankdata
-
-    # Pearson (returns 0 for constant labels)
-    if labels.min() == labels.max():
-        pearson = torch.zeros((), device=scores.device)
-    else:
-        mean_x, mean_y = scores.mean(), labels.mean()
-        var_x, var_y = torch.var(scores, unbiased=False), torch.var(labels, unbiased=False)
-        pearson = 1 - torch.mean((scores - mean_x) * (labels - mean_y)) / (torch.sqrt(var_x) * torch.sqrt(var_y))
-
-    # Rank-KL: average ranks from scipy on the CPU
-    n = labels.numel()
-    ranks = torch.from_numpy(rankdata(-labels.cpu().float().numpy(), method="average") - 1).to(labels.device)
-    ideal = (n - 1 - ranks).float() / (n - 1)
-    rank_kl = F.kl_div(
-        F.log_softmax(scores / temperature, dim=0), F.softmax(ideal / temperature, dim=0), reduction="batchmean"
-    )
-
-    # PRO: a Python loop over the sorted batch
-    logits = scores / temperature
-    order = torch.argsort(labels, descending=True)
-    y_sorted, x_sorted = labels[order], logits[order]
-    total, count = 0.0, 0
-    for k in range(n - 1):
-        tail_y, tail_x = y_sorted[k + 1 :], x_sorted[k + 1 :]
-        mask = (y_sorted[k] - tail_y) > 1e-8
-        if not mask.any():
-            continue
-        gaps = y_sorted[k] - tail_y[mask]
-        row = torch.cat([(x_sorted[k] * gaps.max()).unsqueeze(0), tail_x[mask] * gaps])
-        total = total + F.log_softmax(row, dim=0)[0]
-        count += 1
-    pro = -total / count if count else torch.zeros((), device=scores.device)
-    return weights[0] * pearson + weights[1] * rank_kl + weights[2] * pro
 
 
 def bench_sts_labels(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -610,7 +496,7 @@ def bench_sts_loss_only(args: argparse.Namespace) -> list[dict]:
             if abs(ours_value - loop_value) > 1e-3 * max(1.0, abs(loop_value)):
                 raise RuntimeError(f"values differ at n={n} ({kind}): ours {ours_value} vs loop {loop_value}")
 
-            medians = _interleaved_medians(
+            medians = interleaved_medians(
                 {
                     "ours": (_backward_step(loss.compute_loss_from_scores, scores, labels), args.sts_loss_runs),
                     "loop": (_backward_step(official_sts_loss_loop, scores, labels), 1),
@@ -652,7 +538,7 @@ def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
 
         return step
 
-    medians = _interleaved_medians(
+    medians = interleaved_medians(
         {
             "CoSENTLoss": (training_step(CoSENTLoss(model)), 1),
             "PearsonSpearmanLoss": (training_step(PearsonSpearmanLoss(model)), 1),
@@ -813,19 +699,14 @@ def _length_aware_time_worker(config: dict) -> dict:
         counted["embedded"] += mask.numel()
 
     tokens: dict[str, dict] = {}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(config["rounds"]):
-        for name, step in steps.items():
-            handle = model[0].register_forward_pre_hook(count) if round_index == 0 else None
-            counted.update(real=0, embedded=0)
-            cpu_start = time.process_time()
-            times[name].append(_timed(lambda step=step: step(features, labels), config["device"]))
-            cpu_times[name].append(time.process_time() - cpu_start)
-            if handle is not None:
-                handle.remove()
-                tokens[name] = dict(counted)
-    return {"times": times, "cpu_times": cpu_times, "tokens": tokens}
+    for name, step in steps.items():  # one untimed full step per contender, counting the tokens it embeds
+        handle = model[0].register_forward_pre_hook(count)
+        counted.update(real=0, embedded=0)
+        step(features, labels)
+        handle.remove()
+        tokens[name] = dict(counted)
+    timed_steps = {name: functools.partial(step, features, labels) for name, step in steps.items()}
+    return {**interleaved_rounds(timed_steps, config["rounds"], config["device"]), "tokens": tokens}
 
 
 def _length_aware_memory_worker(config: dict) -> dict:
@@ -833,9 +714,9 @@ def _length_aware_memory_worker(config: dict) -> dict:
     model, steps, (features, labels), (warmup, warmup_labels) = _length_aware_setup(config)
     (step,) = steps.values()
     step(warmup, warmup_labels)
-    baseline = _reset_peak(config["device"])
+    baseline = reset_peak(config["device"])
     step(features, labels)
-    return {"peak_mib": _peak_since(baseline, config["device"]) / 2**20}
+    return {"peak_mib": peak_since(baseline, config["device"]) / 2**20}
 
 
 # (dataset, max_seq_length, batch, mini_batch_size, contenders (baseline first), targets (time, memory) of "ours")
@@ -920,7 +801,7 @@ def bench_length_aware(args: argparse.Namespace) -> None:
         }
         baseline = contenders[0]
         for name in contenders:
-            ratios = [t / b for t, b in zip(times[name], times[baseline])]
+            time_ratio, low, high = ratio_summary(times[name], times[baseline])
             tokens = timing["tokens"][name]
             row = {
                 "dataset": dataset,
@@ -929,8 +810,8 @@ def bench_length_aware(args: argparse.Namespace) -> None:
                 "mini": mini,
                 "loss": name,
                 "seconds": statistics.median(times[name]),
-                "time_ratio": statistics.median(ratios),
-                "ratio_range": (min(ratios), max(ratios)),
+                "time_ratio": time_ratio,
+                "ratio_range": (low, high),
                 "peak_mib": peaks[name],
                 "memory_ratio": peaks[name] / peaks[baseline] if peaks[baseline] > 0 else float("nan"),
                 "efficiency": tokens["real"] / tokens["embedded"],
@@ -941,25 +822,26 @@ def bench_length_aware(args: argparse.Namespace) -> None:
             print(f"  measured {row}", flush=True)
 
     clock = "CPU s" if args.device == "cpu" else "s"
+    headers = ["data", "max len", "batch / mini-batch", "loss", "padding efficiency", f"{clock}/step"]
     print(
-        f"\n| data | max len | batch / mini-batch | loss | padding efficiency | {clock}/step | time ratio (min-max) "
-        "| peak MiB | memory ratio | vs | target |"
+        "\n"
+        + "\n".join(markdown_header([*headers, "time ratio (min-max)", "peak MiB", "memory ratio", "vs", "target"]))
     )
-    print("|---" * 11 + "|")
     for row in rows:
         low, high = row["ratio_range"]
         target = ""
         if row["targets"]:
             time_target, memory_target = row["targets"]
-            target = f"time <= {time_target}x: {'met' if row['time_ratio'] <= time_target else 'NOT met'}"
+            target = target_verdict(row["time_ratio"], time_target, "time", not_met="NOT met")
             if memory_target is not None:
-                met = row["memory_ratio"] <= memory_target
-                target += f"; memory <= {memory_target}x: {'met' if met else 'NOT met'}"
-        print(
-            f"| {row['dataset']} | {row['max_seq_length']} | {row['batch']} / {row['mini']} | {row['loss']} "
-            f"| {100 * row['efficiency']:.0f}% | {row['seconds']:.2f} | {row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})"
-            f" | {row['peak_mib']:.0f} | {row['memory_ratio']:.2f}x | {row['baseline']} | {target} |"
-        )
+                target += "; " + target_verdict(row["memory_ratio"], memory_target, "memory", not_met="NOT met")
+        cells = [row["dataset"], row["max_seq_length"], f"{row['batch']} / {row['mini']}", row["loss"]]
+        cells += [
+            f"{100 * row['efficiency']:.0f}%",
+            f"{row['seconds']:.2f}",
+            f"{row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})",
+        ]
+        print(markdown_row([*cells, f"{row['peak_mib']:.0f}", f"{row['memory_ratio']:.2f}x", row["baseline"], target]))
 
     if args.la_padding_batches:
         print(

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Standard library only at import time: the parent must stay small (its children's ru_maxrss starts at its RSS).
+from codiemb_st.benchmarking.memory import peak_rss_mb
+from codiemb_st.benchmarking.tables import markdown_header, markdown_row, ratio_cell
+from codiemb_st.benchmarking.timing import cpu_seconds
+from codiemb_st.benchmarking.workers import run_worker
 
 MODES = (
     "load",
@@ -91,15 +96,6 @@ SIZES = {
         },
     ),
 }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def write_examples(workdir: Path, count: int = 20) -> list[Path]:
@@ -260,10 +256,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {mode: [] for mode in args.modes}
         for repeat in range(args.repeats):
             for mode in args.modes:
-                completed = subprocess.run([*child, "--child", mode], env=env, capture_output=True, text=True)
-                if completed.returncode != 0:
-                    raise RuntimeError(f"{mode} failed:\n{completed.stderr[-3000:]}")
-                result = json.loads(completed.stdout.strip().splitlines()[-1])
+                result = run_worker([*child, "--child", mode], name=mode, env=env)
                 results[mode].append(result)
                 shutil.rmtree(workdir / f"out-{mode}", ignore_errors=True)
                 print(f"repeat {repeat + 1} {mode}: {result}", flush=True)
@@ -287,24 +280,17 @@ def report(results: dict[str, list[dict]], model_mb: float, args: argparse.Names
         f"(float32 safetensors), medians of {args.repeats} "
         f"runs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {os.cpu_count()} CPUs\n"
     )
-    print(
-        f"| mode | wall time (s) | wall / {reference} | CPU time (s) | CPU / {reference} | peak RSS (MB) "
-        "| peak RSS / load one model | RSS above imports / model size |"
-    )
-    print("|" + "---|" * 8)
+    headers = ["mode", "wall time (s)", f"wall / {reference}", "CPU time (s)", f"CPU / {reference}", "peak RSS (MB)"]
+    print("\n".join(markdown_header([*headers, "peak RSS / load one model", "RSS above imports / model size"])))
     for mode in args.modes:
         if mode not in medians:
             print(f"| {mode} | skipped: {results[mode][0].get('skipped')} | | | | | | |")
             continue
         m = medians[mode]
-        time_ratio = f"{m['seconds'] / st_time:.2f}x" if st_time else "n/a"
-        cpu_ratio = f"{m['cpu_seconds'] / st_cpu:.2f}x" if st_cpu else "n/a"
-        rss_ratio = f"{m['peak_rss_mb'] / load_rss:.2f}x" if load_rss else "n/a"
         above = (m["peak_rss_mb"] - m["imports_rss_mb"]) / model_mb
-        print(
-            f"| {mode} | {m['seconds']:.2f} | {time_ratio} | {m['cpu_seconds']:.2f} | {cpu_ratio} "
-            f"| {m['peak_rss_mb']:.0f} | {rss_ratio} | {above:.2f}x |"
-        )
+        cells = [mode, f"{m['seconds']:.2f}", ratio_cell(m["seconds"], st_time), f"{m['cpu_seconds']:.2f}"]
+        cells += [ratio_cell(m["cpu_seconds"], st_cpu), f"{m['peak_rss_mb']:.0f}"]
+        print(markdown_row([*cells, ratio_cell(m["peak_rss_mb"], load_rss), f"{above:.2f}x"]))
 
 
 if __name__ == "__main__":

@@ -24,20 +24,12 @@ import json
 import os
 import platform
 import random
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from codiemb_st.benchmarking.memory import current_rss_mb, peak_rss_mb
+from codiemb_st.benchmarking.workers import run_worker
 
 
 def synthetic(passages: int, vocabulary: list[str], seed: int = 0) -> tuple[list[dict], list[str]]:
@@ -106,8 +98,7 @@ def main() -> None:
     for size in args.sizes:
         command = [sys.executable, __file__, "--child", str(size), "--max-seq-length", str(args.max_seq_length)]
         command += ["--query-chunk-size", str(args.query_chunk_size)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(command, name=f"mining {size} passages"))
         print(rows[-1], flush=True)
     machine = f"{platform.node()}: {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     command = (
