@@ -54,7 +54,6 @@ import argparse
 import functools
 import json
 import os
-import random
 import statistics
 import sys
 from collections.abc import Callable
@@ -63,21 +62,12 @@ from pathlib import Path
 import torch
 
 from codiemb_st.benchmarking.baselines import official_sts_loss_loop
+from codiemb_st.benchmarking.data import sample_columns, sts_labels, stsb_test_rows, word_texts
 from codiemb_st.benchmarking.memory import peak_since, reset_peak, saved_activations_bytes
+from codiemb_st.benchmarking.padding import padding_efficiency
 from codiemb_st.benchmarking.tables import is_met, markdown_header, markdown_row, target_verdict
 from codiemb_st.benchmarking.timing import interleaved_medians, interleaved_rounds, ratio_summary
 from codiemb_st.benchmarking.workers import run_worker
-
-
-def _stsb_test_rows() -> list[dict]:
-    """STSBenchmark test pairs from the project's shared data (codiemb_st.shared_data finds it)."""
-    from codiemb_st.file_io import read_jsonl
-    from codiemb_st.shared_data import shared_data_path
-
-    path = shared_data_path("eval", "STSBenchmark", "test.jsonl")
-    if path is None or not path.is_file():
-        raise FileNotFoundError("shared/data/eval/STSBenchmark/test.jsonl not found (set CODIEMB_SHARED_DATA).")
-    return [row for _, row in read_jsonl(path)]
 
 
 def _default_model_path() -> str:
@@ -89,16 +79,6 @@ def _default_model_path() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # IR: MultiPositiveCachedInfoNCELoss
 # ----------------------------------------------------------------------------------------------------------------
-
-_WORDS = (
-    "the a of retrieval passage query model sentence vector search relevant document answer question data train "
-    "network language learning embedding similarity score rank index corpus token encoder negative positive batch"
-).split()
-
-
-def _ir_texts(count: int, num_words: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(num_words)) + f" {i}" for i in range(count)]
 
 
 def _contender_label(contender: dict) -> str:
@@ -125,7 +105,7 @@ def _ir_setup(config: dict) -> tuple:
             torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(model.forward)
         )
     batch, num_pos, num_neg = config["batch_size"], config["num_positives"], config["num_negatives"]
-    columns = [_ir_texts(batch, 12, seed=0)] + [_ir_texts(batch, 40, seed=1 + c) for c in range(num_pos + num_neg)]
+    columns = [word_texts(batch, 12, seed=0)] + [word_texts(batch, 40, seed=1 + c) for c in range(num_pos + num_neg)]
 
     def tokenize(texts: list[str]) -> dict:
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
@@ -202,7 +182,7 @@ def _mid_nce_setup(model_path: str, device: str, max_seq_length: int, batch_size
     model = SentenceTransformer(model_path, device=device)
     model.max_seq_length = max_seq_length
     model.train()
-    rows = _stsb_test_rows()
+    rows = stsb_test_rows()
     if batch_size > len(rows):
         raise ValueError(f"batch size {batch_size} > {len(rows)} STSBenchmark test pairs")
 
@@ -461,17 +441,6 @@ def bench_ir(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def bench_sts_labels(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
-    if kind == "stsb":  # resampled STSBenchmark test scores: 0-5, 70 distinct values
-        pool = torch.tensor([row["score"] for row in _stsb_test_rows()])
-        return pool[torch.randint(len(pool), (n,), generator=generator)]
-    if kind == "binary":
-        return torch.randint(0, 2, (n,), generator=generator).float()
-    if kind == "continuous":
-        return torch.rand(n, generator=generator) * 5
-    raise ValueError(f"unknown label kind {kind!r}")
-
-
 def _backward_step(loss_fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         scores.grad = None
@@ -489,7 +458,7 @@ def bench_sts_loss_only(args: argparse.Namespace) -> list[dict]:
         for n in args.sts_batch_sizes:
             generator = torch.Generator().manual_seed(n)
             scores = (torch.rand(n, generator=generator) * 2 - 1).to(args.device).requires_grad_(True)
-            labels = bench_sts_labels(kind, n, generator).to(args.device)
+            labels = sts_labels(kind, n, generator).to(args.device)
 
             ours_value = loss.compute_loss_from_scores(scores, labels).item()
             loop_value = official_sts_loss_loop(scores, labels).item()
@@ -516,7 +485,7 @@ def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
 
     from codiemb_st import PearsonSpearmanLoss
 
-    rows_in = _stsb_test_rows()[: args.sts_train_batch_size]
+    rows_in = stsb_test_rows()[: args.sts_train_batch_size]
     model = SentenceTransformer(args.model or _default_model_path(), device=args.device)
     model.max_seq_length = args.max_seq_length
     model.train()
@@ -582,54 +551,6 @@ def bench_sts(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _train_rows(name: str) -> list[dict]:
-    from codiemb_st.file_io import read_jsonl
-    from codiemb_st.shared_data import shared_data_path
-
-    path = shared_data_path("train", f"{name}.jsonl.gz")
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"shared/data/train/{name}.jsonl.gz not found (set CODIEMB_SHARED_DATA).")
-    return [row for _, row in read_jsonl(path)]
-
-
-def _scifact_triplets() -> list[list[str]]:
-    """(claim, a cited abstract, another abstract) from the SciFact evaluation set, abstracts as 'title text'."""
-    from codiemb_st.file_io import read_jsonl
-    from codiemb_st.shared_data import shared_data_path
-
-    folder = shared_data_path("eval", "SciFact")
-    if folder is None or not folder.is_dir():
-        raise FileNotFoundError("shared/data/eval/SciFact not found (set CODIEMB_SHARED_DATA).")
-    corpus = {row["_id"]: f"{row['title']} {row['text']}" for _, row in read_jsonl(folder / "corpus.jsonl")}
-    queries = {row["_id"]: row["text"] for _, row in read_jsonl(folder / "queries.jsonl")}
-    doc_ids = sorted(corpus)
-    rng = random.Random(0)
-    triplets = []
-    for line in (folder / "qrels" / "test.tsv").read_text().splitlines()[1:]:
-        query_id, doc_id, _ = line.split("\t")
-        if query_id in queries and doc_id in corpus:
-            triplets.append([queries[query_id], corpus[doc_id], corpus[rng.choice(doc_ids)]])
-    return triplets
-
-
-def _length_aware_columns(dataset: str, batch: int) -> tuple[list[list[str]], list[float] | None]:
-    """``batch`` rows of a dataset (a seeded sample) as text columns, and the gold scores of an STS dataset."""
-    rng = random.Random(22)
-    if dataset == "scifact":
-        rows = rng.sample(_scifact_triplets(), batch)
-        return [list(column) for column in zip(*rows)], None
-    rows = _train_rows(dataset)
-    if "score" in rows[0]:
-        rows = rng.sample(rows, batch)
-        return [[row["sentence1"] for row in rows], [row["sentence2"] for row in rows]], [row["score"] for row in rows]
-    rows = rng.sample([row for row in rows if row["negatives"]], batch)
-    return [
-        [row["query"] for row in rows],
-        [row["positives"][0] for row in rows],
-        [row["negatives"][0] for row in rows],
-    ], None
-
-
 def _length_aware_setup(config: dict) -> tuple:
     """Model (training mode), the step of every contender and the tokenized batch of one row group."""
     from sentence_transformers import SentenceTransformer
@@ -646,7 +567,7 @@ def _length_aware_setup(config: dict) -> tuple:
     model = SentenceTransformer(config["model"], device=device)
     model.max_seq_length = config["max_seq_length"]
     model.train()
-    columns, scores = _length_aware_columns(config["dataset"], config["batch"])
+    columns, scores = sample_columns(config["dataset"], config["batch"])
 
     def tokenize(texts: list[str]) -> dict:
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
@@ -731,38 +652,6 @@ _LENGTH_AWARE_GROUPS = [
     ("scifact", 128, 16, 16, ["ours unsorted", "ours"], (1.02, None)),
     ("scifact", 128, 16, 4, ["ours unsorted", "ours"], (1.02, None)),
 ]
-
-
-def _padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch: int, mini: int) -> dict:
-    """Real / embedded tokens of a step's first pass, counted without running the model: one forward per column
-    (ST MNRL, CoSENT), ST's mini-batches trimmed of trailing padding (ST CMNRL), and ours (length-sorted mini-batches,
-    or, when the column fits in one, the single pass's chunks)."""
-    from sentence_transformers import SentenceTransformer
-
-    from codiemb_st._compat import minibatch_ranges
-    from codiemb_st.losses import _length_order
-
-    model = SentenceTransformer(model_path, device="cpu")
-    model.max_seq_length = max_seq_length
-    columns, _ = _length_aware_columns(dataset, batch)
-    real, embedded = 0, {"full": 0, "st_mini": 0, "ours": 0}
-
-    def trimmed(lengths: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
-        return sum((end - begin) * int(lengths[begin:end].max()) for begin, end in ranges)
-
-    for column in columns:
-        feature = model.tokenize(column)
-        lengths = feature["attention_mask"].sum(1)
-        real += int(lengths.sum())
-        embedded["full"] += feature["attention_mask"].numel()
-        embedded["st_mini"] += trimmed(lengths, minibatch_ranges(feature, mini))
-        sorted_feature, _ = _length_order.sort_by_length(feature)
-        sorted_lengths = sorted_feature["attention_mask"].sum(1)
-        ranges = minibatch_ranges(sorted_feature, mini)
-        if len(ranges) == 1:
-            ranges = _length_order.column_chunks(sorted_feature)
-        embedded["ours"] += trimmed(sorted_lengths, ranges)
-    return {name: real / value for name, value in embedded.items()}
 
 
 def bench_length_aware(args: argparse.Namespace) -> None:
@@ -859,7 +748,7 @@ def bench_length_aware(args: argparse.Namespace) -> None:
             ("scifact", 128),
         ):
             for batch, mini in args.la_padding_batches:
-                eff = _padding_efficiency(model_path, dataset, max_seq_length, batch, mini)
+                eff = padding_efficiency(model_path, dataset, max_seq_length, batch, mini)
                 print(
                     f"| {dataset} | {max_seq_length} | {batch} / {mini} | {100 * eff['full']:.0f}% "
                     f"| {100 * eff['st_mini']:.0f}% | {100 * eff['ours']:.0f}% |",

@@ -23,25 +23,13 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
 
+from codiemb_st.benchmarking.data import synthetic_mining_records
 from codiemb_st.benchmarking.memory import current_rss_mb, peak_rss_mb
 from codiemb_st.benchmarking.workers import run_worker
-
-
-def synthetic(passages: int, vocabulary: list[str], seed: int = 0) -> tuple[list[dict], list[str]]:
-    rng = random.Random(seed)
-    num_queries = passages // 4  # 2 positives each: half of the corpus is positives
-    records = []
-    for _ in range(num_queries):
-        words = rng.sample(vocabulary, 8)
-        positives = [" ".join(rng.sample(words, 6) + rng.sample(vocabulary, 4)) for _ in range(2)]
-        records.append({"query": " ".join(words), "positives": positives})
-    extra = [" ".join(rng.sample(vocabulary, 10)) for _ in range(passages - 2 * num_queries)]
-    return records, extra
 
 
 def child(passages: int, max_seq_length: int, query_chunk_size: int) -> dict:
@@ -55,7 +43,7 @@ def child(passages: int, max_seq_length: int, query_chunk_size: int) -> dict:
     model = SentenceTransformer(default_model_path(), device="cpu")
     model.max_seq_length = max_seq_length
     vocabulary = sorted(w for w in model.tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) > 3)
-    records, extra = synthetic(passages, vocabulary)
+    records, extra = synthetic_mining_records(passages, vocabulary)
     baseline = current_rss_mb()
     start = time.perf_counter()
     mined, stats = mine_hard_negatives(
