@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 
 from codiemb_st.benchmarking.baselines import official_sts_loss_loop
-from codiemb_st.benchmarking.data import sample_columns, sts_labels, stsb_test_rows, word_texts
+from codiemb_st.benchmarking.data import column_features, sample_columns, sts_labels, stsb_test_rows, word_texts
 from codiemb_st.benchmarking.memory import peak_since, reset_peak, saved_activations_bytes
 from codiemb_st.benchmarking.padding import padding_efficiency
 from codiemb_st.benchmarking.tables import is_met, markdown_header, markdown_row, target_verdict
@@ -106,12 +106,8 @@ def _ir_setup(config: dict) -> tuple:
         )
     batch, num_pos, num_neg = config["batch_size"], config["num_positives"], config["num_negatives"]
     columns = [word_texts(batch, 12, seed=0)] + [word_texts(batch, 40, seed=1 + c) for c in range(num_pos + num_neg)]
-
-    def tokenize(texts: list[str]) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
-
-    features = [tokenize(column) for column in columns]
-    warmup_features = [tokenize(column[:4]) for column in columns]
+    features = column_features(model, columns, device)
+    warmup_features = column_features(model, [column[:4] for column in columns], device)
     return model, features, warmup_features
 
 
@@ -187,13 +183,8 @@ def _mid_nce_setup(model_path: str, device: str, max_seq_length: int, batch_size
         raise ValueError(f"batch size {batch_size} > {len(rows)} STSBenchmark test pairs")
 
     def batch(count: int) -> tuple[list[dict], torch.Tensor]:
-        features = [
-            {
-                key: value.to(device) if isinstance(value, torch.Tensor) else value
-                for key, value in model.preprocess([row[column] for row in rows[:count]]).items()
-            }
-            for column in ("sentence1", "sentence2")
-        ]
+        columns = [[row[column] for row in rows[:count]] for column in ("sentence1", "sentence2")]
+        features = column_features(model, columns, device)
         return features, torch.tensor([row["score"] for row in rows[:count]], device=device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -489,13 +480,8 @@ def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
     model = SentenceTransformer(args.model or _default_model_path(), device=args.device)
     model.max_seq_length = args.max_seq_length
     model.train()
-    features = [
-        {
-            key: value.to(args.device) if isinstance(value, torch.Tensor) else value
-            for key, value in model.preprocess([row[column] for row in rows_in]).items()
-        }
-        for column in ("sentence1", "sentence2")
-    ]
+    columns = [[row[column] for row in rows_in] for column in ("sentence1", "sentence2")]
+    features = column_features(model, columns, args.device)
     labels = torch.tensor([row["score"] for row in rows_in], device=args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -568,12 +554,8 @@ def _length_aware_setup(config: dict) -> tuple:
     model.max_seq_length = config["max_seq_length"]
     model.train()
     columns, scores = sample_columns(config["dataset"], config["batch"])
-
-    def tokenize(texts: list[str]) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
-
-    features = [tokenize(column) for column in columns]
-    warmup = [tokenize(column[:4]) for column in columns]
+    features = column_features(model, columns, device)
+    warmup = column_features(model, [column[:4] for column in columns], device)
     labels = torch.tensor(scores, device=device) if scores is not None else None
     warmup_labels = labels[:4] if labels is not None else None
     mini = config["mini_batch_size"]

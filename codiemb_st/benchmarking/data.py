@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -116,3 +116,16 @@ def synthetic_mining_records(passages: int, vocabulary: list[str], seed: int = 0
         records.append({"query": " ".join(words), "positives": positives})
     extra = [" ".join(rng.sample(vocabulary, 10)) for _ in range(passages - 2 * num_queries)]
     return records, extra
+
+
+def column_features(model: Any, columns: list[list[str]], device: str) -> list[dict[str, Any]]:
+    """Each text column preprocessed by a SentenceTransformer ``model``, its tensors moved to ``device``."""
+    import torch
+
+    return [
+        {
+            key: value.to(device) if isinstance(value, torch.Tensor) else value
+            for key, value in model.preprocess(texts).items()
+        }
+        for texts in columns
+    ]

@@ -85,3 +85,29 @@ def ratio_summary(values: Sequence[float], baseline: Sequence[float]) -> tuple[f
     """``(median, min, max)`` over rounds of ``values / baseline`` measured in the same round."""
     ratios = round_ratios(values, baseline)
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+class MethodClock:
+    """Replaces ``owner.<name>`` by a wrapper that accumulates the wall time spent inside it in ``seconds``.
+
+    Example:
+        >>> class Model:
+        ...     def encode(self, texts):
+        ...         return len(texts)
+        >>> model = Model()
+        >>> clock = MethodClock(model, "encode")
+        >>> model.encode(["a", "b"]), clock.seconds >= 0.0
+        (2, True)
+    """
+
+    def __init__(self, owner: object, name: str) -> None:
+        self.seconds = 0.0
+        self._method = getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return self._method(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
