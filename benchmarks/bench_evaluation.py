@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from codiemb_st.benchmarking.timing import MethodClock, timed
 from codiemb_st.shared_data import shared_data_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,28 +39,6 @@ def raw_encode(model, prepared, batch_size: int) -> int:
     model.encode_query(queries, batch_size=batch_size)
     model.encode_document(passages, batch_size=batch_size)
     return len(queries) + len(passages)
-
-
-class EncodeClock:
-    """Accumulates the wall time spent inside ``model.encode`` (encode_query/encode_document call it too)."""
-
-    def __init__(self, model) -> None:
-        self.seconds = 0.0
-        self._encode = model.encode
-        model.encode = self
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self._encode(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def row(raw: float, full: float, outside: float) -> str:
@@ -88,7 +67,7 @@ def main() -> None:
         args.model = default_model_path()
     model = SentenceTransformer(args.model, device="cpu")
     print(f"model {args.model}; torch threads {torch.get_num_threads()}; batch size {args.batch_size}")
-    clock = EncodeClock(model)
+    clock = MethodClock(model, "encode")  # encode_query / encode_document call encode too
     header = f"{'task':<14} {'texts':>6} {'prepare s':>9} {'encode s':>9} {'evaluate s':>10} {'ratio-1':>8}"
     print(header + f" {'outside encode s':>16} {'overhead':>9}")
     totals = [0.0, 0.0, 0.0]

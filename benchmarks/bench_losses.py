@@ -54,26 +54,20 @@ import argparse
 import functools
 import json
 import os
-import random
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-
-def _stsb_test_rows() -> list[dict]:
-    """STSBenchmark test pairs from the project's shared data (codiemb_st.shared_data finds it)."""
-    from codiemb_st.file_io import read_jsonl
-    from codiemb_st.shared_data import shared_data_path
-
-    path = shared_data_path("eval", "STSBenchmark", "test.jsonl")
-    if path is None or not path.is_file():
-        raise FileNotFoundError("shared/data/eval/STSBenchmark/test.jsonl not found (set CODIEMB_SHARED_DATA).")
-    return [row for _, row in read_jsonl(path)]
+from codiemb_st.benchmarking.baselines import official_sts_loss_loop
+from codiemb_st.benchmarking.data import column_features, sample_columns, sts_labels, stsb_test_rows, word_texts
+from codiemb_st.benchmarking.memory import peak_since, reset_peak, saved_activations_bytes
+from codiemb_st.benchmarking.padding import padding_efficiency
+from codiemb_st.benchmarking.tables import is_met, markdown_header, markdown_row, target_verdict
+from codiemb_st.benchmarking.timing import interleaved_medians, interleaved_rounds, ratio_summary
+from codiemb_st.benchmarking.workers import run_worker
 
 
 def _default_model_path() -> str:
@@ -82,68 +76,9 @@ def _default_model_path() -> str:
     return default_model_path()
 
 
-def _timed(step: Callable[[], None], device: str) -> float:
-    start = time.perf_counter()
-    step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def _interleaved_medians(
-    steps: dict[str, tuple[Callable[[], None], int]], rounds: int, device: str
-) -> dict[str, float]:
-    """Median seconds per step of each ``name: (step, runs_per_round)``, alternating the steps round by round.
-
-    Alternating keeps a baseline and its competitor under the same load on a shared machine. Each step is run once
-    as a warm-up first.
-    """
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step, _ in steps.values():
-        _timed(step, device)
-    for _ in range(rounds):
-        for name, (step, runs) in steps.items():
-            times[name].extend(_timed(step, device) for _ in range(runs))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # IR: MultiPositiveCachedInfoNCELoss
 # ----------------------------------------------------------------------------------------------------------------
-
-_WORDS = (
-    "the a of retrieval passage query model sentence vector search relevant document answer question data train "
-    "network language learning embedding similarity score rank index corpus token encoder negative positive batch"
-).split()
-
-
-def _ir_texts(count: int, num_words: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(num_words)) + f" {i}" for i in range(count)]
-
-
-def _reset_peak(device: str) -> int:
-    """Reset the peak-memory counter and return the current usage in bytes (the baseline of a measurement)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
-    return _read_rss_kib("VmRSS") * 1024
-
-
-def _peak_since(baseline: int, device: str) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    return _read_rss_kib("VmHWM") * 1024 - baseline
-
-
-def _read_rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _contender_label(contender: dict) -> str:
@@ -170,13 +105,9 @@ def _ir_setup(config: dict) -> tuple:
             torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(model.forward)
         )
     batch, num_pos, num_neg = config["batch_size"], config["num_positives"], config["num_negatives"]
-    columns = [_ir_texts(batch, 12, seed=0)] + [_ir_texts(batch, 40, seed=1 + c) for c in range(num_pos + num_neg)]
-
-    def tokenize(texts: list[str]) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
-
-    features = [tokenize(column) for column in columns]
-    warmup_features = [tokenize(column[:4]) for column in columns]
+    columns = [word_texts(batch, 12, seed=0)] + [word_texts(batch, 40, seed=1 + c) for c in range(num_pos + num_neg)]
+    features = column_features(model, columns, device)
+    warmup_features = column_features(model, [column[:4] for column in columns], device)
     return model, features, warmup_features
 
 
@@ -233,20 +164,9 @@ def _ir_memory_worker(config: dict) -> dict:
     step = _ir_step(model, config, config["contender"])
     # Warm up on a 4-row batch so one-time allocations (kernels, thread pools) are not counted as the loss's memory.
     step(warmup_features)
-    cuda = config["device"].startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
-        baseline = _read_rss_kib("VmRSS") * 1024
+    baseline = reset_peak(config["device"])
     step(features)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        peak = _read_rss_kib("VmHWM") * 1024 - baseline
+    peak = peak_since(baseline, config["device"])
     return {"peak_mib": peak / 2**20}
 
 
@@ -258,18 +178,13 @@ def _mid_nce_setup(model_path: str, device: str, max_seq_length: int, batch_size
     model = SentenceTransformer(model_path, device=device)
     model.max_seq_length = max_seq_length
     model.train()
-    rows = _stsb_test_rows()
+    rows = stsb_test_rows()
     if batch_size > len(rows):
         raise ValueError(f"batch size {batch_size} > {len(rows)} STSBenchmark test pairs")
 
     def batch(count: int) -> tuple[list[dict], torch.Tensor]:
-        features = [
-            {
-                key: value.to(device) if isinstance(value, torch.Tensor) else value
-                for key, value in model.preprocess([row[column] for row in rows[:count]]).items()
-            }
-            for column in ("sentence1", "sentence2")
-        ]
+        columns = [[row[column] for row in rows[:count]] for column in ("sentence1", "sentence2")]
+        features = column_features(model, columns, device)
         return features, torch.tensor([row["score"] for row in rows[:count]], device=device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -297,25 +212,15 @@ def _mid_nce_worker(config: dict) -> dict:
     # Warm up on a 4-pair batch so one-time allocations (AdamW state, gradient buffers, thread pools) are not
     # counted as the term's memory.
     step(loss, *batch(4))
-    baseline = _reset_peak(device)
+    baseline = reset_peak(device)
     step(loss, features, labels)
-    peak = _peak_since(baseline, device)
+    peak = peak_since(baseline, device)
 
     # The resident-set peak moves by +-10% between fresh processes on CPU (allocator reuse), so also count the
     # activations autograd saves for backward in one step (unique storages, parameters left out): deterministic, and
     # where the term's cost would show.
-    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step(loss, features, labels)
-    return {"peak_mib": peak / 2**20, "saved_mib": sum(storages.values()) / 2**20}
+    saved = saved_activations_bytes(lambda: step(loss, features, labels), exclude=model.parameters())
+    return {"peak_mib": peak / 2**20, "saved_mib": saved / 2**20}
 
 
 def bench_mid_nce(args: argparse.Namespace) -> None:
@@ -351,7 +256,7 @@ def bench_mid_nce(args: argparse.Namespace) -> None:
         model, batch, step = _mid_nce_setup(model_path, args.device, args.max_seq_length, batch_size)
         features, labels = batch(batch_size)
         losses = {"without": PearsonSpearmanLoss(model, mid_nce_weight=0.0), "with": PearsonSpearmanLoss(model)}
-        medians = _interleaved_medians(
+        medians = interleaved_medians(
             {name: (functools.partial(step, loss, features, labels), 1) for name, loss in losses.items()},
             args.mid_repeats,
             args.device,
@@ -382,22 +287,13 @@ def _ir_time_worker(config: dict) -> dict:
         step(features)
     # Wall clock and the process's CPU time. On a shared CPU the wall clock also measures the neighbours; with one
     # torch thread, CPU time measures the step's own work. On CUDA only the (synchronised) wall clock means anything.
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    cpu_times: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(config["rounds"]):
-        for label, step in steps.items():
-            cpu_start = time.process_time()
-            times[label].append(_timed(lambda step=step: step(features), config["device"]))
-            cpu_times[label].append(time.process_time() - cpu_start)
-    return {"times": times, "cpu_times": cpu_times}
+    timed_steps = {label: functools.partial(step, features) for label, step in steps.items()}
+    return interleaved_rounds(timed_steps, config["rounds"], config["device"])
 
 
 def _run_worker(mode: str, config: dict, env: dict[str, str] | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps({"mode": mode, **config})]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{mode} worker failed for {config}:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker(command, name=f"{mode} worker for {config}", env=env)
 
 
 def _ir_groups(args: argparse.Namespace) -> list[dict]:
@@ -482,11 +378,10 @@ def bench_ir(args: argparse.Namespace) -> None:
         baseline = _contender_label(group["contenders"][0])
         for contender in group["contenders"]:
             label = _contender_label(contender)
-            round_ratios = [t / b for t, b in zip(times[label], times[baseline])]
-            wall_ratios = [t / b for t, b in zip(timing["times"][label], timing["times"][baseline])]
+            time_ratio, low, high = ratio_summary(times[label], times[baseline])
             row = {
                 "wall_seconds": statistics.median(timing["times"][label]),
-                "wall_ratio": statistics.median(wall_ratios),
+                "wall_ratio": ratio_summary(timing["times"][label], timing["times"][baseline])[0],
                 "live_peak_mib": live_peaks.get(label),
                 "live_memory_ratio": live_peaks[label] / live_peaks[baseline] if live_peaks else None,
                 "precision": "bf16 autocast" if group["autocast"] == "bf16" else "fp32",
@@ -494,8 +389,8 @@ def bench_ir(args: argparse.Namespace) -> None:
                 "batch": group["batch"],
                 "label": label,
                 "seconds": statistics.median(times[label]),
-                "time_ratio": statistics.median(round_ratios),
-                "ratio_range": (min(round_ratios), max(round_ratios)),
+                "time_ratio": time_ratio,
+                "ratio_range": (low, high),
                 "peak_mib": peaks[label],
                 "memory_ratio": peaks[label] / peaks[baseline],
                 "baseline": baseline,
@@ -506,84 +401,35 @@ def bench_ir(args: argparse.Namespace) -> None:
 
     clock = "CPU s" if args.device == "cpu" else "s"
     live = args.ir_live_memory
+    live_headers = ["live peak MiB", "live ratio"] if live else []
+    headers = ["precision", "P", "batch", "loss", f"{clock}/step", "time ratio (min-max over rounds)", "wall ratio"]
     print(
-        f"\n| precision | P | batch | loss | {clock}/step | time ratio (min-max over rounds) | wall ratio | peak MiB "
-        "| memory ratio |" + (" live peak MiB | live ratio |" if live else "") + " vs | target (time, memory) |"
+        "\n"
+        + "\n".join(
+            markdown_header([*headers, "peak MiB", "memory ratio", *live_headers, "vs", "target (time, memory)"])
+        )
     )
-    print("|---" * (12 if live else 10) + "|")
     for row in rows:
         low, high = row["ratio_range"]
         target = ""
         if row["target"]:
             time_target, memory_target = row["target"]
-            time_ok = "met" if row["time_ratio"] <= time_target else "not met"
-            memory_ok = "met" if row["memory_ratio"] <= memory_target else "not met"
-            target = f"<= {time_target}x: {time_ok}; <= {memory_target}x: {memory_ok}"
+            target = f"{target_verdict(row['time_ratio'], time_target)}; {target_verdict(row['memory_ratio'], memory_target)}"
             if live:
-                target += f" (live: {'met' if row['live_memory_ratio'] <= memory_target else 'not met'})"
-        live_cells = f" {row['live_peak_mib']:.0f} | {row['live_memory_ratio']:.2f}x |" if live else ""
-        print(
-            f"| {row['precision']} | {row['P']} | {row['batch']} | {row['label']} | {row['seconds']:.2f} "
-            f"| {row['time_ratio']:.2f}x ({low:.2f}-{high:.2f}) | {row['wall_ratio']:.2f}x | {row['peak_mib']:.0f} "
-            f"| {row['memory_ratio']:.2f}x |{live_cells} {row['baseline']} | {target} |"
-        )
+                target += f" (live: {'met' if is_met(row['live_memory_ratio'], memory_target) else 'not met'})"
+        live_cells = [f"{row['live_peak_mib']:.0f}", f"{row['live_memory_ratio']:.2f}x"] if live else []
+        cells = [row["precision"], row["P"], row["batch"], row["label"], f"{row['seconds']:.2f}"]
+        cells += [
+            f"{row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})",
+            f"{row['wall_ratio']:.2f}x",
+            f"{row['peak_mib']:.0f}",
+        ]
+        print(markdown_row([*cells, f"{row['memory_ratio']:.2f}x", *live_cells, row["baseline"], target]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # STS: PearsonSpearmanLoss
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def official_sts_loss_loop(
-    scores: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05, weights: tuple = (2.0, 5.0, 0.5)
-) -> torch.Tensor:
-    """The baseline: the official CoDiEmb STS loss as released (scipy ranks on the CPU, PRO as a loop over k)."""
-    import torch.nn.functional as F
-    from scipy.stats import rankdata
-
-    # Pearson (returns 0 for constant labels)
-    if labels.min() == labels.max():
-        pearson = torch.zeros((), device=scores.device)
-    else:
-        mean_x, mean_y = scores.mean(), labels.mean()
-        var_x, var_y = torch.var(scores, unbiased=False), torch.var(labels, unbiased=False)
-        pearson = 1 - torch.mean((scores - mean_x) * (labels - mean_y)) / (torch.sqrt(var_x) * torch.sqrt(var_y))
-
-    # Rank-KL: average ranks from scipy on the CPU
-    n = labels.numel()
-    ranks = torch.from_numpy(rankdata(-labels.cpu().float().numpy(), method="average") - 1).to(labels.device)
-    ideal = (n - 1 - ranks).float() / (n - 1)
-    rank_kl = F.kl_div(
-        F.log_softmax(scores / temperature, dim=0), F.softmax(ideal / temperature, dim=0), reduction="batchmean"
-    )
-
-    # PRO: a Python loop over the sorted batch
-    logits = scores / temperature
-    order = torch.argsort(labels, descending=True)
-    y_sorted, x_sorted = labels[order], logits[order]
-    total, count = 0.0, 0
-    for k in range(n - 1):
-        tail_y, tail_x = y_sorted[k + 1 :], x_sorted[k + 1 :]
-        mask = (y_sorted[k] - tail_y) > 1e-8
-        if not mask.any():
-            continue
-        gaps = y_sorted[k] - tail_y[mask]
-        row = torch.cat([(x_sorted[k] * gaps.max()).unsqueeze(0), tail_x[mask] * gaps])
-        total = total + F.log_softmax(row, dim=0)[0]
-        count += 1
-    pro = -total / count if count else torch.zeros((), device=scores.device)
-    return weights[0] * pearson + weights[1] * rank_kl + weights[2] * pro
-
-
-def bench_sts_labels(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
-    if kind == "stsb":  # resampled STSBenchmark test scores: 0-5, 70 distinct values
-        pool = torch.tensor([row["score"] for row in _stsb_test_rows()])
-        return pool[torch.randint(len(pool), (n,), generator=generator)]
-    if kind == "binary":
-        return torch.randint(0, 2, (n,), generator=generator).float()
-    if kind == "continuous":
-        return torch.rand(n, generator=generator) * 5
-    raise ValueError(f"unknown label kind {kind!r}")
 
 
 def _backward_step(loss_fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -603,14 +449,14 @@ def bench_sts_loss_only(args: argparse.Namespace) -> list[dict]:
         for n in args.sts_batch_sizes:
             generator = torch.Generator().manual_seed(n)
             scores = (torch.rand(n, generator=generator) * 2 - 1).to(args.device).requires_grad_(True)
-            labels = bench_sts_labels(kind, n, generator).to(args.device)
+            labels = sts_labels(kind, n, generator).to(args.device)
 
             ours_value = loss.compute_loss_from_scores(scores, labels).item()
             loop_value = official_sts_loss_loop(scores, labels).item()
             if abs(ours_value - loop_value) > 1e-3 * max(1.0, abs(loop_value)):
                 raise RuntimeError(f"values differ at n={n} ({kind}): ours {ours_value} vs loop {loop_value}")
 
-            medians = _interleaved_medians(
+            medians = interleaved_medians(
                 {
                     "ours": (_backward_step(loss.compute_loss_from_scores, scores, labels), args.sts_loss_runs),
                     "loop": (_backward_step(official_sts_loss_loop, scores, labels), 1),
@@ -630,17 +476,12 @@ def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
 
     from codiemb_st import PearsonSpearmanLoss
 
-    rows_in = _stsb_test_rows()[: args.sts_train_batch_size]
+    rows_in = stsb_test_rows()[: args.sts_train_batch_size]
     model = SentenceTransformer(args.model or _default_model_path(), device=args.device)
     model.max_seq_length = args.max_seq_length
     model.train()
-    features = [
-        {
-            key: value.to(args.device) if isinstance(value, torch.Tensor) else value
-            for key, value in model.preprocess([row[column] for row in rows_in]).items()
-        }
-        for column in ("sentence1", "sentence2")
-    ]
+    columns = [[row[column] for row in rows_in] for column in ("sentence1", "sentence2")]
+    features = column_features(model, columns, args.device)
     labels = torch.tensor([row["score"] for row in rows_in], device=args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -652,7 +493,7 @@ def bench_sts_training_step(args: argparse.Namespace) -> list[dict]:
 
         return step
 
-    medians = _interleaved_medians(
+    medians = interleaved_medians(
         {
             "CoSENTLoss": (training_step(CoSENTLoss(model)), 1),
             "PearsonSpearmanLoss": (training_step(PearsonSpearmanLoss(model)), 1),
@@ -696,54 +537,6 @@ def bench_sts(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _train_rows(name: str) -> list[dict]:
-    from codiemb_st.file_io import read_jsonl
-    from codiemb_st.shared_data import shared_data_path
-
-    path = shared_data_path("train", f"{name}.jsonl.gz")
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"shared/data/train/{name}.jsonl.gz not found (set CODIEMB_SHARED_DATA).")
-    return [row for _, row in read_jsonl(path)]
-
-
-def _scifact_triplets() -> list[list[str]]:
-    """(claim, a cited abstract, another abstract) from the SciFact evaluation set, abstracts as 'title text'."""
-    from codiemb_st.file_io import read_jsonl
-    from codiemb_st.shared_data import shared_data_path
-
-    folder = shared_data_path("eval", "SciFact")
-    if folder is None or not folder.is_dir():
-        raise FileNotFoundError("shared/data/eval/SciFact not found (set CODIEMB_SHARED_DATA).")
-    corpus = {row["_id"]: f"{row['title']} {row['text']}" for _, row in read_jsonl(folder / "corpus.jsonl")}
-    queries = {row["_id"]: row["text"] for _, row in read_jsonl(folder / "queries.jsonl")}
-    doc_ids = sorted(corpus)
-    rng = random.Random(0)
-    triplets = []
-    for line in (folder / "qrels" / "test.tsv").read_text().splitlines()[1:]:
-        query_id, doc_id, _ = line.split("\t")
-        if query_id in queries and doc_id in corpus:
-            triplets.append([queries[query_id], corpus[doc_id], corpus[rng.choice(doc_ids)]])
-    return triplets
-
-
-def _length_aware_columns(dataset: str, batch: int) -> tuple[list[list[str]], list[float] | None]:
-    """``batch`` rows of a dataset (a seeded sample) as text columns, and the gold scores of an STS dataset."""
-    rng = random.Random(22)
-    if dataset == "scifact":
-        rows = rng.sample(_scifact_triplets(), batch)
-        return [list(column) for column in zip(*rows)], None
-    rows = _train_rows(dataset)
-    if "score" in rows[0]:
-        rows = rng.sample(rows, batch)
-        return [[row["sentence1"] for row in rows], [row["sentence2"] for row in rows]], [row["score"] for row in rows]
-    rows = rng.sample([row for row in rows if row["negatives"]], batch)
-    return [
-        [row["query"] for row in rows],
-        [row["positives"][0] for row in rows],
-        [row["negatives"][0] for row in rows],
-    ], None
-
-
 def _length_aware_setup(config: dict) -> tuple:
     """Model (training mode), the step of every contender and the tokenized batch of one row group."""
     from sentence_transformers import SentenceTransformer
@@ -760,13 +553,9 @@ def _length_aware_setup(config: dict) -> tuple:
     model = SentenceTransformer(config["model"], device=device)
     model.max_seq_length = config["max_seq_length"]
     model.train()
-    columns, scores = _length_aware_columns(config["dataset"], config["batch"])
-
-    def tokenize(texts: list[str]) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model.tokenize(texts).items()}
-
-    features = [tokenize(column) for column in columns]
-    warmup = [tokenize(column[:4]) for column in columns]
+    columns, scores = sample_columns(config["dataset"], config["batch"])
+    features = column_features(model, columns, device)
+    warmup = column_features(model, [column[:4] for column in columns], device)
     labels = torch.tensor(scores, device=device) if scores is not None else None
     warmup_labels = labels[:4] if labels is not None else None
     mini = config["mini_batch_size"]
@@ -813,19 +602,14 @@ def _length_aware_time_worker(config: dict) -> dict:
         counted["embedded"] += mask.numel()
 
     tokens: dict[str, dict] = {}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(config["rounds"]):
-        for name, step in steps.items():
-            handle = model[0].register_forward_pre_hook(count) if round_index == 0 else None
-            counted.update(real=0, embedded=0)
-            cpu_start = time.process_time()
-            times[name].append(_timed(lambda step=step: step(features, labels), config["device"]))
-            cpu_times[name].append(time.process_time() - cpu_start)
-            if handle is not None:
-                handle.remove()
-                tokens[name] = dict(counted)
-    return {"times": times, "cpu_times": cpu_times, "tokens": tokens}
+    for name, step in steps.items():  # one untimed full step per contender, counting the tokens it embeds
+        handle = model[0].register_forward_pre_hook(count)
+        counted.update(real=0, embedded=0)
+        step(features, labels)
+        handle.remove()
+        tokens[name] = dict(counted)
+    timed_steps = {name: functools.partial(step, features, labels) for name, step in steps.items()}
+    return {**interleaved_rounds(timed_steps, config["rounds"], config["device"]), "tokens": tokens}
 
 
 def _length_aware_memory_worker(config: dict) -> dict:
@@ -833,9 +617,9 @@ def _length_aware_memory_worker(config: dict) -> dict:
     model, steps, (features, labels), (warmup, warmup_labels) = _length_aware_setup(config)
     (step,) = steps.values()
     step(warmup, warmup_labels)
-    baseline = _reset_peak(config["device"])
+    baseline = reset_peak(config["device"])
     step(features, labels)
-    return {"peak_mib": _peak_since(baseline, config["device"]) / 2**20}
+    return {"peak_mib": peak_since(baseline, config["device"]) / 2**20}
 
 
 # (dataset, max_seq_length, batch, mini_batch_size, contenders (baseline first), targets (time, memory) of "ours")
@@ -850,38 +634,6 @@ _LENGTH_AWARE_GROUPS = [
     ("scifact", 128, 16, 16, ["ours unsorted", "ours"], (1.02, None)),
     ("scifact", 128, 16, 4, ["ours unsorted", "ours"], (1.02, None)),
 ]
-
-
-def _padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch: int, mini: int) -> dict:
-    """Real / embedded tokens of a step's first pass, counted without running the model: one forward per column
-    (ST MNRL, CoSENT), ST's mini-batches trimmed of trailing padding (ST CMNRL), and ours (length-sorted mini-batches,
-    or, when the column fits in one, the single pass's chunks)."""
-    from sentence_transformers import SentenceTransformer
-
-    from codiemb_st._compat import minibatch_ranges
-    from codiemb_st.losses import _length_order
-
-    model = SentenceTransformer(model_path, device="cpu")
-    model.max_seq_length = max_seq_length
-    columns, _ = _length_aware_columns(dataset, batch)
-    real, embedded = 0, {"full": 0, "st_mini": 0, "ours": 0}
-
-    def trimmed(lengths: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
-        return sum((end - begin) * int(lengths[begin:end].max()) for begin, end in ranges)
-
-    for column in columns:
-        feature = model.tokenize(column)
-        lengths = feature["attention_mask"].sum(1)
-        real += int(lengths.sum())
-        embedded["full"] += feature["attention_mask"].numel()
-        embedded["st_mini"] += trimmed(lengths, minibatch_ranges(feature, mini))
-        sorted_feature, _ = _length_order.sort_by_length(feature)
-        sorted_lengths = sorted_feature["attention_mask"].sum(1)
-        ranges = minibatch_ranges(sorted_feature, mini)
-        if len(ranges) == 1:
-            ranges = _length_order.column_chunks(sorted_feature)
-        embedded["ours"] += trimmed(sorted_lengths, ranges)
-    return {name: real / value for name, value in embedded.items()}
 
 
 def bench_length_aware(args: argparse.Namespace) -> None:
@@ -920,7 +672,7 @@ def bench_length_aware(args: argparse.Namespace) -> None:
         }
         baseline = contenders[0]
         for name in contenders:
-            ratios = [t / b for t, b in zip(times[name], times[baseline])]
+            time_ratio, low, high = ratio_summary(times[name], times[baseline])
             tokens = timing["tokens"][name]
             row = {
                 "dataset": dataset,
@@ -929,8 +681,8 @@ def bench_length_aware(args: argparse.Namespace) -> None:
                 "mini": mini,
                 "loss": name,
                 "seconds": statistics.median(times[name]),
-                "time_ratio": statistics.median(ratios),
-                "ratio_range": (min(ratios), max(ratios)),
+                "time_ratio": time_ratio,
+                "ratio_range": (low, high),
                 "peak_mib": peaks[name],
                 "memory_ratio": peaks[name] / peaks[baseline] if peaks[baseline] > 0 else float("nan"),
                 "efficiency": tokens["real"] / tokens["embedded"],
@@ -941,25 +693,26 @@ def bench_length_aware(args: argparse.Namespace) -> None:
             print(f"  measured {row}", flush=True)
 
     clock = "CPU s" if args.device == "cpu" else "s"
+    headers = ["data", "max len", "batch / mini-batch", "loss", "padding efficiency", f"{clock}/step"]
     print(
-        f"\n| data | max len | batch / mini-batch | loss | padding efficiency | {clock}/step | time ratio (min-max) "
-        "| peak MiB | memory ratio | vs | target |"
+        "\n"
+        + "\n".join(markdown_header([*headers, "time ratio (min-max)", "peak MiB", "memory ratio", "vs", "target"]))
     )
-    print("|---" * 11 + "|")
     for row in rows:
         low, high = row["ratio_range"]
         target = ""
         if row["targets"]:
             time_target, memory_target = row["targets"]
-            target = f"time <= {time_target}x: {'met' if row['time_ratio'] <= time_target else 'NOT met'}"
+            target = target_verdict(row["time_ratio"], time_target, "time", not_met="NOT met")
             if memory_target is not None:
-                met = row["memory_ratio"] <= memory_target
-                target += f"; memory <= {memory_target}x: {'met' if met else 'NOT met'}"
-        print(
-            f"| {row['dataset']} | {row['max_seq_length']} | {row['batch']} / {row['mini']} | {row['loss']} "
-            f"| {100 * row['efficiency']:.0f}% | {row['seconds']:.2f} | {row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})"
-            f" | {row['peak_mib']:.0f} | {row['memory_ratio']:.2f}x | {row['baseline']} | {target} |"
-        )
+                target += "; " + target_verdict(row["memory_ratio"], memory_target, "memory", not_met="NOT met")
+        cells = [row["dataset"], row["max_seq_length"], f"{row['batch']} / {row['mini']}", row["loss"]]
+        cells += [
+            f"{100 * row['efficiency']:.0f}%",
+            f"{row['seconds']:.2f}",
+            f"{row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})",
+        ]
+        print(markdown_row([*cells, f"{row['peak_mib']:.0f}", f"{row['memory_ratio']:.2f}x", row["baseline"], target]))
 
     if args.la_padding_batches:
         print(
@@ -977,7 +730,7 @@ def bench_length_aware(args: argparse.Namespace) -> None:
             ("scifact", 128),
         ):
             for batch, mini in args.la_padding_batches:
-                eff = _padding_efficiency(model_path, dataset, max_seq_length, batch, mini)
+                eff = padding_efficiency(model_path, dataset, max_seq_length, batch, mini)
                 print(
                     f"| {dataset} | {max_seq_length} | {batch} / {mini} | {100 * eff['full']:.0f}% "
                     f"| {100 * eff['st_mini']:.0f}% | {100 * eff['ours']:.0f}% |",

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Standard library only at import time: the parent must stay small (its children's ru_maxrss starts at its RSS).
+from codiemb_st.benchmarking.checkpoints import SIZES, build_checkpoints
+from codiemb_st.benchmarking.memory import peak_rss_mb
+from codiemb_st.benchmarking.tables import markdown_header, markdown_row, ratio_cell
+from codiemb_st.benchmarking.timing import cpu_seconds
+from codiemb_st.benchmarking.workers import run_worker
 
 MODES = (
     "load",
@@ -75,87 +81,6 @@ FOLDER_MODES = (
     "cocktail-folder",
 )
 #: The model shapes: ``transformers`` config class name and its options.
-SIZES = {
-    "mpnet": (
-        "MPNetConfig",
-        {"vocab_size": 30527, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
-    ),
-    "minilm": (
-        "BertConfig",
-        {
-            "vocab_size": 30522,
-            "hidden_size": 384,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 12,
-            "intermediate_size": 1536,
-        },
-    ),
-}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def write_examples(workdir: Path, count: int = 20) -> list[Path]:
-    """Synthetic IR records and STS pairs for ``cocktail-folder`` (no shared data needed)."""
-    import random
-
-    words = "the a man woman child dog cat car house park music guitar market city river food book game".split()
-    rng = random.Random(0)
-
-    def sentence() -> str:
-        return " ".join(rng.choice(words) for _ in range(8))
-
-    ir = [{"query": sentence(), "positives": [sentence()], "negatives": [sentence()]} for _ in range(count)]
-    sts = [{"sentence1": sentence(), "sentence2": sentence(), "score": rng.uniform(0, 5)} for _ in range(count)]
-    paths = [workdir / "examples-ir.jsonl", workdir / "examples-sts.jsonl"]
-    for path, records in zip(paths, (ir, sts)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf8")
-    return paths
-
-
-def build_models(workdir: Path, num_checkpoints: int, size: str = "mpnet") -> None:
-    """Base: a random MPNet with all-mpnet-base-v2's config (or a BERT with all-MiniLM-L6-v2's: ``size="minilm"``),
-    the all-MiniLM-L6-v2 (BERT uncased) tokenizer, mean pooling and Normalize. Checkpoints: base + N(0, 0.002^2)
-    noise on every float tensor (a different seed each)."""
-    import torch
-    import transformers
-    from safetensors.torch import load_file, save_file
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-    torch.manual_seed(0)
-    from codiemb_st.default_model import default_model_path
-
-    tokenizer_dir = Path(default_model_path())
-    config_name, options = SIZES[size]
-    config = getattr(transformers, config_name)(**options)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        transformers.AutoModel.from_config(config).save_pretrained(tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-            shutil.copy(tokenizer_dir / name, tmp)
-        transformer = Transformer(tmp, max_seq_length=384)
-        hidden = options["hidden_size"]
-        model = SentenceTransformer(modules=[transformer, Pooling(hidden, "mean"), Normalize()], device="cpu")
-        model.save(str(workdir / "base"))
-    del model, transformer
-    base_state = load_file(str(workdir / "base" / "model.safetensors"))
-    for c in range(num_checkpoints):
-        generator = torch.Generator().manual_seed(100 + c)
-        shutil.copytree(workdir / "base", workdir / f"ckpt{c}")
-        state = {
-            name: t + 0.002 * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
-            for name, t in base_state.items()
-        }
-        save_file(state, str(workdir / f"ckpt{c}" / "model.safetensors"), metadata={"format": "pt"})
-        del state
-    write_examples(workdir)
 
 
 def run_child(mode: str, workdir: Path, num_checkpoints: int) -> dict:
@@ -233,7 +158,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child == "build":
-        build_models(args.models_dir, args.num_checkpoints, args.size)
+        build_checkpoints(args.models_dir, args.num_checkpoints, args.size)
         return
     if args.child:
         print(json.dumps(run_child(args.child, args.models_dir, args.num_checkpoints)))
@@ -260,10 +185,7 @@ def main() -> None:
         results: dict[str, list[dict]] = {mode: [] for mode in args.modes}
         for repeat in range(args.repeats):
             for mode in args.modes:
-                completed = subprocess.run([*child, "--child", mode], env=env, capture_output=True, text=True)
-                if completed.returncode != 0:
-                    raise RuntimeError(f"{mode} failed:\n{completed.stderr[-3000:]}")
-                result = json.loads(completed.stdout.strip().splitlines()[-1])
+                result = run_worker([*child, "--child", mode], name=mode, env=env)
                 results[mode].append(result)
                 shutil.rmtree(workdir / f"out-{mode}", ignore_errors=True)
                 print(f"repeat {repeat + 1} {mode}: {result}", flush=True)
@@ -287,24 +209,17 @@ def report(results: dict[str, list[dict]], model_mb: float, args: argparse.Names
         f"(float32 safetensors), medians of {args.repeats} "
         f"runs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, {os.cpu_count()} CPUs\n"
     )
-    print(
-        f"| mode | wall time (s) | wall / {reference} | CPU time (s) | CPU / {reference} | peak RSS (MB) "
-        "| peak RSS / load one model | RSS above imports / model size |"
-    )
-    print("|" + "---|" * 8)
+    headers = ["mode", "wall time (s)", f"wall / {reference}", "CPU time (s)", f"CPU / {reference}", "peak RSS (MB)"]
+    print("\n".join(markdown_header([*headers, "peak RSS / load one model", "RSS above imports / model size"])))
     for mode in args.modes:
         if mode not in medians:
             print(f"| {mode} | skipped: {results[mode][0].get('skipped')} | | | | | | |")
             continue
         m = medians[mode]
-        time_ratio = f"{m['seconds'] / st_time:.2f}x" if st_time else "n/a"
-        cpu_ratio = f"{m['cpu_seconds'] / st_cpu:.2f}x" if st_cpu else "n/a"
-        rss_ratio = f"{m['peak_rss_mb'] / load_rss:.2f}x" if load_rss else "n/a"
         above = (m["peak_rss_mb"] - m["imports_rss_mb"]) / model_mb
-        print(
-            f"| {mode} | {m['seconds']:.2f} | {time_ratio} | {m['cpu_seconds']:.2f} | {cpu_ratio} "
-            f"| {m['peak_rss_mb']:.0f} | {rss_ratio} | {above:.2f}x |"
-        )
+        cells = [mode, f"{m['seconds']:.2f}", ratio_cell(m["seconds"], st_time), f"{m['cpu_seconds']:.2f}"]
+        cells += [ratio_cell(m["cpu_seconds"], st_cpu), f"{m['peak_rss_mb']:.0f}"]
+        print(markdown_row([*cells, ratio_cell(m["peak_rss_mb"], load_rss), f"{above:.2f}x"]))
 
 
 if __name__ == "__main__":

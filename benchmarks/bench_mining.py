@@ -23,33 +23,13 @@ import argparse
 import json
 import os
 import platform
-import random
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def synthetic(passages: int, vocabulary: list[str], seed: int = 0) -> tuple[list[dict], list[str]]:
-    rng = random.Random(seed)
-    num_queries = passages // 4  # 2 positives each: half of the corpus is positives
-    records = []
-    for _ in range(num_queries):
-        words = rng.sample(vocabulary, 8)
-        positives = [" ".join(rng.sample(words, 6) + rng.sample(vocabulary, 4)) for _ in range(2)]
-        records.append({"query": " ".join(words), "positives": positives})
-    extra = [" ".join(rng.sample(vocabulary, 10)) for _ in range(passages - 2 * num_queries)]
-    return records, extra
+from codiemb_st.benchmarking.data import synthetic_mining_records
+from codiemb_st.benchmarking.memory import current_rss_mb, peak_rss_mb
+from codiemb_st.benchmarking.workers import run_worker
 
 
 def child(passages: int, max_seq_length: int, query_chunk_size: int) -> dict:
@@ -63,7 +43,7 @@ def child(passages: int, max_seq_length: int, query_chunk_size: int) -> dict:
     model = SentenceTransformer(default_model_path(), device="cpu")
     model.max_seq_length = max_seq_length
     vocabulary = sorted(w for w in model.tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) > 3)
-    records, extra = synthetic(passages, vocabulary)
+    records, extra = synthetic_mining_records(passages, vocabulary)
     baseline = current_rss_mb()
     start = time.perf_counter()
     mined, stats = mine_hard_negatives(
@@ -106,8 +86,7 @@ def main() -> None:
     for size in args.sizes:
         command = [sys.executable, __file__, "--child", str(size), "--max-seq-length", str(args.max_seq_length)]
         command += ["--query-chunk-size", str(args.query_chunk_size)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(command, name=f"mining {size} passages"))
         print(rows[-1], flush=True)
     machine = f"{platform.node()}: {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     command = (
