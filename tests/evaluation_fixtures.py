@@ -80,6 +80,12 @@ def write_tiny_tasks(root: Path) -> Path:
     return root
 
 
+def tiny_eval_argv(model: Path, data_dir: Path, out: Path, *options: str) -> list[str]:
+    """``codiemb-st eval`` arguments for one tiny model on tiny local tasks (corpus cap 8), plus ``options``."""
+    argv = ["eval", "--models", f"tiny={model}", "--data-dir", str(data_dir), "--output-dir", str(out)]
+    return [*argv, "--corpus-cap", "8", *options]
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=-1, keepdims=True)
     b = b / np.linalg.norm(b, axis=-1, keepdims=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from evaluation_fixtures import write_tiny_tasks
+from evaluation_fixtures import tiny_eval_argv, write_tiny_tasks
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from tiny_model import save_perturbed_tiny_model, save_tiny_model
@@ -253,22 +253,7 @@ def test_merge_running_out_of_disk_space_leaves_nothing(merge_inputs, tmp_path, 
 
 
 def _eval_argv(model: Path, data_dir: Path, out: Path) -> list[str]:
-    return [
-        "eval",
-        "--models",
-        f"tiny={model}",
-        "--data-dir",
-        str(data_dir),
-        "--output-dir",
-        str(out),
-        "--tasks",
-        "TinySTS",
-        "TinyRetrieval",
-        "--corpus-cap",
-        "8",
-        "--no-geometry",
-        "--no-plot",
-    ]
+    return tiny_eval_argv(model, data_dir, out, "--tasks", "TinySTS", "TinyRetrieval", "--no-geometry", "--no-plot")
 
 
 def test_two_evaluations_into_one_results_folder_both_finish_with_valid_files(tiny_model_path, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluation_fixtures import reference_sts_spearman, write_tiny_tasks
+from evaluation_fixtures import reference_sts_spearman, tiny_eval_argv, write_tiny_tasks
 from safetensors.torch import load_file
 
 from codiemb_st.cli import UsageError, build_parser, main
@@ -26,21 +26,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _eval_argv(model: Path, data_dir: Path, out: Path) -> list[str]:
-    return [
-        "eval",
-        "--models",
-        f"tiny={model}",
-        "--data-dir",
-        str(data_dir),
-        "--output-dir",
-        str(out),
-        "--tasks",
-        "auto",
-        "--corpus-cap",
-        "8",
-        "--geometry-samples",
-        "20",
-    ]
+    return tiny_eval_argv(model, data_dir, out, "--tasks", "auto", "--geometry-samples", "20")
 
 
 def test_eval_end_to_end_on_tiny_local_data(data_dir, tiny_model_path, tmp_path, capsys):
