@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from codiemb_st.benchmarking.baselines import official_sts_loss_loop
+from codiemb_st.benchmarking.baselines import naive_multi_positive_infonce, official_sts_loss_loop
 from codiemb_st.benchmarking.data import column_features, sample_columns, sts_labels, stsb_test_rows, word_texts
 from codiemb_st.benchmarking.memory import peak_since, reset_peak, saved_activations_bytes
 from codiemb_st.benchmarking.padding import padding_efficiency
@@ -113,7 +113,6 @@ def _ir_setup(config: dict) -> tuple:
 
 def _ir_step(model, config: dict, contender: dict) -> Callable[[list[dict]], None]:
     """One training step (zero_grad, forward, backward) of ``contender`` on given features."""
-    import torch.nn.functional as F
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MultipleNegativesRankingLoss,
@@ -136,18 +135,8 @@ def _ir_step(model, config: dict, contender: dict) -> Callable[[list[dict]], Non
             mini_batch_size=mini_batch,
             keep_graphs=contender["keep_graphs"],
         )
-    elif name == "naive-loop":
-
-        def loss_fn(sentence_features, labels):  # encode every column once (no cache), loop over the slots
-            embeddings = [F.normalize(model(f)["sentence_embedding"], dim=-1) for f in sentence_features]
-            queries, negatives = embeddings[0], embeddings[1 + num_pos :]
-            target = torch.arange(len(queries), device=queries.device)
-            slot_losses = []
-            for k in range(num_pos):
-                scores = queries @ torch.cat([embeddings[1 + k], *negatives]).T * scale
-                slot_losses.append(F.cross_entropy(scores, target))
-            return torch.stack(slot_losses).mean()
-
+    elif name == "naive-loop":  # encode every column once (no cache), loop over the slots
+        loss_fn = naive_multi_positive_infonce(model, num_pos, scale)
     else:
         raise ValueError(f"unknown loss {name!r}")
 

@@ -32,7 +32,6 @@ import copy
 import json
 import logging
 import os
-import random
 import sys
 import tempfile
 import time
@@ -43,23 +42,25 @@ import torch
 import torch.distributed as dist
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
+from codiemb_st.benchmarking.llm_embedder import (
+    QUERY_INSTRUCTION,
+    SHARDINGS,
+    decoder_layers,
+    load_decoder_embedder,
+    sharding_arguments,
+    synthetic_task_records,
+    tiny_decoder_folder,
+)
 from codiemb_st.recipe import build_task_losses, load_task_datasets, training_arguments, training_prompts
 
 logger = logging.getLogger("train_llm_embedder_gpu")
-
-WORDS = (
-    "the quick brown fox jumps over lazy dog man playing guitar stage woman slicing onion kitchen machine learning "
-    "models embed sentences vectors retrieval finds relevant passages query semantic similarity compares meaning "
-    "weather sunny warm today drove car office morning children football park stock markets fell sharply"
-).split()
-QUERY_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer it\nQuery: "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--model", default="tiny", help="A decoder folder or hub name, or 'tiny' (random, offline).")
-    parser.add_argument("--sharding", choices=["none", "ddp", "fsdp2", "deepspeed-zero1", "deepspeed-zero2"])
+    parser.add_argument("--sharding", choices=SHARDINGS)
     parser.add_argument("--check-gradients", action="store_true", help="FSDP2 vs unsharded gradients first.")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="Relative gradient tolerance (float32).")
     parser.add_argument("--lora-rank", type=int, default=0, help="Train a LoRA adapter of this rank (0: full).")
@@ -80,86 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model and data
-
-
-def tiny_decoder_folder(folder: Path) -> Path:
-    """A random Qwen2 decoder (4 layers, hidden 256) with a word-level tokenizer: left padding, EOS appended."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
-
-    torch.manual_seed(0)
-    words = ["<pad>", "<unk>", "<eos>", *sorted(set(WORDS)), *QUERY_INSTRUCTION.replace(":", " : ").lower().split()]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
-    )
-    config = Qwen2Config(
-        vocab_size=len(vocab), hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        Qwen2Model(config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        transformer = Transformer(tmp, max_seq_length=128)
-    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
-    SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(str(folder))
-    return folder
-
-
-def load_model(args: argparse.Namespace, device: str):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(args.model, device=device, model_kwargs={"dtype": torch.float32})
-    model.max_seq_length = args.max_seq_length
-    tokenizer = model[0].processor
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    if tokenizer.padding_side != "left":
-        logger.warning("Setting padding_side='left' for last-token pooling (was %r).", tokenizer.padding_side)
-        tokenizer.padding_side = "left"
-    if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
-        try:
-            model.add_adapter(config)  # needs peft >= 0.22 with transformers 5.x
-        except ValueError:
-            model[0].model = get_peft_model(model[0].model, config)  # works with older peft
-    return model
-
-
-def synthetic_records(num_queries: int, num_pairs: int, seed: int) -> tuple[list[dict], list[dict]]:
-    rng = random.Random(seed)
-
-    def text(length: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(length))
-
-    ir = [
-        {"query": text(6), "positives": [text(24), text(24)], "negatives": [text(24) for _ in range(2)]}
-        for _ in range(num_queries)
-    ]
-    sts = [{"sentence1": text(10), "sentence2": text(10), "score": rng.uniform(0, 5)} for _ in range(num_pairs)]
-    return ir, sts
-
-
-def decoder_layers(model):
-    inner = model[0].model
-    for candidate in (
-        inner,
-        getattr(inner, "model", None),
-        getattr(getattr(inner, "base_model", None), "model", None),
-    ):
-        if candidate is not None and hasattr(candidate, "layers"):
-            return candidate.layers
-    raise ValueError("Cannot find the decoder layers of this model (expected a .layers ModuleList).")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # 1. FSDP2 gradient check
 
 
@@ -169,10 +90,10 @@ def check_fsdp2_gradients(args: argparse.Namespace, device: str) -> dict[str, An
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(device, (world_size,))
-    model = load_model(args, device)
+    model = load_decoder_embedder(args.model, device, args.max_seq_length, args.lora_rank)
     reference = copy.deepcopy(model)
     batch = args.batch_size * world_size
-    ir_records, sts_records = synthetic_records(batch, batch, seed=1)
+    ir_records, sts_records = synthetic_task_records(batch, batch, seed=1)
     ir_columns = [[r["query"] for r in ir_records]] + [[r["positives"][k] for r in ir_records] for k in range(2)]
     ir_columns += [[r["negatives"][0] for r in ir_records]]
     sts_columns = [[r["sentence1"] for r in sts_records], [r["sentence2"] for r in sts_records]]
@@ -233,32 +154,11 @@ def check_fsdp2_gradients(args: argparse.Namespace, device: str) -> dict[str, An
 # 2. Training run
 
 
-def sharding_arguments(args: argparse.Namespace, model) -> dict[str, Any]:
-    if args.sharding == "fsdp2":
-        return {
-            "fsdp": "full_shard",
-            "fsdp_config": {
-                "fsdp_version": 2,
-                "transformer_layer_cls_to_wrap": [type(decoder_layers(model)[0]).__name__],
-            },
-        }
-    if args.sharding.startswith("deepspeed"):
-        stage = int(args.sharding[-1])
-        config = {
-            "zero_optimization": {"stage": stage},
-            "bf16": {"enabled": "auto"},
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-        }
-        return {"deepspeed": config}
-    return {}
-
-
 def train(args: argparse.Namespace, device: str) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformerTrainer
 
-    model = load_model(args, device)
-    ir_records, sts_records = synthetic_records(args.batch_size * 16, args.batch_size * 16, seed=0)
+    model = load_decoder_embedder(args.model, device, args.max_seq_length, args.lora_rank)
+    ir_records, sts_records = synthetic_task_records(args.batch_size * 16, args.batch_size * 16, seed=0)
     data = load_task_datasets(ir={"ir": ir_records}, sts={"sts": sts_records}, num_positives=2, num_negatives=2)
     losses = build_task_losses(model, data, mini_batch_size=args.mini_batch_size, gather_across_devices=True)
     training_args = training_arguments(
@@ -276,7 +176,7 @@ def train(args: argparse.Namespace, device: str) -> dict[str, Any]:
         logging_steps=1,
         save_strategy="no",
         use_cpu=device == "cpu",
-        **sharding_arguments(args, model),
+        **sharding_arguments(args.sharding, model),
     )
     trainer = SentenceTransformerTrainer(
         model=model, args=training_args, train_dataset=data.dataset_dict(), loss=losses

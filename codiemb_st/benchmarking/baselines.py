@@ -10,7 +10,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -66,3 +67,32 @@ def official_sts_loss_loop(
         count += 1
     pro = -total / count if count else torch.zeros((), device=scores.device)
     return weights[0] * pearson + weights[1] * rank_kl + weights[2] * pro
+
+
+def naive_multi_positive_infonce(model: Any, num_positives: int, scale: float) -> Callable[[list[dict], Any], Any]:
+    """Multi-positive InfoNCE the straightforward way: every column encoded once with its graph kept (no GradCache),
+    then a Python loop over the positive slots, each slot's queries scored against that slot's positives and all the
+    negatives, the slot losses averaged. The memory and time baseline of the cached IR loss.
+
+    Args:
+        model: A SentenceTransformer.
+        num_positives: Positive columns after the anchor column (the rest are negatives).
+        scale: Inverse temperature of the scores.
+
+    Returns:
+        ``loss_fn(sentence_features, labels)`` like a sentence-transformers loss's forward (labels are ignored).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def loss_fn(sentence_features: list[dict], labels: Any = None) -> torch.Tensor:
+        embeddings = [F.normalize(model(dict(f))["sentence_embedding"], dim=-1) for f in sentence_features]
+        queries, negatives = embeddings[0], embeddings[1 + num_positives :]
+        target = torch.arange(len(queries), device=queries.device)
+        slot_losses = []
+        for k in range(num_positives):
+            scores = queries @ torch.cat([embeddings[1 + k], *negatives]).T * scale
+            slot_losses.append(F.cross_entropy(scores, target))
+        return torch.stack(slot_losses).mean()
+
+    return loss_fn
