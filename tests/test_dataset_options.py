@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ from datasets import Dataset
 from tiny_model import ENGLISH_SENTENCES
 
 from codiemb_st import RoundRobinTaskBatchSampler, recipe
+from codiemb_st.cli import main
 from codiemb_st.losses import MultiPositiveCachedInfoNCELoss
 
-ROOT = Path(__file__).resolve().parents[1]
 S = ENGLISH_SENTENCES
 
 
@@ -150,38 +149,24 @@ def test_three_formats_train_through_the_python_api(tmp_path, tiny_model):
     assert trainer.state.global_step == 8
 
 
-def test_three_formats_train_through_the_command_line(tmp_path, tiny_model_path):
+def test_three_formats_train_through_the_command_line(tmp_path, tiny_model_path, capsys, caplog):
     files = _files(tmp_path)
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "codiemb_st",
-            "train",
-            "--model",
-            str(tiny_model_path),
-            "--output-dir",
-            str(tmp_path / "r"),
-        ]
-        + ["--ir", str(files["unified"]), str(files["flag"]), str(files["st"]), "--sts", str(files["sts"])]
-        + ["--ir-batch-size", "4", "--sts-batch-size", "4", "--dataset-option", "unified.batch_size=2"]
-        + ["--dataset-option", "st.in_batch_negatives=false", "--dataset-option", "unified.instruction=Look: "],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Trained 8 optimizer steps" in result.stdout
+    argv = ["train", "--model", str(tiny_model_path), "--output-dir", str(tmp_path / "r")]
+    argv += ["--ir", str(files["unified"]), str(files["flag"]), str(files["st"]), "--sts", str(files["sts"])]
+    argv += ["--ir-batch-size", "4", "--sts-batch-size", "4", "--dataset-option", "unified.batch_size=2"]
+    argv += ["--dataset-option", "st.in_batch_negatives=false", "--dataset-option", "unified.instruction=Look: "]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0  # in-process: the console script is `codiemb_st.cli:main`
+    assert "Trained 8 optimizer steps" in capsys.readouterr().out
     for expected in ("unified format", "flagembedding format", "sentence-transformers format"):
-        assert expected in result.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "codiemb_st", "train", "--output-dir", str(tmp_path / "r2"), "--ir", str(files["st"])]
-        + ["--dataset-option", "st.batchsize=2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "unknown field 'batchsize'" in bad.stderr
+        assert expected in caplog.text
+    bad = [
+        "train",
+        "--output-dir",
+        str(tmp_path / "r2"),
+        "--ir",
+        str(files["st"]),
+        "--dataset-option",
+        "st.batchsize=2",
+    ]
+    assert main(bad) == 2 and "unknown field 'batchsize'" in capsys.readouterr().err

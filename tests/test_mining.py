@@ -4,18 +4,15 @@ window hold, the draw is seeded, the output keeps its format and trains."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+import logging
 
 import pytest
 import torch
 from tiny_model import ENGLISH_SENTENCES
 
+from codiemb_st.cli import main
 from codiemb_st.data import read_ir_records
 from codiemb_st.mining import mine_hard_negatives, write_ir_records
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Each query has two positives; the corpus also holds upper-case and re-spaced copies of every sentence, which the
 # tiny model's (lower-casing) tokenizer turns into the same token ids: the loss would call them the same text.
@@ -105,24 +102,20 @@ def test_output_keeps_the_input_format(tiny_model, tmp_path):
     assert all(len(r["positives"]) == 2 and len(r["negatives"]) == 2 for r in back.records)
 
 
-def test_mine_command_output_trains(tiny_model_path, tmp_path):
+def test_mine_command_output_trains(tiny_model_path, tmp_path, capsys, caplog):
     source = tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(OTHERS) + "\n")
     mined = tmp_path / "mined.jsonl"
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    command = [sys.executable, "-m", "codiemb_st"]
-    result = subprocess.run(
-        [*command, "mine", str(source), "--output", str(mined), "--model", str(tiny_model_path)]
-        + ["--corpus", str(corpus), "--num-negatives", "2", "--range-min", "0", "--no-margin"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "unified format" in result.stderr and "Mined" in result.stdout
+    # In-process (the console script is `codiemb_st.cli:main`; tests/cli checks the entry point itself).
+    with caplog.at_level(logging.INFO):
+        code = main(
+            ["mine", str(source), "--output", str(mined), "--model", str(tiny_model_path)]
+            + ["--corpus", str(corpus), "--num-negatives", "2", "--range-min", "0", "--no-margin"]
+        )
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert "unified format" in caplog.text and "Mined" in capsys.readouterr().out
     rows = [json.loads(line) for line in mined.read_text().splitlines()]
     assert all(len(row["negatives"]) == 2 for row in rows)
     sts = tmp_path / "sts.jsonl"
@@ -130,24 +123,14 @@ def test_mine_command_output_trains(tiny_model_path, tmp_path):
     sts.write_text(
         "".join(json.dumps({"sentence1": a, "sentence2": b, "score": i % 5}) + "\n" for i, (a, b) in enumerate(pairs))
     )
-    result = subprocess.run(
-        [*command, "train", "--model", str(tiny_model_path), "--ir", str(mined), "--sts", str(sts)]
+    code = main(
+        ["train", "--model", str(tiny_model_path), "--ir", str(mined), "--sts", str(sts)]
         + ["--output-dir", str(tmp_path / "run"), "--num-negatives", "2", "--ir-batch-size", "4"]
-        + ["--sts-batch-size", "4", "--max-steps", "2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        + ["--sts-batch-size", "4", "--max-steps", "2"]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Trained 2 optimizer steps" in result.stdout
+    assert code == 0
+    assert "Trained 2 optimizer steps" in capsys.readouterr().out
     # A bad input is a usage error naming the record, before any model is loaded.
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "positives": ["p"]}\n{"question": "q"}\n')
-    result = subprocess.run(
-        [*command, "mine", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o.jsonl")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 2 and "bad.jsonl:2: the record fits no IR record format" in result.stderr
+    assert main(["mine", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "bad.jsonl:2: the record fits no IR record format" in capsys.readouterr().err

@@ -48,6 +48,7 @@ SETS: dict[str, list[str]] = {
     "S3_steps": ["codiemb_s1@1", "codiemb_s1@2", "codiemb_s1"],
     "S4_lrs": ["codiemb_lr_low", "codiemb_s1", "codiemb_lr_high"],
 }
+_LAYER_GROUPS_20 = {"examples_per_file": 20, "layer_groups": True}
 #: The method families and their dev grids: (family, label, MERGE_METHODS name, parameters).
 GRID: list[tuple[str, str, str, dict[str, Any]]] = [
     ("model_soup", "model_soup", "model_soup", {}),
@@ -65,7 +66,13 @@ GRID: list[tuple[str, str, str, dict[str, Any]]] = [
     # every size is reported; pair them on test with --also-test cocktail_5 cocktail_20 cocktail_100.
     ("cocktail_5", "cocktail_5", "cocktail_soup", {"examples_per_file": 5}),
     ("cocktail_20", "cocktail_20", "cocktail_soup", {"examples_per_file": 20}),
+    # LM-Cocktail's T = 5 on InfoNCE-scale losses (~0.1-1) gives near-uniform weights; sharper T picked on dev.
+    ("cocktail_20", "cocktail_20_t1", "cocktail_soup", {"examples_per_file": 20, "temperature": 1.0}),
+    ("cocktail_20", "cocktail_20_t0.2", "cocktail_soup", {"examples_per_file": 20, "temperature": 0.2}),
     ("cocktail_100", "cocktail_100", "cocktail_soup", {"examples_per_file": 100}),
+    # Per layer group (embeddings / each block / head): each group's weights from the loss on that group's output.
+    ("cocktail_20_layers", "cocktail_20_layers", "cocktail_soup", _LAYER_GROUPS_20),
+    ("cocktail_20_layers", "cocktail_20_layers_t0.2", "cocktail_soup", {**_LAYER_GROUPS_20, "temperature": 0.2}),
 ]
 #: Seed of the draw of CocktailSoup's example records from the training files.
 EXAMPLES_SEED = "codiemb-fusion-cocktail-examples"

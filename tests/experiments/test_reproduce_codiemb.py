@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,6 +127,8 @@ def _argv(tiny_setup, out: Path, *extra: str) -> list[str]:
 
 
 MAIN = ["ir_only", "sts_only", "naive", "codiemb"]
+#: The shared two-seed run's options (its corpus capped so that the fusion study's merges evaluate quickly).
+TWO_SEEDS = ("--seeds", "1", "2", "--runs", *MAIN, "--corpus-cap", "9")
 
 
 def test_budget_arithmetic():
@@ -138,10 +141,25 @@ def test_budget_arithmetic():
         rc.run_steps("codiemb", "equal-time", 75)
 
 
-def test_end_to_end_two_seeds_budget_soups_and_resume(tiny_setup, tmp_path, capsys):
-    out, results_dir = tmp_path / "run", tmp_path / "committed"
-    argv = _argv(tiny_setup, out, "--seeds", "1", "2", "--runs", *MAIN, "--results-dir", str(results_dir))
+@pytest.fixture(scope="module")
+def two_seed_run(tiny_setup, tmp_path_factory):
+    """The main runs over two seeds, trained once for the tests below (each copies it before changing it)."""
+    root = tmp_path_factory.mktemp("two_seeds")
+    out, results_dir = root / "run", root / "committed"
+    argv = _argv(tiny_setup, out, *TWO_SEEDS, "--results-dir", str(results_dir))
     assert rc.main(argv) == 0
+    return out, results_dir
+
+
+def _copy_run(two_seed_run, tmp_path: Path) -> tuple[Path, Path]:
+    out, results_dir = (tmp_path / "run", tmp_path / "committed")
+    shutil.copytree(two_seed_run[0], out)
+    shutil.copytree(two_seed_run[1], results_dir)
+    return out, results_dir
+
+
+def test_end_to_end_two_seeds_budget_soups_and_resume(tiny_setup, two_seed_run, tmp_path, capsys):
+    out, results_dir = _copy_run(two_seed_run, tmp_path)
     results = json.loads((out / "en" / "results.json").read_text())
     assert (results_dir / "en" / "results.json").read_text() == (out / "en" / "results.json").read_text()
     assert list(results["scores"]) == ["base", *MAIN, "delta_soup", "model_soup"]
@@ -182,7 +200,8 @@ def test_end_to_end_two_seeds_budget_soups_and_resume(tiny_setup, tmp_path, caps
     capsys.readouterr()
 
     # Resume: a second call reuses every run; adding an ablation trains only it (first seed only).
-    assert rc.main([*argv[: -len(MAIN) - 3], "--runs", *MAIN, "mixed", "--results-dir", str(results_dir)]) == 0
+    resume = _argv(tiny_setup, out, "--seeds", "1", "2", "--runs", *MAIN, "mixed", "--corpus-cap", "9")
+    assert rc.main([*resume, "--results-dir", str(results_dir)]) == 0
     err = capsys.readouterr().err
     assert err.count("reusing the finished run") == 2 * len(MAIN)
     assert "mixed seed 1: 4 steps" in err and "mixed seed 2" not in err
@@ -193,7 +212,7 @@ def test_end_to_end_two_seeds_budget_soups_and_resume(tiny_setup, tmp_path, caps
 
     # Deterministic for a seed: a fresh output folder gives the same weights.
     other = tmp_path / "again"
-    assert rc.main(_argv(tiny_setup, other, "--seeds", "1", "--runs", "codiemb")) == 0
+    assert rc.main(_argv(tiny_setup, other, "--seeds", "1", "--runs", "codiemb", "--corpus-cap", "9")) == 0
     fresh = load_file(str(other / "en" / "models" / "codiemb" / "seed1" / "model.safetensors"))
     assert all(fresh[name].equal(tensor) for name, tensor in codiemb[1].items())
 
@@ -222,9 +241,8 @@ def test_evaluation_samples_are_the_same_for_every_training_seed(tiny_setup, tmp
     assert cache["key"]["eval_seed"] == 7
 
 
-def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert rc.main(_argv(tiny_setup, out, "--seeds", "1", "2", "--runs", *MAIN, "--corpus-cap", "9")) == 0
+def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, two_seed_run, tmp_path, capsys):
+    out, _ = _copy_run(two_seed_run, tmp_path)
     reproduction = json.loads((out / "en" / "results.json").read_text())
     study, committed = tmp_path / "fusion", tmp_path / "committed"
     argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
