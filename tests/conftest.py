@@ -36,3 +36,14 @@ def tiny_model_with_dropout():
 def tiny_model_path(tmp_path_factory) -> Path:
     """A tiny model saved to disk once per session (for subprocesses and loading tests)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def loss_rank_runs(tmp_path_factory, tiny_model_path):
+    """The 2-rank (torchrun, gloo) loss checks, all in one launch per session: ``dist_jobs.job_output(runs, name)``
+    gives a check's output folder once it finished on both ranks."""
+    from dist_jobs import run_loss_jobs
+    from tiny_decoder import save_tiny_decoder
+
+    root = tmp_path_factory.mktemp("loss_ranks")
+    return run_loss_jobs(root, tiny_model_path, save_tiny_decoder(root / "decoder", seed=3))

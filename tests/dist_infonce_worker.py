@@ -13,8 +13,8 @@ from sentence_transformers import SentenceTransformer
 from codiemb_st import MultiPositiveCachedInfoNCELoss
 
 
-def main() -> None:
-    model_path, batch_file, out_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+def main(model_path: str, batch_file: str, out_dir: str) -> None:
+    batch_file, out_dir = Path(batch_file), Path(out_dir)
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     columns = json.loads(batch_file.read_text())
@@ -43,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:4])

@@ -60,9 +60,8 @@ def run(model, loss_fn, features, labels=None) -> tuple[torch.Tensor, dict[str, 
     return loss.detach(), grads
 
 
-def main() -> None:
-    faulthandler.dump_traceback_later(150, exit=True)  # a hang fails with tracebacks instead of blocking the test
-    model_path, out_dir = sys.argv[1], Path(sys.argv[2])
+def main(model_path: str, out_dir: str) -> None:
+    out_dir = Path(out_dir)
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world_size,))
@@ -95,4 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang fails with tracebacks instead of blocking the test
+    main(*sys.argv[1:3])

@@ -7,18 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_decoder import save_tiny_decoder
-from torchrun_harness import run_torchrun
+from dist_jobs import job_output
 
 WORKER = Path(__file__).parents[1] / "fsdp_loss_worker.py"
 
 
 @pytest.mark.distributed
-def test_fsdp2_sharded_losses_equal_the_unsharded_run(tmp_path):
-    model_path = save_tiny_decoder(tmp_path / "decoder", seed=3)
-    result = run_torchrun(WORKER, [model_path, tmp_path], tmp_path / "torchrun.log", timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+def test_fsdp2_sharded_losses_equal_the_unsharded_run(loss_rank_runs):
+    # fsdp_loss_worker.py on a tiny decoder (save_tiny_decoder(seed=3)), in the session's 2-rank launch.
+    ranks = [torch.load(job_output(loss_rank_runs, "fsdp") / f"rank{rank}.pt") for rank in range(2)]
     for task in ("ir", "sts"):
         reference_loss, reference_grads = ranks[0][f"reference_{task}"]
         # The global loss is the mean of the ranks' local losses (each scores its rows against the gathered batch).

@@ -6,22 +6,20 @@ test_multi_positive_infonce.py) and the uncached loss itself (one forward per co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from dist_jobs import gradcache_batches, job_output
 from loss_testing import (
     assert_grads_close,
     embed_columns,
     make_ir_columns,
     parameter_grads,
-    random_texts,
     tokenize_columns,
 )
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 from tiny_model import build_tiny_model
-from torchrun_harness import run_torchrun
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
 from codiemb_st.losses._text_identity import hash_texts
@@ -205,37 +203,15 @@ def test_keep_graphs_in_config(tiny_model):
     assert MultiPositiveCachedInfoNCELoss(tiny_model, keep_graphs=3).get_config_dict()["keep_graphs"] == 3
 
 
-def _mixed_length_batch() -> list[list[str]]:
-    """8 rows x 4 columns: rows 0-3 (rank 0) short texts, rows 4-7 (rank 1) four times as long."""
-    short = random_texts(8 * 4 * 4, seed=41, length=3)
-    columns = []
-    for c in range(4):
-        texts = short[c * 32 : c * 32 + 4]
-        texts += [" ".join(short[c * 32 + 4 + 4 * r : c * 32 + 8 + 4 * r]) for r in range(4)]
-        columns.append(texts)
-    return columns
-
-
 @pytest.mark.distributed
-def test_two_ranks_agree_on_the_path_and_ddp_syncs_once(tiny_model_path, tmp_path):
+def test_two_ranks_agree_on_the_path_and_ddp_syncs_once(tiny_model_path, loss_rank_runs):
     """torchrun, 2 gloo ranks. (1) Rank 0's batch would fit in one mini-batch per column, rank 1's would not: both
     must take the same path, and the result must equal one process on the full batch. (2) Under real DDP, the single
     pass and kept graphs accumulate locally under no_sync and synchronise exactly as often as the plain passes."""
     from sentence_transformers import SentenceTransformer
 
-    data = {
-        "mixed": _mixed_length_batch(),
-        "uneven": make_ir_columns(batch_size=8, num_positives=2, num_negatives=1, seed=44),
-        "ddp": {
-            "A": make_ir_columns(batch_size=8, num_positives=2, num_negatives=1, seed=42),
-            "B": make_ir_columns(batch_size=8, num_positives=2, num_negatives=1, seed=43),
-        },
-    }
-    batch_file = tmp_path / "batch.json"
-    batch_file.write_text(json.dumps(data))
-    result = run_torchrun(WORKER, [tiny_model_path, batch_file, tmp_path], tmp_path / "torchrun.log", timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:]
-    outputs = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    data = gradcache_batches()  # the worker's batches (dist_gradcache_paths_worker.py)
+    outputs = [torch.load(job_output(loss_rank_runs, "gradcache") / f"rank{rank}.pt") for rank in range(2)]
 
     model = SentenceTransformer(str(tiny_model_path), device="cpu").double()
     tokens = outputs[0]["column_tokens"]

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_jobs import infonce_batch, job_output
 from loss_testing import (
     assert_grads_close,
     embed_columns,
@@ -19,7 +18,6 @@ from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesRankingLoss,
 )
 from tiny_model import build_tiny_model
-from torchrun_harness import run_torchrun
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
 from codiemb_st.losses._text_identity import hash_texts
@@ -328,16 +326,9 @@ def test_gather_without_distributed_warns_and_uses_local_batch(tiny_model, caplo
 
 
 @pytest.mark.distributed
-def test_two_process_gather_equals_single_process_full_batch(tiny_model_path, tmp_path):
+def test_two_process_gather_equals_single_process_full_batch(tiny_model_path, loss_rank_runs):
     """torchrun, 2 ranks, gloo: local rows vs gathered candidates give the single-process full-batch loss/grads."""
-    columns = make_ir_columns(batch_size=8, num_positives=2, num_negatives=2, seed=17)
-    columns[2][1] = columns[1][6]  # a passage shared by queries on different ranks: masking must see it
-    batch_file = tmp_path / "batch.json"
-    batch_file.write_text(json.dumps(columns))
-    worker = Path(__file__).parents[1] / "dist_infonce_worker.py"
-    result = run_torchrun(worker, [tiny_model_path, batch_file, tmp_path], tmp_path / "torchrun.log", timeout=240)
-    assert result.returncode == 0, result.stdout[-4000:]
-
+    columns = infonce_batch()  # the worker's global batch (dist_infonce_worker.py)
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(tiny_model_path), device="cpu").double()
@@ -346,7 +337,7 @@ def test_two_process_gather_equals_single_process_full_batch(tiny_model_path, tm
     unmasked = MultiPositiveCachedInfoNCELoss(model, num_positives=2, mini_batch_size=3, mask_duplicates=False)
     assert not torch.isclose(expected_loss, run_loss(model, unmasked, columns)[0], atol=1e-4)
 
-    outputs = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    outputs = [torch.load(job_output(loss_rank_runs, "infonce") / f"rank{rank}.pt") for rank in range(2)]
     # Each rank's loss is the mean over its own rows; their average is the full-batch mean.
     torch.testing.assert_close((outputs[0]["loss"] + outputs[1]["loss"]) / 2, expected_loss, atol=1e-9, rtol=1e-9)
     for output in outputs:  # DDP-averaged gradients equal the single-process gradients, on every rank

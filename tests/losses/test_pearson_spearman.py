@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from dist_jobs import job_output
 from scipy.stats import rankdata, spearmanr
 from sentence_transformers import (
     SentenceTransformer,
@@ -17,7 +17,6 @@ from sentence_transformers import (
 from sentence_transformers.sentence_transformer.losses import AdaptiveLayerLoss, CoSENTLoss, MatryoshkaLoss
 from sentence_transformers.sentence_transformer.modules import Pooling, StaticEmbedding
 from tiny_model import ENGLISH_SENTENCES, build_tiny_decoder, build_tiny_model, build_tokenizer
-from torchrun_harness import run_torchrun
 from transformers.modeling_outputs import BaseModelOutput
 
 from codiemb_st import PearsonSpearmanLoss
@@ -734,13 +733,10 @@ def test_only_mid_nce_without_middle_embeddings_raises():
 
 
 @pytest.mark.distributed
-def test_two_rank_gathered_gradients_equal_single_process(tiny_model_path, tmp_path):
-    worker = Path(__file__).parents[1] / "dist_pearson_spearman_worker.py"
-    result = run_torchrun(worker, [tiny_model_path, tmp_path], tmp_path / "torchrun.log", timeout=180)
-    output = result.stdout
-    assert result.returncode == 0, output[-4000:]
-    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
-    assert [result["rank"] for result in results] == [0, 1], output[-4000:]
+def test_two_rank_gathered_gradients_equal_single_process(loss_rank_runs):
+    folder = job_output(loss_rank_runs, "pearson_spearman")  # dist_pearson_spearman_worker.py's outputs
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("rank*.json"))]
+    assert [result["rank"] for result in results] == [0, 1]
     for result in results:
         assert result["terms"] == ["mid_nce_loss", "pearson_loss", "pro_loss", "rank_kl_loss"]
         assert result["mid_nce_loss"] == pytest.approx(result["reference_mid_nce_loss"], abs=1e-12)
