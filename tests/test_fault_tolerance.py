@@ -25,7 +25,6 @@ from evaluation_fixtures import tiny_eval_argv, write_tiny_tasks
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from tiny_model import save_perturbed_tiny_model, save_tiny_model
-from torchrun_harness import run_torchrun
 
 from codiemb_st import DeltaSoup, MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss, RoundRobinTaskBatchSampler
 from codiemb_st.cli import main
@@ -34,7 +33,6 @@ from codiemb_st.merging import safetensors_stream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-WORKER = Path(__file__).with_name("ddp_train_worker.py")
 WORDS = "the quick brown fox jumps over lazy dog a man is playing guitar on stage woman slicing onion".split()
 SAVE_STEPS = 7  # epochs are 12 steps long: checkpoint-7 lies in the middle of the first epoch
 
@@ -120,24 +118,6 @@ def test_resume_from_a_mid_epoch_checkpoint_gives_the_uninterrupted_weights(mode
     assert any(not torch.equal(initial[name], expected[name]) for name in expected)  # training changed the model
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-
-
-@pytest.mark.distributed
-def test_four_rank_run_with_both_gathering_losses_finishes_with_equal_dataset_sequences(tiny_model_path, tmp_path):
-    # The harness kills torchrun after `timeout` (and the workers dump their stacks after 150 s): a deadlock fails.
-    result = run_torchrun(WORKER, [tiny_model_path, tmp_path], tmp_path / "torchrun.log", timeout=240, nproc=4)
-    assert result.returncode == 0, result.stdout[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(4)]
-
-    # 2 epochs x (1 IR step: 24 rows / (4 ranks x 4) + 1 STS step: 40 rows / (4 ranks x 6)), tasks alternating.
-    sequences = [[(step["dataset"], step["batch_size"]) for step in rank["steps"]] for rank in ranks]
-    assert sequences[0] == [("ir", 4), ("sts", 6)] * 2
-    assert all(sequence == sequences[0] for sequence in sequences)
-    losses = [[entry["loss"] for entry in rank["log_history"] if "loss" in entry] for rank in ranks]
-    assert len(losses[0]) == 4 and all(rank_losses == losses[0] for rank_losses in losses)
-    # The gathered STS loss is one global value on every rank.
-    sts = [[step["loss"] for step in rank["steps"] if step["dataset"] == "sts"] for rank in ranks]
-    assert all(rank_sts == pytest.approx(sts[0], abs=1e-6) for rank_sts in sts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
