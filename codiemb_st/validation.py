@@ -3,6 +3,11 @@
 A value of the wrong type raises ``TypeError``; a value of the right type outside its range raises ``ValueError``.
 Every message names the argument, says what was expected and shows what was given. ``bool`` is never accepted as a
 number (``True`` is an ``int`` in Python, but ``batch_size=True`` is a mistake).
+
+Bad *file content* (a field of the wrong type or value on line N of a data file) is a ``ValueError`` naming
+``file:line``, in the training readers (:mod:`codiemb_st.record_formats`) and the evaluation readers
+(:mod:`codiemb_st.evaluation.local_data`) alike: the argument, a path, was of the right type; the file holds a bad
+value.
 """
 
 from __future__ import annotations
