@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "on test; settings are still picked on dev only)",
     )
     parser.add_argument(
+        "--test-picked",
+        action="store_true",
+        help="also evaluate every family's dev-picked setting on test (paired with Model Soup across seeds)",
+    )
+    parser.add_argument(
         "--greedy",
         choices=("none", "model_soup", "both"),
         default="both",

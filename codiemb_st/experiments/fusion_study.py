@@ -119,8 +119,10 @@ def run_study(args) -> int:
                 **evaluate(result.path, False),
             }
             picked[label] = label
-        # Test budget: the two references, the best data-free rule on dev and the greedy soups.
+        # Test budget: the two references, the best data-free rule on dev and the greedy soups (with --test-picked
+        # also every family's setting picked on dev, so that a dev-tuned method is paired with Model Soup on test).
         on_test = ["model_soup", "delta_soup", best_label, *(label for label, _ in greedy_specs), *args.also_test]
+        on_test += list(picked.values()) if getattr(args, "test_picked", False) else []
         for label in dict.fromkeys(label for label in on_test if label in rows):
             rows[label] |= evaluate(out / "merged" / set_name / label, True)
         results["sets"][set_name] = {
@@ -152,19 +154,32 @@ def across_seeds(results: dict[str, Any]) -> dict[str, Any]:
     }
     if len(by_seed) < 2:
         return {}
-    labels = [label for label in next(iter(by_seed.values()))["rows"] if label != "model_soup"]
+    first_rows = next(iter(by_seed.values()))["rows"]
+    # Each label, and each family of several settings as "<family> (picked on dev)": per seed, the setting its dev
+    # score picked in that seed's set (a method whose setting is tuned on dev, judged on test).
+    candidates: dict[str, dict[int, str]] = {
+        label: dict.fromkeys(by_seed, label) for label in first_rows if label != "model_soup"
+    }
+    families = {row.get("family", label) for label, row in first_rows.items()}
+    for family in sorted(families - {"model_soup"}):
+        if sum(row.get("family") == family for row in first_rows.values()) > 1:
+            picks = {seed: block["picked"].get(family) for seed, block in by_seed.items()}
+            candidates[f"{family} (picked on dev)"] = {seed: pick for seed, pick in picks.items() if pick}
     comparisons: dict[str, Any] = {}
-    for label in labels:
+    for name, label_by_seed in candidates.items():
         for split in ("dev", "test"):
             pairs = {
-                seed: (block["rows"][label][split][OVERALL], block["rows"]["model_soup"][split][OVERALL])
-                for seed, block in by_seed.items()
-                if split in block["rows"].get(label, {}) and split in block["rows"]["model_soup"]
+                seed: (
+                    by_seed[seed]["rows"][label][split][OVERALL],
+                    by_seed[seed]["rows"]["model_soup"][split][OVERALL],
+                )
+                for seed, label in label_by_seed.items()
+                if split in by_seed[seed]["rows"].get(label, {}) and split in by_seed[seed]["rows"]["model_soup"]
             }
             if len(pairs) < 2:
                 continue
             first, second = {s: a for s, (a, _) in pairs.items()}, {s: b for s, (_, b) in pairs.items()}
-            comparisons.setdefault(label, {})[split] = paired_record(first, second)
+            comparisons.setdefault(name, {})[split] = paired_record(first, second)
     return comparisons
 
 

@@ -246,8 +246,8 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, two
     reproduction = json.loads((out / "en" / "results.json").read_text())
     study, committed = tmp_path / "fusion", tmp_path / "committed"
     argv = ["--reproduction", str(out / "en"), "--output-dir", str(study), "--results-dir", str(committed)]
-    argv += ["--methods", "delta_soup", "model_stock", "multi_slerp", "cocktail_5", "--greedy", "model_soup"]
-    argv += ["--also-test", "model_stock"]
+    argv += ["--methods", "delta_soup", "model_stock", "multi_slerp", "multi_slerp_weights", "cocktail_5"]
+    argv += ["--greedy", "model_soup", "--also-test", "model_stock", "--test-picked"]
     capsys.readouterr()
     assert fusion.main(argv) == 0
     # The reproduction's base, runs and soups (7 models x 2 seeds, base once) were scored, not evaluated again.
@@ -268,9 +268,22 @@ def test_fusion_study_merges_the_reproductions_runs_on_its_items(tiny_setup, two
         "delta_soup",
         "model_stock",
         "multi_slerp",
+        "multi_slerp_weights",
         "cocktail_5",
         "greedy_model_soup",
     }
+    # --test-picked: each family's dev-picked setting is on test, and a family of two settings is paired with Model
+    # Soup as "<family> (picked on dev)", seed by seed with the setting that seed's dev picked.
+    family = results["across_seeds"]["multi_slerp (picked on dev)"]
+    assert family["dev"]["seeds"] == family["test"]["seeds"] == [1, 2]
+    for index, seed in enumerate((1, 2)):
+        block = results["sets"][f"S2_tasks@{seed}"]
+        pick = block["picked"]["multi_slerp"]
+        assert pick in {"multi_slerp", "multi_slerp_weights"} and "test" in block["rows"][pick]
+        expected = (
+            block["rows"][pick]["test"]["mean_task_type"] - block["rows"]["model_soup"]["test"]["mean_task_type"]
+        )
+        assert family["test"]["differences"][index] == pytest.approx(expected)
     # CocktailSoup's examples: 5 records of each training file, drawn outside the reproduction's dev hold-out.
     cocktail = results["sets"]["S2_tasks@1"]["rows"]["cocktail_5"]
     assert cocktail["method"].startswith("CocktailSoup(") and "cocktail_5" in results["across_seeds"]
