@@ -127,6 +127,8 @@ def _argv(tiny_setup, out: Path, *extra: str) -> list[str]:
 
 
 MAIN = ["ir_only", "sts_only", "naive", "codiemb"]
+#: An option of the fusion study added after the old script (off by default: the results are otherwise the same).
+NEW_FUSION_OPTION = "test_picked"
 #: The shared two-seed run's options (its corpus capped so that the fusion study's merges evaluate quickly).
 TWO_SEEDS = ("--seeds", "1", "2", "--runs", *MAIN, "--corpus-cap", "9")
 
@@ -442,6 +444,7 @@ def test_runs_merges_and_caches_written_by_the_old_scripts_are_reused(tiny_setup
     assert (
         len(new_fused.pop("wall_seconds_by_invocation")) == 2 == 1 + len(old_fused.pop("wall_seconds_by_invocation"))
     )
+    assert new_fused["config"].pop(NEW_FUSION_OPTION) is False
     assert new_fused == old_fused and list(new_fused["sets"]) == ["S2_tasks@3"]
 
 
@@ -472,6 +475,7 @@ def test_trained_fusion_study_keeps_checkpoints_and_reuses_the_old_scripts_runs(
     new_results = json.loads((committed / "results.json").read_text())
     assert len(new_results.pop("wall_seconds_by_invocation")) == 2
     old_results.pop("wall_seconds_by_invocation")
+    assert new_results["config"].pop(NEW_FUSION_OPTION) is False
     assert new_results == old_results
     # The seeds' runs and the kept checkpoints at 1/3 and 2/3 of training (steps 1 and 2 of 3).
     models = out / "models"
