@@ -167,7 +167,14 @@ def test_the_library_never_imports_experiments():
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("folder", ["en", "reproduction-en", "reproduction-zh"])
+FUSION_RESULTS = sorted(path.parent.name for path in (RESULTS / "fusion").glob("*/results.json"))
+
+
+def test_the_committed_fusion_results_are_found():
+    assert {"en", "reproduction-en", "reproduction-zh", "reproduction-en-new-methods"} <= set(FUSION_RESULTS)
+
+
+@pytest.mark.parametrize("folder", FUSION_RESULTS)
 def test_committed_fusion_reports_regenerate_from_their_results(folder):
     from codiemb_st.experiments.fusion_study import report
 
