@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from codiemb_st.merging.methods import MergeMethod, ModelSoup
-from codiemb_st.merging.streaming_merge import _check_checkpoints_argument, merge_and_load, merge_model_folders
+from codiemb_st.merging.streaming_merge import _check_checkpoints_argument
 from codiemb_st.validation import check_bool, check_finite_float, check_int
 
 if TYPE_CHECKING:
@@ -282,8 +282,8 @@ class CocktailSoup(MergeMethod):
         """Fit the weights on the examples (:meth:`fit`), then merge and load (see :meth:`MergeMethod.merge`)."""
         _check_free(output_path)
         self.fit(checkpoints, base_model=base_model)
-        return merge_and_load(
-            self, checkpoints, base_model=base_model, output_path=output_path, show_progress_bar=show_progress_bar
+        return super().merge(
+            checkpoints, base_model=base_model, output_path=output_path, show_progress_bar=show_progress_bar
         )
 
     def merge_to_folder(
@@ -297,8 +297,8 @@ class CocktailSoup(MergeMethod):
         """Fit the weights on the examples (:meth:`fit`), then write the merged folder and return its path."""
         _check_free(output_path)
         self.fit(checkpoints, base_model=base_model)
-        return merge_model_folders(
-            self, checkpoints, output_path, base_model=base_model, show_progress_bar=show_progress_bar
+        return super().merge_to_folder(
+            checkpoints, output_path, base_model=base_model, show_progress_bar=show_progress_bar
         )
 
     def get_config_dict(self) -> dict[str, Any]:
