@@ -44,7 +44,7 @@ def gradcache_batches() -> dict:
     }
 
 
-#: Check name -> worker module.
+#: Check name -> worker module, in the order they run.
 WORKERS = {
     "infonce": "dist_infonce_worker",
     "pearson_spearman": "dist_pearson_spearman_worker",
@@ -62,13 +62,14 @@ def run_loss_jobs(
         folder.mkdir(parents=True, exist_ok=True)
     (root / "infonce.json").write_text(json.dumps(infonce_batch()))
     (root / "gradcache.json").write_text(json.dumps(gradcache_batches()))
-    jobs = [
-        {"module": "dist_infonce_worker", "args": [str(model_path), str(root / "infonce.json"), str(folders["infonce"])]},
-        {"module": "dist_pearson_spearman_worker", "args": [str(model_path), str(folders["pearson_spearman"])]},
-        {"module": "fsdp_loss_worker", "args": [str(decoder_path), str(folders["fsdp"])]},
-        # Last: it lowers a module constant of the length-ordered embedding for the rest of the process.
-        {"module": "dist_gradcache_paths_worker", "args": [str(model_path), str(root / "gradcache.json"), str(folders["gradcache"])]},
-    ]  # fmt: skip
+    model, decoder = str(model_path), str(decoder_path)
+    args = {  # in WORKERS' order: the GradCache worker last, as it lowers a module constant for the process
+        "infonce": [model, str(root / "infonce.json"), str(folders["infonce"])],
+        "pearson_spearman": [model, str(folders["pearson_spearman"])],
+        "fsdp": [decoder, str(folders["fsdp"])],
+        "gradcache": [model, str(root / "gradcache.json"), str(folders["gradcache"])],
+    }
+    jobs = [{"module": WORKERS[name], "args": args[name]} for name in WORKERS]
     (root / "jobs.json").write_text(json.dumps(jobs))
     result = run_torchrun(TESTS_DIR / "dist_jobs_worker.py", [root / "jobs.json"], root / "torchrun.log", timeout=480)
     return folders, result
