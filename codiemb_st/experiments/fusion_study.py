@@ -122,7 +122,7 @@ def run_study(args) -> int:
         # Test budget: the two references, the best data-free rule on dev and the greedy soups (with --test-picked
         # also every family's setting picked on dev, so that a dev-tuned method is paired with Model Soup on test).
         on_test = ["model_soup", "delta_soup", best_label, *(label for label, _ in greedy_specs), *args.also_test]
-        on_test += list(picked.values()) if getattr(args, "test_picked", False) else []
+        on_test += list(picked.values()) if args.test_picked else []
         for label in dict.fromkeys(label for label in on_test if label in rows):
             rows[label] |= evaluate(out / "merged" / set_name / label, True)
         results["sets"][set_name] = {
