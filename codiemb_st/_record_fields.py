@@ -74,6 +74,15 @@ def _text(value: Any, field: str, location: str) -> str:
     if not isinstance(value, str) or not value.strip():
         got = "missing" if value is None else repr(value)[:80]
         raise ValueError(f"{location}: `{field}` must be a non-empty string; got {got}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # A lone surrogate (JSON "\ud800" without its pair) passes json.loads but not pyarrow; name the record here.
+        raise ValueError(
+            f"{location}: `{field}` holds a character that is not valid Unicode text ({error.reason} at position "
+            f"{error.start}: {value[error.start]!r}); a JSON escape \\uD800-\\uDFFF must be one of a surrogate pair. "
+            "Fix or drop that character."
+        ) from None
     return value
 
 

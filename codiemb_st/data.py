@@ -33,10 +33,21 @@ from codiemb_st.validation import check_int
 logger = logging.getLogger(__name__)
 
 
+#: The most hard-negative columns a dataset gets when N is not given: its records' own count, capped here (FlagEmbedding's
+#: default train_group_size of 8 is 7 negatives; the official CoDiEmb N is 4).
+MAX_DEFAULT_NEGATIVES = 8
+
+
+def records_negative_count(records: IRRecords) -> int:
+    """The N a dataset of these records trains with when none is given: the most negatives any record has, at most
+    :data:`MAX_DEFAULT_NEGATIVES` (``codiemb-st mine --num-negatives 4`` output -> 4)."""
+    return min(max(len(record["negatives"]) for record in records.records), MAX_DEFAULT_NEGATIVES)
+
+
 def ir_dataset_from_records(
     source: RecordSource | IRRecords,
     num_positives: int = 1,
-    num_negatives: int = 0,
+    num_negatives: int | None = None,
     seed: int = 0,
 ) -> Dataset:
     """Turn IR records into a dataset with columns ``anchor, positive_1..positive_P, negative_1..negative_N``.
@@ -58,8 +69,10 @@ def ir_dataset_from_records(
         num_positives: Positive columns ``P`` (official CoDiEmb: 2). Use it with a multi-positive loss such as
             ``MultiPositiveCachedInfoNCELoss(num_positives=P)``; MNRL-style losses would read extra positives as
             negatives.
-        num_negatives: Hard-negative columns ``N`` (official CoDiEmb: 4). ``0`` keeps only in-batch negatives; with
-            ``N > 0`` every record must have at least one negative.
+        num_negatives: Hard-negative columns ``N`` (official CoDiEmb: 4). ``None`` (default): as many as the
+            records have (:func:`records_negative_count`; 0 when none has any). ``0`` keeps only in-batch negatives.
+            A record without negatives (when others have some) gets ``N`` negatives of other records, drawn at
+            random, like in-batch negatives (counted in a warning); a record with fewer than ``N`` repeats its own.
         seed: Seed of the subset/resampling draws.
 
     Returns:
@@ -78,9 +91,12 @@ def ir_dataset_from_records(
             # columns: anchor, positive_1, negative_1
     """
     check_int("num_positives", num_positives, minimum=1)
-    check_int("num_negatives", num_negatives, minimum=0)
+    if num_negatives is not None:
+        check_int("num_negatives", num_negatives, minimum=0)
     check_int("seed", seed)
     ir_records = read_ir_records(source)
+    if num_negatives is None:
+        num_negatives = records_negative_count(ir_records)
     records = ir_records.prompts_in_text()
     prompted = sum(1 for record in ir_records.records if record["prompt"])
     if prompted:
@@ -94,24 +110,56 @@ def ir_dataset_from_records(
 
 
 def ir_columns(records: list[dict[str, Any]], name: str, num_positives: int, num_negatives: int, seed: int) -> Dataset:
-    """Columns ``anchor, positive_1..P, negative_1..N`` from :attr:`IRRecords.records` (texts used as they are)."""
+    """Columns ``anchor, positive_1..P, negative_1..N`` from :attr:`IRRecords.records` (texts used as they are).
+
+    A record without negatives, in records of which some have negatives, is trained with ``N`` negatives of other
+    records (random, like in-batch negatives; never one of its own positives): its row is kept and the other records
+    keep their hard negatives. When no record has any, ``N > 0`` is refused.
+    """
     rng = random.Random(seed)
     columns: dict[str, list[str]] = {"anchor": []}
     columns.update({f"positive_{k}": [] for k in range(1, num_positives + 1)})
     columns.update({f"negative_{k}": [] for k in range(1, num_negatives + 1)})
     stats = {"positives": _DrawStats(), "negatives": _DrawStats()}
-    for record in records:
-        if num_negatives and not record["negatives"]:
+    lacking = [record for record in records if not record["negatives"]] if num_negatives else []
+    pool: list[str] = []
+    if lacking:
+        pool = list(dict.fromkeys(text for record in records for text in record["negatives"]))
+        if not pool:
             raise ValueError(
-                f"{record['location']}: the record has no negatives but num_negatives={num_negatives}; add hard "
+                f"{lacking[0]['location']}: no record has negatives but num_negatives={num_negatives}; add hard "
                 "negatives (e.g. with `codiemb-st mine`) or use num_negatives=0 (in-batch negatives only)."
             )
+    borrowed = 0
+    for record in records:
+        negatives = record["negatives"]
+        if num_negatives and not negatives:
+            positives = set(record["positives"]) | {record["query"]}
+            negatives = [text for text in rng.sample(pool, min(len(pool), 4 * num_negatives)) if text not in positives]
+            negatives = negatives[:num_negatives] or [text for text in pool if text not in positives][:1]
+            if not negatives:
+                raise ValueError(
+                    f"{record['location']}: the record has no negatives and every other record's negative is one of "
+                    "its positives; add hard negatives or use num_negatives=0."
+                )
+            borrowed += 1
         columns["anchor"].append(record["query"])
         for k, text in enumerate(_draw(record["positives"], num_positives, rng, stats["positives"]), start=1):
             columns[f"positive_{k}"].append(text)
-        for k, text in enumerate(_draw(record["negatives"], num_negatives, rng, stats["negatives"]), start=1):
+        for k, text in enumerate(_draw(negatives, num_negatives, rng, stats["negatives"]), start=1):
             columns[f"negative_{k}"].append(text)
     num_rows = len(columns["anchor"])
+    if borrowed:
+        logger.warning(
+            "IR records in %s: %d of %d have no hard negatives (first: %s); each is trained with %d negatives drawn "
+            "from other records' negatives (like in-batch negatives); the other records keep their own. Mine "
+            "negatives for them (`codiemb-st mine --keep-negatives`) to train on hard ones.",
+            name,
+            borrowed,
+            num_rows,
+            lacking[0]["location"],
+            num_negatives,
+        )
     for kind, count in (("positives", num_positives), ("negatives", num_negatives)):
         stats[kind].log(name, kind, count, num_rows)
     return Dataset.from_dict(columns)
@@ -225,8 +273,10 @@ class _DrawStats:
                 kind,
             )
         if self.truncated_records:
-            logger.info(
-                "IR records in %s: %d of %d had more than %d %s; %d %s were left out (a random subset is kept).",
+            option = "num_positives (--num-positives)" if kind == "positives" else "num_negatives (--num-negatives)"
+            logger.warning(
+                "IR records in %s: %d of %d had more than %d %s; %d %s were left out (a random subset is kept; raise "
+                f"{option} to train on more).",
                 source,
                 self.truncated_records,
                 num_rows,
@@ -259,6 +309,7 @@ __all__ = [
     "RecordSource",
     "STSRecords",
     "detect_format",
+    "MAX_DEFAULT_NEGATIVES",
     "ir_columns",
     "read_ir_records",
     "read_sts_records",
@@ -266,5 +317,6 @@ __all__ = [
     "dataset_from_records",
     "ir_dataset_from_records",
     "read_records",
+    "records_negative_count",
     "sts_dataset_from_records",
 ]

@@ -86,7 +86,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Write a file through a temporary file in the same folder, then rename it into place.
 
-    Readers never see a half-written file, and an interrupted write leaves the previous content (or nothing).
+    Readers never see a half-written file, and an interrupted write leaves the previous content (or nothing): on an
+    error (a full disk, say) the temporary file and any parent folders created for it are removed. A process killed
+    mid-write (``kill -9``) leaves its hidden ``.NAME.PID.*.tmp`` file; the next write of the same file removes it.
 
     Args:
         path: The file to write; its parent folders are created.
@@ -96,8 +98,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         ``path`` as a ``Path``.
     """
     path = Path(path)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(handle)
     try:
         write(Path(tmp))
@@ -105,8 +109,33 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        for folder in created:  # deepest first; only folders this call made, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of earlier writes of ``path`` whose process no longer runs (killed mid-write)."""
+    import glob
+
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 @contextmanager

@@ -45,7 +45,13 @@ class MiningStats:
     Args:
         queries: Queries mined.
         corpus: Distinct corpus texts searched.
-        short: Queries that got fewer than ``num_negatives`` mined negatives (too few candidates passed the filters).
+        short: Queries that got fewer than ``num_negatives`` mined negatives: the whole corpus was searched and too
+            few candidates passed the filters (or they lay before ``range_min``).
+        short_reasons: ``{"margin": n, "corpus": n}``: short because of the margin (without it the window would have
+            been full) or because the corpus has too few other texts.
+        completed_from_own: Negatives of the records' own that completed short queries (their own negatives are
+            kept rather than replaced by fewer mined ones).
+        without_negatives: Queries left with no negative at all (training completes them per record).
         skipped_identical: Candidates skipped because their token ids equal one of the query's positives (or the
             query) without being the same string.
         skipped_margin: Candidates skipped by the margin.
@@ -60,12 +66,25 @@ class MiningStats:
     skipped_margin: int = 0
     positive_score_mean: float = float("nan")
     negative_score_mean: float = float("nan")
+    short_reasons: Counter = field(default_factory=Counter)
+    completed_from_own: int = 0
+    without_negatives: int = 0
     _positive_scores: list[float] = field(default_factory=list, repr=False)
     _negative_scores: list[float] = field(default_factory=list, repr=False)
 
 
+@dataclass
+class _Window:
+    """One query's filtered candidates: those in the window, the rank reached, and what the filters skipped."""
+
+    candidates: list[tuple[int, float]] = field(default_factory=list)
+    rank: int = 0
+    skipped_identical: int = 0
+    skipped_margin: int = 0
+
+
 def read_corpus(source: str | os.PathLike | Iterable[str]) -> list[str]:
-    """Extra corpus texts: a ``.txt`` file (one text a line), a table with a ``text`` column (JSONL/JSON/CSV/Parquet;
+    """Extra corpus texts: a ``.txt`` (or ``.txt.gz``) file (one text a line), a table with a ``text`` column (JSONL/JSON/CSV/Parquet;
     a non-empty ``title`` is put in front as ``"title text"``, as the BEIR layout keeps documents), or strings.
 
     Raises:
@@ -80,9 +99,8 @@ def read_corpus(source: str | os.PathLike | Iterable[str]) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"Corpus file not found: {path}")
-    if path.suffix == ".txt":
-        with open(path, encoding="utf-8") as handle:
-            texts = [line.rstrip("\n") for line in handle if line.strip()]
+    if path.name.endswith((".txt", ".txt.gz")):
+        texts = _read_text_lines(path)
     else:
         rows = read_jsonl(path) if path.name.endswith((".jsonl", ".jsonl.gz")) else read_records(path)
         texts = []
@@ -94,6 +112,29 @@ def read_corpus(source: str | os.PathLike | Iterable[str]) -> list[str]:
             texts.append(f"{title} {text}" if isinstance(title, str) and title.strip() else text)
     if not texts:
         raise ValueError(f"{path}: the corpus file has no texts.")
+    return texts
+
+
+def _read_text_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (gzip-compressed when named ``.gz``), errors naming ``path:line``."""
+    import gzip
+
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+    if compressed and path.suffix != ".gz":
+        raise ValueError(
+            f"{path}: the corpus file is gzip-compressed but named {path.suffix}; rename it to {path.name}.gz "
+            f"(read as gzip) or decompress it: gunzip -c {path} > {path.stem}.plain{path.suffix}."
+        )
+    texts = []
+    with (gzip.open if compressed else open)(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: the corpus file is not UTF-8 text ({error.reason}).") from None
+            if text.strip():
+                texts.append(text)
     return texts
 
 
@@ -265,6 +306,7 @@ def mine_hard_negatives(
 
     rng = np.random.default_rng(seed)
     chunks = range(0, len(queries), query_chunk_size)
+    first_short: dict[str, str] = {}
     for start in tqdm(chunks, desc="Searching", disable=not show_progress_bar):
         chunk = records.records[start : start + query_chunk_size]
         positive_sets = [[corpus_index[text] for text in record["positives"]] for record in chunk]
@@ -272,59 +314,94 @@ def mine_hard_negatives(
             {int(query_ids[start + i]), *(int(corpus_ids[j]) for j in positives)}
             for i, positives in enumerate(positive_sets)
         ]
-        # Enough candidates that range_max remain after removing every excluded text (exact: the group sizes).
-        kept_own = [record["negatives"] if keep_negatives else [] for record in chunk]
-        top_k = range_max + max(
-            sum(group_size.get(identity, 0) for identity in ids) + len(own) + 1
+        own_negatives = [list(record["negatives"]) for record in chunk]
+        kept_own = own_negatives if keep_negatives else [[] for _ in chunk]
+        positive_scores = [
+            (corpus_embeddings[positives] @ query_embeddings[start + i]).tolist()
+            for i, positives in enumerate(positive_sets)
+        ]
+        thresholds = [
+            min(scores) - abs(min(scores)) * margin if margin is not None else math.inf for scores in positive_scores
+        ]
+        # First guess: enough candidates that range_max remain after removing every excluded text (exact: the group
+        # sizes). Candidates above the margin are only known after the search, so a query whose window is not full
+        # is searched again, deeper (x4), until it is or the corpus ends.
+        top_k = [
+            range_max + sum(group_size.get(identity, 0) for identity in ids) + len(own) + 1
             for ids, own in zip(excluded_ids, kept_own)
-        )
-        hits = semantic_search(
-            query_embeddings[start : start + len(chunk)],
-            corpus_embeddings,
-            query_chunk_size=100,
-            corpus_chunk_size=corpus_chunk_size,
-            top_k=min(top_k, len(corpus_texts)),
-            score_function=dot_score,
-        )
-        for i, (record, query_hits) in enumerate(zip(chunk, hits)):
-            q = start + i
-            positives = positive_sets[i]
-            positive_scores = (corpus_embeddings[positives] @ query_embeddings[q]).tolist()
-            stats._positive_scores.extend(positive_scores)
-            lowest = min(positive_scores)
-            threshold = lowest - abs(lowest) * margin if margin is not None else math.inf
-            own = set(kept_own[i])
-            window: list[tuple[int, float]] = []
-            rank = 0
-            for hit in query_hits:
-                index, score = hit["corpus_id"], hit["score"]
-                text = corpus_texts[index]
-                if text == record["query"] or index in positives or text in own:
-                    continue
-                if int(corpus_ids[index]) in excluded_ids[i]:
-                    stats.skipped_identical += 1
-                    continue
-                if score > threshold:
-                    stats.skipped_margin += 1
-                    continue
-                if rank >= range_min:
-                    window.append((index, score))
-                rank += 1
-                if rank >= range_max:
-                    break
+        ]
+        windows: dict[int, _Window] = {}
+        pending = list(range(len(chunk)))
+        while pending:
+            depth = min(max(top_k[i] for i in pending), len(corpus_texts))
+            hits = semantic_search(
+                query_embeddings[[start + i for i in pending]],
+                corpus_embeddings,
+                query_chunk_size=100,
+                corpus_chunk_size=corpus_chunk_size,
+                top_k=depth,
+                score_function=dot_score,
+            )
+            deeper = []
+            for i, query_hits in zip(pending, hits):
+                record = chunk[i]
+                window = _Window()
+                own = set(kept_own[i])
+                for hit in query_hits:
+                    index, score = hit["corpus_id"], hit["score"]
+                    text = corpus_texts[index]
+                    if text == record["query"] or index in positive_sets[i] or text in own:
+                        continue
+                    if int(corpus_ids[index]) in excluded_ids[i]:
+                        window.skipped_identical += 1
+                        continue
+                    if score > thresholds[i]:
+                        window.skipped_margin += 1
+                        continue
+                    if window.rank >= range_min:
+                        window.candidates.append((index, score))
+                    window.rank += 1
+                    if window.rank >= range_max:
+                        break
+                if window.rank < range_max and depth < len(corpus_texts):
+                    top_k[i] = depth * 4
+                    deeper.append(i)
+                else:
+                    windows[i] = window
+            pending = deeper
+
+        for i, record in enumerate(chunk):
+            window = windows[i]
+            stats._positive_scores.extend(positive_scores[i])
+            stats.skipped_identical += window.skipped_identical
+            stats.skipped_margin += window.skipped_margin
             wanted = num_negatives - len(kept_own[i])
             if wanted <= 0:
                 record["negatives"] = kept_own[i][:num_negatives]
                 continue
-            if sampling == "random" and len(window) > wanted:
-                picks = sorted(rng.choice(len(window), size=wanted, replace=False).tolist())
-                chosen = [window[p] for p in picks]
+            if sampling == "random" and len(window.candidates) > wanted:
+                picks = sorted(rng.choice(len(window.candidates), size=wanted, replace=False).tolist())
+                chosen = [window.candidates[p] for p in picks]
             else:
-                chosen = window[:wanted]
+                chosen = window.candidates[:wanted]
+            stats._negative_scores.extend(score for _, score in chosen)
+            mined = [corpus_texts[index] for index, _ in chosen]
+            negatives = kept_own[i] + mined
             if len(chosen) < wanted:
                 stats.short += 1
-            stats._negative_scores.extend(score for _, score in chosen)
-            record["negatives"] = kept_own[i] + [corpus_texts[index] for index, _ in chosen]
+                # Why: the whole corpus was searched, so what is missing was removed by the filters or lies before
+                # range_min. The margin is named when, without it, the window would have been full.
+                reason = "margin" if window.rank + window.skipped_margin >= range_min + wanted else "corpus"
+                stats.short_reasons[reason] += 1
+                first_short.setdefault(reason, record["location"])
+                # The record's own negatives complete it rather than being replaced by fewer mined ones.
+                spare = [text for text in own_negatives[i] if text not in negatives]
+                added = spare[: num_negatives - len(negatives)]
+                negatives += added
+                stats.completed_from_own += len(added)
+                if not negatives:
+                    stats.without_negatives += 1
+            record["negatives"] = negatives
 
     if stats._positive_scores:
         stats.positive_score_mean = float(np.mean(stats._positive_scores))
@@ -332,16 +409,38 @@ def mine_hard_negatives(
         stats.negative_score_mean = float(np.mean(stats._negative_scores))
     logger.info(
         "Mined %s: mean positive score %.4f, mean negative score %.4f; skipped %d candidates by the margin and %d "
-        "token-identical to a positive; %d of %d queries got fewer than %d negatives.",
+        "token-identical to a positive.",
         records.name,
         stats.positive_score_mean,
         stats.negative_score_mean,
         stats.skipped_margin,
         stats.skipped_identical,
-        stats.short,
-        stats.queries,
-        num_negatives,
     )
+    if stats.short:
+        reasons = []
+        if stats.short_reasons["margin"]:
+            reasons.append(
+                f"{stats.short_reasons['margin']} because the margin ({margin}) removed the candidates their window "
+                f"needed (first: {first_short['margin']}; lower --margin or use --no-margin)"
+            )
+        if stats.short_reasons["corpus"]:
+            reasons.append(
+                f"{stats.short_reasons['corpus']} because the corpus has too few other texts past rank {range_min} "
+                f"(first: {first_short['corpus']}; add --corpus files or lower --range-min)"
+            )
+        logger.warning(
+            "%s: %d of %d queries got fewer than %d mined negatives after searching the whole corpus of %d texts: %s. "
+            "%d of their own negatives completed them; %d queries have no negative (training completes those per "
+            "record).",
+            records.name,
+            stats.short,
+            stats.queries,
+            num_negatives,
+            stats.corpus,
+            "; ".join(reasons),
+            stats.completed_from_own,
+            stats.without_negatives,
+        )
     return records, stats
 
 
@@ -407,6 +506,7 @@ def write_ir_records(records: IRRecords, path: str | os.PathLike) -> Path:
     from datasets import Dataset
 
     path = Path(path)
+    check_records_path(path, records.format)
     rows = ir_records_as_rows(records)
     if path.name.endswith(".jsonl.gz"):
 
@@ -416,13 +516,32 @@ def write_ir_records(records: IRRecords, path: str | os.PathLike) -> Path:
 
         return write_atomic(path, write)
     if path.suffix in (".csv", ".parquet"):
-        if records.format != "sentence-transformers":
-            raise ValueError(f"{path}: {records.format} records have list fields; write them as .jsonl.")
         table = Dataset.from_list(rows)
         return write_atomic(path, lambda tmp: getattr(table, f"to_{path.suffix[1:]}")(str(tmp)))
-    if path.suffix != ".jsonl":
-        raise ValueError(f"{path}: write mined records as .jsonl, .jsonl.gz (or .csv/.parquet for columns).")
     return write_jsonl(path, rows)
 
 
-__all__ = ["MiningStats", "ir_records_as_rows", "mine_hard_negatives", "read_corpus", "write_ir_records"]
+def check_records_path(path: str | os.PathLike, record_format: str) -> None:
+    """Raise ``ValueError`` if records of ``record_format`` cannot be written to ``path`` (by its suffix): checked
+    before any work, so that hours of mining never end in a refused file name.
+
+    Raises:
+        ValueError: For a suffix other than ``.jsonl``/``.jsonl.gz`` (``.csv``/``.parquet`` for
+            sentence-transformers columns).
+    """
+    path = Path(path)
+    if path.suffix in (".csv", ".parquet"):
+        if record_format != "sentence-transformers":
+            raise ValueError(f"{path}: {record_format} records have list fields; write them as .jsonl.")
+    elif not path.name.endswith((".jsonl", ".jsonl.gz")):
+        raise ValueError(f"{path}: write mined records as .jsonl, .jsonl.gz (or .csv/.parquet for columns).")
+
+
+__all__ = [
+    "MiningStats",
+    "check_records_path",
+    "ir_records_as_rows",
+    "mine_hard_negatives",
+    "read_corpus",
+    "write_ir_records",
+]

@@ -57,29 +57,103 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Instructions in the official format ("Instruction: ... Query: ") for English training; pass "" to train without.
-DEFAULT_IR_INSTRUCTION = (
-    "Instruction: Given a claim or a sentence, retrieve passages that support or entail it Query: "
-)
-DEFAULT_STS_INSTRUCTION = "Instruction: Retrieve semantically similar text Query: "
 
-
-def use_instructions(model: SentenceTransformer, *, query: str = "", sts: str = "", document: str = "") -> None:
+def use_instructions(
+    model: SentenceTransformer,
+    *,
+    query: str = "",
+    sts: str = "",
+    document: str = "",
+    exclude_from_pooling: bool | None = None,
+) -> None:
     """Make task instructions the model's prompts, excluded from mean pooling (as the official code masks them).
 
-    The prompts are saved with the model, so inference uses them: ``model.encode(q, prompt_name="query")``,
-    ``prompt_name="sts"``. Empty instructions are left out (``document`` is always set, possibly to "").
+    The prompts are saved with the model under the names ``query`` (IR queries), ``document`` (IR passages) and
+    ``sts`` (both STS sentences), so inference uses them: ``model.encode_query(q)``, ``model.encode(s,
+    prompt_name="sts")``; ``codiemb-st eval`` applies them by task type. Empty instructions are left out
+    (``document`` is always set, possibly to "", so that ``encode_document`` adds nothing).
+
+    Args:
+        model: The model being trained.
+        query: The IR query instruction.
+        sts: The STS instruction.
+        document: The IR passage instruction.
+        exclude_from_pooling: Set the Pooling module's ``include_prompt`` to False (the prompt's tokens are not
+            pooled, as in the official code). Default: when any instruction is given. Pass True when the training
+            prompts differ from the saved ones (per-dataset instructions), so that training excludes them too.
+
+    Example:
+        ::
+
+            recipe.use_instructions(model, query="Instruction: retrieve passages Query: ")
+            model.prompts  # {"query": "Instruction: retrieve passages Query: ", "document": ""}
     """
     from codiemb_st._compat import Pooling
 
-    for module in model:
-        if isinstance(module, Pooling):
-            module.include_prompt = False
+    if exclude_from_pooling is None:
+        exclude_from_pooling = bool(query or sts or document)
+    if exclude_from_pooling:
+        for module in model:
+            if isinstance(module, Pooling):
+                module.include_prompt = False
     model.prompts = {
         name: prompt
         for name, prompt in (("query", query), ("sts", sts), ("document", document))
         if prompt or name == "document"
     }
+
+
+def saved_prompts(data: TaskDatasets, *, query: str = "", sts: str = "", passage: str = "") -> dict[str, str]:
+    """The prompts a model trained on ``data`` is saved with: ``{"query", "document", "sts"}`` (see
+    :func:`use_instructions`), resolved from each dataset's own instruction (record prompts, dataset options) and
+    the run's defaults.
+
+    A task whose datasets trained with one instruction saves it; datasets of one task with different instructions
+    save none for that task (a model has one ``query`` prompt), with a warning naming them. A symmetric IR dataset's
+    instruction is also its ``document`` prompt.
+
+    Example:
+        ::
+
+            data = recipe.load_task_datasets(ir=["pairs.jsonl"], sts=["sts.jsonl"])
+            recipe.saved_prompts(data, sts="Same meaning? ")  # {"query": <the records' prompt or "">, ...}
+    """
+    columns = training_prompts(data, query=query, passage=passage, sts=sts)
+    chosen: dict[str, set[str]] = {"query": set(), "document": set(), "sts": set()}
+    for name in data.ir:
+        chosen["query"].add(columns.get(name, {}).get("anchor", ""))
+        chosen["document"].add(columns.get(name, {}).get("positive_1", ""))
+    for name in data.sts:
+        chosen["sts"].add(columns.get(name, {}).get("sentence1", ""))
+    out = {"query": "", "document": "", "sts": ""}
+    for key, values in chosen.items():
+        if len(values) == 1:
+            out[key] = values.pop()
+        elif len(values) > 1:
+            logger.warning(
+                "The datasets trained with different %s instructions %s; the model is saved without a %r prompt "
+                "(encode with the one you need: prompt=...).",
+                key,
+                sorted(values),
+                key,
+            )
+    return out
+
+
+def describe_prompts(prompts: Mapping[str, Mapping[str, str]], saved: Mapping[str, str]) -> str:
+    """A few lines saying which prompt each dataset column trains with and which prompts the model is saved with."""
+    lines = ["Instructions (sentence-transformers prompts, excluded from pooling):"]
+    if not prompts:
+        lines.append("  training: none")
+    for name, columns in prompts.items():
+        by_prompt: dict[str, list[str]] = {}
+        for column, prompt in columns.items():
+            by_prompt.setdefault(prompt, []).append(column)
+        described = "; ".join(f"{', '.join(cols)}: {prompt!r}" for prompt, cols in by_prompt.items())
+        lines.append(f"  training {name}: {described}")
+    kept = {name: prompt for name, prompt in saved.items() if prompt}
+    lines.append(f"  saved with the model: {kept or 'none'} (codiemb-st eval applies them by task type)")
+    return "\n".join(lines)
 
 
 def training_prompts(
@@ -247,15 +321,15 @@ def training_arguments(
 
 __all__ = [
     "DATASET_OPTION_FIELDS",
-    "DEFAULT_IR_INSTRUCTION",
     "DatasetOptions",
-    "DEFAULT_STS_INSTRUCTION",
     "TaskDatasets",
     "build_task_losses",
     "dataset_name",
+    "describe_prompts",
     "ir_column_counts",
     "load_ir_dataset",
     "load_task_datasets",
+    "saved_prompts",
     "training_arguments",
     "training_prompts",
     "use_instructions",

@@ -76,6 +76,8 @@ _IR_USED_FIELDS = {
 # symmetric_sts / symmetric_clustering records get the query's instruction too; only_1neg trains with one negative;
 # symmetric_class with at most as many negatives as the record has (no resampling).
 SYMMETRIC_TYPES = ("symmetric_sts", "symmetric_clustering")
+#: Every FlagEmbedding ``type`` value this package knows; any other is trained as "normal", with a warning.
+KNOWN_TYPES = ("normal", "only_1neg", "symmetric_class", *SYMMETRIC_TYPES)
 
 RecordSource = str | os.PathLike | Dataset | Iterable[Mapping[str, Any]]
 """A record file (``.jsonl``/``.jsonl.gz``; also ``.json``, ``.csv``, ``.parquet`` as ``datasets`` reads them), a
@@ -269,6 +271,14 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
                 raise ValueError(f"{location}: `type` must be a string; got {data_type!r}.")
             if location == first_location:
                 result.data_type = data_type
+                if data_type not in KNOWN_TYPES:
+                    logger.warning(
+                        "%s: FlagEmbedding `type` %r is not one this package knows (%s); the file trains as a normal, "
+                        "non-symmetric type. Check the spelling.",
+                        location,
+                        data_type,
+                        ", ".join(KNOWN_TYPES),
+                    )
         if data_type != result.data_type:
             raise ValueError(
                 f"{location}: `type` {data_type!r} differs from that of {first_location} ({result.data_type!r}); "
@@ -293,9 +303,21 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
             }
     if not by_key:
         raise ValueError(f"No records in {result.name}.")
+    dropped, first_dropped = 0, None
     for record in by_key.values():  # a negative that is one of the query's positives is not a negative
         positives = set(record["positives"])
-        record["negatives"] = [text for text in dict.fromkeys(record["negatives"]) if text not in positives]
+        kept = [text for text in dict.fromkeys(record["negatives"]) if text not in positives]
+        if len(kept) < len(set(record["negatives"])):
+            dropped += len(set(record["negatives"])) - len(kept)
+            first_dropped = first_dropped or record["location"]
+        record["negatives"] = kept
+    if dropped:
+        logger.warning(
+            "%s: dropped %d negatives equal to a positive of their own query (first: %s); a text cannot be both.",
+            result.name,
+            dropped,
+            first_dropped,
+        )
     result.records = list(by_key.values())
     logger.info(
         "%s: %s format, %d IR records%s%s.",
@@ -305,8 +327,11 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
         f" (type {result.data_type!r})" if result.data_type else "",
         f"; {result.merged} records with a repeated query were merged into the first one" if result.merged else "",
     )
+    ignored -= warned  # keys of another format already have their own warning
     if ignored:
-        logger.info("%s: fields not used for IR training: %s.", result.name, sorted(ignored))
+        logger.warning(
+            "%s: fields not used for IR training (their values are not trained on): %s.", result.name, sorted(ignored)
+        )
     return result
 
 
@@ -443,7 +468,7 @@ def read_sts_records(source: RecordSource | STSRecords) -> STSRecords:
         raise ValueError(f"No records in {result.name}.")
     logger.info("%s: %s format, %d STS pairs.", result.name, result.format, len(result.records))
     if extra_positives:
-        logger.info(
+        logger.warning(
             "STS records in %s: used the first positive of each record, left out %d more.",
             result.name,
             extra_positives,
@@ -456,6 +481,7 @@ __all__ = [
     "IRRecords",
     "RecordSource",
     "STSRecords",
+    "KNOWN_TYPES",
     "SYMMETRIC_TYPES",
     "detect_format",
     "read_ir_records",

@@ -18,6 +18,7 @@ from codiemb_st.data import (
     ir_dataset_from_records,
     read_ir_records,
     read_sts_records,
+    records_negative_count,
     sts_columns,
 )
 from codiemb_st.validation import check_non_negative_int, check_positive_int
@@ -41,8 +42,9 @@ class DatasetOptions:
             dataset (and on its passages when ``symmetric``), on both sentences of an STS dataset. ``""`` trains it
             without one. Default: the records' own ``prompt`` if they share one, else the task's instruction.
         num_positives: P positive columns of an IR dataset (default: the run's ``num_positives``).
-        num_negatives: N hard negatives of an IR dataset (default: the run's ``num_negatives``, 1 for FlagEmbedding
-            ``type: only_1neg``, at most the records' own count for ``symmetric_class``).
+        num_negatives: N hard negatives of an IR dataset (default: the run's ``num_negatives``, else the records'
+            own count; 1 for FlagEmbedding ``type: only_1neg``, at most the records' own count for
+            ``symmetric_class``).
         in_batch_negatives: Whether an IR dataset's queries are also ranked against the other rows' passages
             (default True; False for a FlagEmbedding file named ``*no_in_batch_neg.jsonl``). False needs N >= 1.
         symmetric: Whether an IR dataset's passages get the query's instruction too (default: True for
@@ -172,27 +174,31 @@ def dataset_name(path: str | os.PathLike) -> str:
 
 
 def load_ir_dataset(
-    source: RecordSource, *, num_positives: int = 1, num_negatives: int = 1, seed: int = 42
+    source: RecordSource, *, num_positives: int = 1, num_negatives: int | None = None, seed: int = 42
 ) -> Dataset:
-    """IR records -> columns; when any record lacks hard negatives, the file is used with in-batch negatives only.
+    """IR records -> columns; when no record has hard negatives, the file is used with in-batch negatives only.
 
     Args:
         source: A record file or records in any of the three formats (see :func:`codiemb_st.data.read_ir_records`);
             record prompts are written in front of the queries (:func:`load_task_datasets` makes them the dataset's
             instruction instead).
         num_positives: P positive columns.
-        num_negatives: N hard-negative columns wanted (0 = in-batch negatives only).
+        num_negatives: N hard-negative columns wanted (0 = in-batch negatives only; ``None``: as many as the
+            records have, see :func:`codiemb_st.data.records_negative_count`). Records without negatives among
+            records with some borrow other records' negatives (see :func:`codiemb_st.data.ir_columns`).
         seed: Seed of the resampling.
     """
     records = read_ir_records(source)  # any of the three formats; read once
-    if num_negatives and not all(record["negatives"] for record in records.records):
-        logger.info("%s: not every record has hard negatives; training with in-batch negatives only.", records.name)
+    if num_negatives is None:
+        num_negatives = records_negative_count(records)
+    if num_negatives and not any(record["negatives"] for record in records.records):
+        logger.warning("%s: no record has hard negatives; training with in-batch negatives only.", records.name)
         num_negatives = 0
     return ir_dataset_from_records(records, num_positives=num_positives, num_negatives=num_negatives, seed=seed)
 
 
 def _load_ir(
-    name: str, source: RecordSource, given: DatasetOptions, num_positives: int, num_negatives: int, seed: int
+    name: str, source: RecordSource, given: DatasetOptions, num_positives: int, num_negatives: int | None, seed: int
 ) -> tuple[Dataset, DatasetOptions]:
     """One IR dataset and its resolved options (record prompt -> instruction, FlagEmbedding type and file name)."""
     records = read_ir_records(source)
@@ -218,20 +224,26 @@ def _load_ir(
             logger.info("%s: file name ends in no_in_batch_neg: training without in-batch negatives.", name)
     wanted = resolved.num_negatives
     if wanted is None:
-        wanted = num_negatives
+        wanted = records_negative_count(records) if num_negatives is None else num_negatives
         if records.data_type == "only_1neg":
             wanted = min(wanted, 1) or 1
         elif records.data_type == "symmetric_class":
             wanted = min([wanted, *(len(record["negatives"]) for record in records.records)])
     positives = resolved.num_positives or num_positives
-    if wanted and not all(record["negatives"] for record in records.records):
-        if resolved.num_negatives is not None or resolved.in_batch_negatives is False:
-            missing = next(record for record in records.records if not record["negatives"])
+    if wanted and not any(record["negatives"] for record in records.records):
+        if resolved.in_batch_negatives is False:
+            why = "its file name ends in no_in_batch_neg" if given.in_batch_negatives is None else "as set"
             raise ValueError(
-                f"{missing['location']}: dataset {name!r} needs {wanted} hard negatives per record but this record has "
-                "none; mine them (`codiemb-st mine`) or set the dataset's num_negatives to 0."
+                f"{records.records[0]['location']}: dataset {name!r} trains without in-batch negatives ({why}), "
+                "which needs hard negatives, and no record has any: mine them (`codiemb-st mine`), or set "
+                f"--dataset-option {name}.in_batch_negatives=true to train on in-batch negatives."
             )
-        logger.info("%s: not every record has hard negatives; training with in-batch negatives only.", name)
+        if resolved.num_negatives is not None:
+            raise ValueError(
+                f"{records.records[0]['location']}: dataset {name!r} needs {wanted} hard negatives per record but no "
+                f"record has any; mine them (`codiemb-st mine`) or set {name}.num_negatives=0."
+            )
+        logger.warning("%s: no record has hard negatives; training with in-batch negatives only.", name)
         wanted = 0
     if resolved.in_batch_negatives is False and wanted == 0:
         raise ValueError(
@@ -263,7 +275,7 @@ def load_task_datasets(
     sts: Sequence[RecordSource] | Mapping[str, RecordSource] = (),
     *,
     num_positives: int = 1,
-    num_negatives: int = 1,
+    num_negatives: int | None = None,
     seed: int = 42,
     options: Mapping[str, DatasetOptions | Mapping[str, Any]] | None = None,
 ) -> TaskDatasets:
@@ -278,8 +290,10 @@ def load_task_datasets(
         ir: IR record files, or ``{name: source}``.
         sts: STS pair files, or ``{name: source}``.
         num_positives: P positive columns of the IR datasets (official: 2).
-        num_negatives: N hard negatives of the IR datasets (official: 4): a file in which some record has none is
-            used with in-batch negatives only, unless its options ask for negatives.
+        num_negatives: N hard negatives of the IR datasets (official: 4). ``None`` (default): each file's own count
+            (the most negatives a record has, at most :data:`codiemb_st.data.MAX_DEFAULT_NEGATIVES`). A file in
+            which no record has any is used with in-batch negatives only (warned), unless its options ask for
+            negatives; records without negatives among records with some borrow other records' negatives.
         seed: Seed of the IR resampling.
         options: ``{dataset name: DatasetOptions}`` (or a dict of its fields) for datasets that differ from the
             defaults.
@@ -289,7 +303,8 @@ def load_task_datasets(
             dataset or sets an IR option on an STS dataset.
     """
     check_positive_int("num_positives", num_positives)
-    check_non_negative_int("num_negatives", num_negatives)
+    if num_negatives is not None:
+        check_non_negative_int("num_negatives", num_negatives)
     given = _dataset_options(options)
 
     def named(sources: Sequence[RecordSource] | Mapping[str, RecordSource], argument: str) -> dict[str, Any]:

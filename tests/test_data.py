@@ -98,7 +98,9 @@ def test_sts_both_record_forms(caplog):
 def test_task_inference(tmp_path):
     sts = write_jsonl(tmp_path / "sts.jsonl", [json.dumps({"sentence1": "a", "sentence2": "b", "score": 1.0})])
     assert dataset_from_records(sts).column_names == ["sentence1", "sentence2", "score"]
-    assert dataset_from_records(iter(IR_RECORDS)).column_names == ["anchor", "positive_1"]
+    # N defaults to the records' own count: their negatives are kept, not dropped.
+    columns = dataset_from_records(iter(IR_RECORDS)).column_names
+    assert columns[:2] == ["anchor", "positive_1"] and "negative_1" in columns
     unified_sts = [{"task_type": "sts", "query": "a", "positives": ["b"], "positive_scores": [2.0]}]
     assert dataset_from_records(unified_sts).column_names == ["sentence1", "sentence2", "score"]
     with pytest.raises(ValueError, match="`task` must be 'ir', 'sts' or None"):
@@ -116,7 +118,6 @@ def test_task_inference(tmp_path):
         ('{"query": "q", "positives": "p"}', "`positives` must be a list of strings; got str"),
         ('{"query": "q", "positives": ["p", 3]}', r"`positives\[1\]` must be a non-empty string; got 3"),
         ('{"query": "q", "positives": ["p"], "negatives": [null]}', r"`negatives\[0\]` must be a non-empty string"),
-        ('{"query": "q", "positives": ["p"], "negatives": []}', "has no negatives but num_negatives=1"),
         ('{"task_type": "sts", "query": "q", "positives": ["p"]}', "convert this file with sts_dataset_from_records"),
     ],
 )
@@ -172,3 +173,23 @@ def test_shared_training_files():
     for row, record in zip(ir, raw):
         assert row["anchor"] == record["query"]
         assert row["positive_1"] in record["positives"] and row["negative_1"] in record["negatives"]
+
+
+def test_a_record_without_negatives_borrows_them_and_the_others_keep_theirs(tmp_path, caplog):
+    # Symptoms of issue 29: one record whose only negative equals its positive (dropped) turned the whole file into
+    # in-batch negatives (INFO), and the default num_negatives=0 of the converter dropped every negative silently.
+    rows = [
+        {"query": "q1", "positives": ["p1"], "negatives": ["p1"]},
+        {"query": "q2", "positives": ["p2"], "negatives": ["n2a", "n2b"]},
+        {"query": "q3", "positives": ["p3"], "negatives": ["n3a", "n3b"]},
+    ]
+    path = write_jsonl(tmp_path / "ir.jsonl", [json.dumps(row) for row in rows])
+    with caplog.at_level(logging.WARNING, logger="codiemb_st.data"):
+        dataset = ir_dataset_from_records(path)  # N: the records' own count (2)
+    assert dataset.column_names == ["anchor", "positive_1", "negative_1", "negative_2"]
+    by_query = {row["anchor"]: {row["negative_1"], row["negative_2"]} for row in dataset}
+    assert by_query["q2"] == {"n2a", "n2b"} and by_query["q3"] == {"n3a", "n3b"}
+    assert by_query["q1"] <= {"n2a", "n2b", "n3a", "n3b"}  # borrowed, never its own positive
+    messages = caplog.text
+    assert "dropped 1 negatives equal to a positive of their own query (first: " in messages
+    assert "1 of 3 have no hard negatives (first: " in messages and "ir.jsonl:1" in messages

@@ -112,7 +112,7 @@ RECORD_CASES = [
         "ir-needs-negatives",
         lambda e: ir_dataset_from_records([{"query": "q", "positives": ["p"]}], num_negatives=1),
         ValueError,
-        "row 0: the record has no negatives but num_negatives=1",
+        "row 0: no record has negatives but num_negatives=1",
     ),
     Case(
         "record-not-object",

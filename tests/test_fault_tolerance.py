@@ -279,3 +279,76 @@ def test_damaged_stored_result_is_detected_warned_and_redone(damage, tiny_model_
     assert evaluated == ["TinySTS"]  # only the damaged task is evaluated again
     assert "TinySTS" in caplog.text and "evaluating again" in caplog.text
     assert json.loads(result_path.read_text())["scores"] == good["scores"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mining: killed mid-write, out of disk space
+
+# Mines with the tiny model, but the output's write stalls half-way (after touching a signal file) to be killed there.
+_KILLED_MINE = """
+import sys, time
+from pathlib import Path
+source, corpus, model, out, signal_file = sys.argv[1:6]
+real_write_text = Path.write_text
+def write_half_then_stall(self, text, *args, **kwargs):
+    real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+    Path(signal_file).touch()
+    time.sleep(600)
+Path.write_text = write_half_then_stall
+from codiemb_st.cli import main
+main(["mine", source, "--corpus", corpus, "--model", model, "--output", out, "--num-negatives", "2", "--no-margin"])
+"""
+
+
+@pytest.fixture
+def mine_inputs(tmp_path, tiny_model_path) -> list[str]:
+    from tiny_model import ENGLISH_SENTENCES
+
+    source = tmp_path / "pairs.jsonl"
+    rows = [{"query": q, "positives": [ENGLISH_SENTENCES[(i + 1) % 10]]} for i, q in enumerate(ENGLISH_SENTENCES)]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{_text(i, 6)}\n" for i in range(40)))
+    return [str(source), "--corpus", str(corpus), "--model", str(tiny_model_path), "--num-negatives", "2", "--no-margin"]
+
+
+def test_mine_killed_mid_write_leaves_no_output_and_a_rerun_completes(mine_inputs, tmp_path, capsys):
+    out, signal_file = tmp_path / "mined" / "pairs_mined.jsonl", tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    source, corpus, model = mine_inputs[0], mine_inputs[2], mine_inputs[4]
+    argv = [sys.executable, "-c", _KILLED_MINE, source, corpus, model, str(out), str(signal_file)]
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not signal_file.exists():
+            assert child.poll() is None, child.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "mining never started writing"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()  # the half-written file is the hidden temporary, never the output
+    (stale,) = list(out.parent.glob(".pairs_mined.jsonl.*.tmp"))
+    assert stale.name.startswith(f".pairs_mined.jsonl.{child.pid}.")
+
+    assert main(["mine", *mine_inputs, "--output", str(out)]) == 0  # the rerun completes and removes the leftover
+    assert not stale.exists() and [p.name for p in out.parent.iterdir()] == ["pairs_mined.jsonl"]
+    reference = tmp_path / "reference.jsonl"
+    assert main(["mine", *mine_inputs, "--output", str(reference)]) == 0
+    assert out.read_text() == reference.read_text() and len(out.read_text().splitlines()) == 10
+
+
+def test_mine_running_out_of_disk_space_leaves_nothing(mine_inputs, tmp_path, monkeypatch, capsys):
+    real_write_text = Path.write_text
+
+    def write_until_the_disk_is_full(self, text, *args, **kwargs):
+        real_write_text(self, text[:10], *args, **kwargs)  # a few bytes get through, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_until_the_disk_is_full)
+    out = tmp_path / "deep" / "er" / "mined.jsonl"
+    assert main(["mine", *mine_inputs, "--output", str(out)]) == 2
+    assert f"Could not write --output {out}: No space left on device; nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()  # no output, no temporary, not even the folders made for it

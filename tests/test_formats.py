@@ -63,7 +63,7 @@ def test_three_formats_read_to_the_same_records(tmp_path, caplog):
     assert any("f.jsonl: flagembedding format, 2 IR records" in m for m in messages), messages
     assert any("1 records with a repeated query were merged" in m for m in messages), messages
     # The FlagEmbedding scores are not used for IR training, and the log says so.
-    assert any("fields not used for IR training: ['neg_scores', 'pos_scores']" in m for m in messages), messages
+    assert any("fields not used for IR training (their values are not trained on): ['neg_scores', 'pos_scores']" in m for m in messages), messages
 
 
 def test_duplicate_queries_are_merged_and_a_negative_equal_to_a_positive_is_dropped():

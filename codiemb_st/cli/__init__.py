@@ -32,6 +32,21 @@ def plain_text(doc: str) -> str:
     return re.sub(r"``([^`]*)``", r"\1", doc).replace("\\\\", "\\")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default shown in ``--help`` (unless its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.required:
+            return f"{help_text} (required)".lstrip()
+        if not action.option_strings or "default" in help_text.lower() or action.default is argparse.SUPPRESS:
+            return help_text
+        if action.default is None or action.default is False or action.default == []:
+            return help_text  # a flag that is off, or an option that is unset: nothing to show
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{help_text} (default: {str(default).replace('%', '%%')})".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``codiemb-st`` parser with its subcommands."""
     from codiemb_st import __version__
@@ -46,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=summary,
             description=plain_text(module.__doc__ or ""),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
@@ -70,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
+__all__ = ["COMMANDS", "HelpFormatter", "UsageError", "build_parser", "main"]

@@ -18,7 +18,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from codiemb_st.cli.model_source import check_model_source
 from codiemb_st.cli.options import non_negative_int, positive_int, unit_interval
+from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", type=Path, required=True, help="output file (.jsonl, .jsonl.gz; columns: .csv/.parquet)"
     )
     parser.add_argument("--model", default=None, help="model path or name (default: packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--corpus", nargs="+", type=Path, default=[], help="extra corpus files")
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="extra corpus files: .txt(.gz) one text a line, or JSONL/JSON/CSV/Parquet with a `text` column (default: none; the corpus is then the positives of the input)",
+    )
     parser.add_argument("--num-negatives", type=positive_int, default=4, help="negatives per query (N)")
     parser.add_argument("--range-min", type=non_negative_int, default=2, help="first rank of the window (default 2)")
     parser.add_argument("--range-max", type=positive_int, default=200, help="end of the window (default 200)")
@@ -39,7 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--margin", type=unit_interval, default=0.05, help="relative margin to the lowest positive score (0.05)"
     )
     parser.add_argument("--no-margin", action="store_true", help="turn the margin filter off")
-    parser.add_argument("--sampling", choices=["random", "top"], default="random")
+    parser.add_argument(
+        "--sampling",
+        choices=["random", "top"],
+        default="random",
+        help="draw N of the window at random (seeded) or take its top N",
+    )
     parser.add_argument(
         "--keep-negatives", action="store_true", help="keep each record's own negatives and mine only the missing ones"
     )
@@ -47,15 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus-prompt", default=None, help="prompt text for the corpus (default: the model's)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="encoding batch size")
     parser.add_argument("--query-chunk-size", type=positive_int, default=1024, help="queries searched at a time")
-    parser.add_argument("--max-seq-length", type=positive_int, default=None)
+    parser.add_argument(
+        "--max-seq-length", type=positive_int, default=None, help="truncate texts to N tokens (default: the model's)"
+    )
     parser.add_argument(
         "--multi-process",
         nargs="*",
         default=None,
         help="encode with a process pool: no value = all GPUs or 4 CPU "
-        "processes, or a list of devices (cuda:0 cuda:1 ...)",
+        "processes, or a list of devices (cuda:0 cuda:1 ...); default: off",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random draw")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,14 +80,24 @@ def run(args: argparse.Namespace) -> int:
 
     from codiemb_st.cli.train_command import _default_model
     from codiemb_st.data import read_ir_records
-    from codiemb_st.mining import mine_hard_negatives, write_ir_records
+    from codiemb_st.mining import check_records_path, mine_hard_negatives, read_corpus, write_ir_records
 
     if not args.input.is_file():
         raise UsageError(f"Input file {args.input} not found.")
-    if args.output.resolve() == args.input.resolve():
-        raise UsageError("--output must differ from the input file (the input is never overwritten).")
+    for corpus in args.corpus:
+        if not corpus.is_file():
+            raise UsageError(f"--corpus file {corpus} not found.")
+    inputs = [("input file", args.input), *(("--corpus file", corpus) for corpus in args.corpus)]
+    if args.model is not None and Path(args.model).expanduser().exists():
+        inputs.append(("--model", args.model))
+    check_output_apart(args.output, "--output", inputs)
+    if args.model is not None:
+        check_model_source(args.model, "--model")  # one line in seconds, not a minute of hub retries
     try:
-        records = read_ir_records(args.input)  # bad records are reported before the model is loaded
+        # Bad records, corpus files and output names are reported before the model is loaded.
+        records = read_ir_records(args.input)
+        corpus = [read_corpus(path) for path in args.corpus]
+        check_records_path(args.output, records.format)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     model_name = args.model or _default_model()
@@ -91,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             records,
             model,
             num_negatives=args.num_negatives,
-            corpus=args.corpus,
+            corpus=corpus,
             range_min=args.range_min,
             range_max=args.range_max,
             margin=None if args.no_margin else args.margin,
@@ -104,9 +129,16 @@ def run(args: argparse.Namespace) -> int:
             use_multi_process=multi_process,
             seed=args.seed,
         )
-        write_ir_records(mined, args.output)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    try:
+        write_ir_records(mined, args.output)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:  # a full disk, no permission: nothing was written (the write is atomic)
+        raise UsageError(
+            f"Could not write --output {args.output}: {error.strerror or error}; nothing was written."
+        ) from None
     print(
         f"Mined {args.output}: {stats.queries} queries ({mined.format} format), corpus of {stats.corpus} texts; "
         f"mean score positive {stats.positive_score_mean:.4f}, negative {stats.negative_score_mean:.4f}; "

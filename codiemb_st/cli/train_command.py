@@ -38,6 +38,7 @@ from pathlib import Path
 
 from codiemb_st.cli.model_source import check_model_source
 from codiemb_st.cli.options import non_negative_int, positive_float, positive_int, unit_interval
+from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
 
 logger = logging.getLogger(__name__)
@@ -51,26 +52,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         type=Path,
         default=[],
-        help="IR record files: unified, FlagEmbedding or sentence-transformers columns (JSONL/.gz, JSON, CSV, Parquet)",
+        help="IR record files: unified, FlagEmbedding or sentence-transformers columns (JSONL/.gz, JSON, CSV, Parquet); default: none",
     )
-    parser.add_argument("--sts", nargs="+", type=Path, default=[], help="STS pair files (same formats)")
+    parser.add_argument("--sts", nargs="+", type=Path, default=[], help="STS pair files (same formats; default: none)")
     parser.add_argument(
         "--dataset-option",
         action="append",
         default=[],
         metavar="NAME.FIELD=VALUE",
         help="an option of one dataset (NAME = file name before the first dot); FIELD: batch_size, instruction, "
-        "num_positives, num_negatives, in_batch_negatives (IR, true/false), symmetric (IR, true/false); repeatable",
+        "num_positives, num_negatives, in_batch_negatives (IR, true/false), symmetric (IR, true/false); repeatable; "
+        "default: none",
     )
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument(
+        "--output-dir", type=Path, required=True, help="training output folder; the model is saved to OUTPUT_DIR/final"
+    )
     parser.add_argument("--num-positives", type=positive_int, default=1, help="P positive columns (official: 2)")
     parser.add_argument(
-        "--num-negatives", type=non_negative_int, default=1, help="N hard negatives per IR row (official: 4)"
+        "--num-negatives",
+        type=non_negative_int,
+        default=None,
+        help="N hard negatives per IR row (official: 4); default: each file's own count (the most negatives a record "
+        "has, at most 8; mine --num-negatives 4 output -> 4)",
     )
     parser.add_argument("--ir-batch-size", type=positive_int, default=16, help="per-device IR batch (official 28-64)")
     parser.add_argument("--sts-batch-size", type=positive_int, default=32, help="per-device STS batch (official 32)")
     parser.add_argument("--mini-batch-size", type=positive_int, default=16, help="GradCache chunk of the IR loss")
-    parser.add_argument("--temperature", type=positive_float, default=0.02)
+    parser.add_argument(
+        "--temperature", type=positive_float, default=0.02, help="temperature of the IR loss (official 0.02)"
+    )
     parser.add_argument(
         "--sts-loss",
         choices=["pearson_spearman", "cosent"],
@@ -80,37 +90,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sts-gather", action="store_true", help="gather STS pairs across devices (official: off)")
     parser.add_argument(
         "--ir-instruction",
-        default=None,
-        help="instruction prepended to IR queries (default: codiemb_st.recipe.DEFAULT_IR_INSTRUCTION; '' for none)",
+        default="",
+        help="instruction on IR queries, saved as the model's 'query' prompt; a file's own record prompts or "
+        "--dataset-option NAME.instruction take precedence (default: none)",
     )
     parser.add_argument(
         "--sts-instruction",
-        default=None,
-        help="instruction prepended to STS sentences (default: codiemb_st.recipe.DEFAULT_STS_INSTRUCTION; '' for none)",
+        default="",
+        help="instruction on both STS sentences, saved as the model's 'sts' prompt (default: none)",
     )
-    parser.add_argument("--max-seq-length", type=positive_int, default=256)
-    parser.add_argument("--epochs", type=positive_float, default=1.0)
+    parser.add_argument("--max-seq-length", type=positive_int, default=256, help="truncate texts to N tokens")
+    parser.add_argument(
+        "--epochs", type=positive_float, default=1.0, help="training epochs (ignored with --max-steps)"
+    )
     parser.add_argument(
         "--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (default: --epochs)"
     )
-    parser.add_argument("--lr", type=positive_float, default=5e-5)
-    parser.add_argument("--warmup-ratio", type=unit_interval, default=0.1)
-    parser.add_argument("--grad-accum", type=positive_int, default=1)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--logging-steps", type=positive_int, default=10)
-    parser.add_argument("--save-strategy", choices=["no", "epoch", "steps"], default="no")
+    parser.add_argument("--lr", type=positive_float, default=5e-5, help="peak learning rate (official 5e-5)")
+    parser.add_argument("--warmup-ratio", type=unit_interval, default=0.1, help="linear warm-up share of the steps")
+    parser.add_argument(
+        "--grad-accum", type=positive_int, default=1, help="gradient accumulation steps (one task per optimizer step)"
+    )
+    parser.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision (default: off)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the model's training and the data order")
+    parser.add_argument("--logging-steps", type=positive_int, default=10, help="log the training loss every N steps")
+    parser.add_argument(
+        "--save-strategy",
+        choices=["no", "epoch", "steps"],
+        default="no",
+        help="save trainer checkpoints (the final model is always saved)",
+    )
     parser.add_argument(
         "--eval",
         nargs="*",
         default=[],
-        help="mteb tasks to evaluate before and after training: names (looked up in --eval-data-dir first) or folders",
+        help="mteb tasks to evaluate before and after training: names (looked up in --eval-data-dir first) or folders "
+        "(default: none)",
     )
     parser.add_argument(
-        "--eval-data-dir", type=Path, default=None, help="folder of local task folders to look --eval names up in"
+        "--eval-data-dir",
+        type=Path,
+        default=None,
+        help="folder of local task folders to look --eval names up in (default: none)",
     )
-    parser.add_argument("--eval-steps", type=positive_int, default=None, help="also evaluate every N steps")
-    parser.add_argument("--eval-corpus-cap", type=positive_int, default=None, help="subsample retrieval corpora")
+    parser.add_argument(
+        "--eval-steps",
+        type=positive_int,
+        default=None,
+        help="also evaluate every N steps (default: only before and after)",
+    )
+    parser.add_argument(
+        "--eval-corpus-cap",
+        type=positive_int,
+        default=None,
+        help="subsample retrieval corpora to N passages (default: full corpora)",
+    )
 
 
 def _default_model() -> str:
@@ -140,8 +174,12 @@ def parse_dataset_options(items: list[str]) -> dict[str, dict[str, object]]:
         if not equals or not dot or not name:
             raise UsageError(f"--dataset-option {item!r}: expected NAME.FIELD=VALUE, e.g. en_scifact.batch_size=8.")
         if field in _INT_FIELDS:
-            if not value.isdigit():
-                raise UsageError(f"--dataset-option {item!r}: {field} must be an integer.")
+            minimum = 0 if field == "num_negatives" else 1
+            if not value.isdigit() or int(value) < minimum:
+                what = "an integer >= 0" if minimum == 0 else "a positive integer"
+                raise UsageError(
+                    f"--dataset-option {item!r}: {field} of dataset {name!r} must be {what}; got {value!r}."
+                )
             parsed: object = int(value)
         elif field in _BOOL_FIELDS:
             if value.lower() not in _BOOLS:
@@ -160,16 +198,16 @@ def run(args: argparse.Namespace) -> int:
     """Run ``codiemb-st train`` with parsed arguments; returns the exit code."""
     from codiemb_st import recipe
 
-    if args.ir_instruction is None:
-        args.ir_instruction = recipe.DEFAULT_IR_INSTRUCTION
-    if args.sts_instruction is None:
-        args.sts_instruction = recipe.DEFAULT_STS_INSTRUCTION
     ir_files, sts_files = args.ir, args.sts
     if not ir_files and not sts_files:
         raise UsageError("No training data: pass --ir and/or --sts record files (JSONL / JSONL.gz).")
     for path in [*ir_files, *sts_files]:
         if not path.is_file():
             raise UsageError(f"Training file {path} not found.")
+    inputs = [*(("--ir file", path) for path in ir_files), *(("--sts file", path) for path in sts_files)]
+    if args.model is not None and Path(args.model).expanduser().exists():
+        inputs.append(("--model", args.model))
+    check_output_apart(args.output_dir, "--output-dir", [*inputs, ("--eval-data-dir", args.eval_data_dir)])
     if args.model is not None:
         check_model_source(args.model, "--model")  # one line in seconds, not a minute of hub retries
     import torch
@@ -200,7 +238,9 @@ def run(args: argparse.Namespace) -> int:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"Could not load --model {model_name!r}: {first_line}") from None
     model.max_seq_length = args.max_seq_length
-    recipe.use_instructions(model, query=args.ir_instruction, sts=args.sts_instruction)
+    prompts = recipe.training_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
+    saved_prompts = recipe.saved_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
+    recipe.use_instructions(model, **saved_prompts, exclude_from_pooling=bool(prompts))
     # Cross-device negatives for IR whenever there is more than one process (the official setting).
     # P of each IR loss comes from the datasets' columns (set once, by --num-positives, above).
     loss = recipe.build_task_losses(
@@ -212,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
         sts_loss=args.sts_loss,
         sts_gather_across_devices=args.sts_gather and world_size > 1,
     )
-    prompts = recipe.training_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
+    if is_main:
+        print(recipe.describe_prompts(prompts, saved_prompts))
 
     evaluator = None
     if args.eval:
@@ -230,10 +271,13 @@ def run(args: argparse.Namespace) -> int:
 
         eval_prompts = {}
         for task in eval_tasks:
-            if task.type == EVALUATION_TASK_TYPE["ir"] and args.ir_instruction:
-                eval_prompts[f"{task.name}-query"] = args.ir_instruction
-            elif task.type == "sts" and args.sts_instruction:
-                eval_prompts[task.name] = args.sts_instruction
+            # The prompts saved with the model, by the task type they were trained for (as `codiemb-st eval`).
+            if task.type == EVALUATION_TASK_TYPE["ir"]:
+                for side in ("query", "document"):
+                    if saved_prompts.get(side):
+                        eval_prompts[f"{task.name}-{side}"] = saved_prompts[side]
+            elif task.type == "sts" and saved_prompts.get("sts"):
+                eval_prompts[task.name] = saved_prompts["sts"]
         evaluator = MTEBEvaluator(eval_tasks, prompts=eval_prompts, name="mteb", write_csv=False)
 
     training_args = recipe.training_arguments(

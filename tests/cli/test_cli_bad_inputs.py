@@ -195,7 +195,7 @@ def test_cli_bad_eval_task_in_train_exits_2(env, capsys, tiny_model_path):
     argv = [
         "train",
         "--output-dir",
-        str(env.tmp / "run"),
+        str(env.tmp.parent / f"{env.tmp.name}-run"),  # not inside the evaluation data folder (env.tmp)
         "--model",
         str(tiny_model_path),
         "--sts",
