@@ -143,6 +143,7 @@ def saved_prompts(data: TaskDatasets, *, query: str = "", sts: str = "", passage
 def describe_prompts(prompts: Mapping[str, Mapping[str, str]], saved: Mapping[str, str]) -> str:
     """A few lines saying which prompt each dataset column trains with and which prompts the model is saved with."""
     lines = ["Instructions (sentence-transformers prompts, excluded from pooling):"]
+    prompts = {name: columns for name, columns in prompts.items() if columns}
     if not prompts:
         lines.append("  training: none")
     for name, columns in prompts.items():

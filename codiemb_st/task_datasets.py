@@ -230,14 +230,15 @@ def _load_ir(
         elif records.data_type == "symmetric_class":
             wanted = min([wanted, *(len(record["negatives"]) for record in records.records)])
     positives = resolved.num_positives or num_positives
-    if wanted and not any(record["negatives"] for record in records.records):
-        if resolved.in_batch_negatives is False:
-            why = "its file name ends in no_in_batch_neg" if given.in_batch_negatives is None else "as set"
-            raise ValueError(
-                f"{records.records[0]['location']}: dataset {name!r} trains without in-batch negatives ({why}), "
-                "which needs hard negatives, and no record has any: mine them (`codiemb-st mine`), or set "
-                f"--dataset-option {name}.in_batch_negatives=true to train on in-batch negatives."
-            )
+    has_negatives = any(record["negatives"] for record in records.records)
+    if not has_negatives and resolved.in_batch_negatives is False:
+        why = "its file name ends in no_in_batch_neg" if given.in_batch_negatives is None else "as set"
+        raise ValueError(
+            f"{records.records[0]['location']}: dataset {name!r} trains without in-batch negatives ({why}), "
+            "which needs hard negatives, and no record has any: mine them (`codiemb-st mine`), or set "
+            f"--dataset-option {name}.in_batch_negatives=true to train on in-batch negatives."
+        )
+    if wanted and not has_negatives:
         if resolved.num_negatives is not None:
             raise ValueError(
                 f"{records.records[0]['location']}: dataset {name!r} needs {wanted} hard negatives per record but no "

@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     model.max_seq_length = args.max_seq_length
     prompts = recipe.training_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
     saved_prompts = recipe.saved_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
-    recipe.use_instructions(model, **saved_prompts, exclude_from_pooling=bool(prompts))
+    recipe.use_instructions(model, **saved_prompts, exclude_from_pooling=any(prompts.values()))
     # Cross-device negatives for IR whenever there is more than one process (the official setting).
     # P of each IR loss comes from the datasets' columns (set once, by --num-positives, above).
     loss = recipe.build_task_losses(
