@@ -47,6 +47,19 @@ def test_docs_build_strict(tmp_path):
         assert (site / page / "index.html").is_file(), page
 
 
+def test_cli_page_lists_every_option_in_its_markdown_source():
+    # The option lists are in docs/cli.md itself (readable without building the site), equal to the parser's --help.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_help", REPO_ROOT / "docs" / "hooks" / "cli_help.py")
+    cli_help = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli_help)
+    committed = cli_help.committed_block((REPO_ROOT / "docs" / "cli.md").read_text(encoding="utf-8"))
+    assert committed == cli_help.options_block(), "docs/cli.md is out of date: run `python docs/hooks/cli_help.py`"
+    for command in COMMANDS:
+        assert f"### `codiemb-st {command}`" in committed and f"usage: codiemb-st {command}" in committed
+
+
 def test_docs_and_readme_quick_examples_are_the_same():
     assert _quick_example(REPO_ROOT / "docs" / "quick-start.md") == _quick_example(REPO_ROOT / "README.md")
 
