@@ -9,7 +9,13 @@ only mteb task names given with --tasks or --benchmark are evaluated (from the h
   "corpus_subsample" marks a subsample); a rerun into the same folder reuses finished tasks
 - ``results/results.md``           Markdown table: per task, per-type means, mean (task type), mean (task), x100
 - ``results/results.png``          grouped bar chart (needs matplotlib)
-- ``results/run.json``             the configuration, the table's numbers, geometry and timings
+- ``results/run.json``             the configuration, the table's numbers, the prompts per model, geometry and timings
+
+Every model is checked before any is evaluated (a training output folder is pointed to its ``final/`` model), and
+an --output-dir equal to or inside a model folder, --data-dir or a task folder is refused. A model's saved prompts
+(``codiemb-st train`` saves its instructions as them) are applied by task type: ``query`` on retrieval queries,
+``document`` on retrieval documents, ``sts`` on both STS sentences; other names are ignored, and eval prints which
+it applied where. --instructions wins where it applies; --no-saved-prompts applies none.
 
 Examples:
     codiemb-st eval --data-dir ../shared/data/eval
@@ -29,8 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from codiemb_st.cli.model_source import check_model_source
+from codiemb_st.cli.model_source import resolve_model_folder
 from codiemb_st.cli.options import non_negative_int, positive_int
+from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
 from codiemb_st.file_io import folder_fingerprint, write_json_atomic, write_text_atomic
 
@@ -61,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'local' (every local task). Names are matched against --data-dir first, then loaded from the hub.",
     )
     parser.add_argument(
-        "--benchmark", default=None, help="an mteb benchmark name, e.g. 'MTEB(cmn, v1)' (adds its tasks)"
+        "--benchmark",
+        default=None,
+        help="an mteb benchmark name, e.g. 'MTEB(cmn, v1)' (adds its tasks; default: none)",
     )
     parser.add_argument(
         "--data-dir",
@@ -87,7 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--instructions",
         choices=("off", "zh", "en"),
         default="off",
-        help="prepend the official CoDiEmb task instructions (C-MTEB tasks only) to queries / STS sentences",
+        help="prepend the official CoDiEmb task instructions (C-MTEB tasks only) to queries / STS sentences; on "
+        "those inputs they replace the models' saved prompts (default: off)",
+    )
+    parser.add_argument(
+        "--saved-prompts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="apply each model's saved prompts by task type: 'query' on retrieval queries, 'document' on retrieval "
+        "documents, 'sts' on both STS sentences; other names are ignored (default on; --no-saved-prompts: none)",
     )
     parser.add_argument(
         "--geometry",
@@ -155,6 +172,39 @@ def _check_output_dir(output_dir: Path) -> None:
             if not os.access(folder, os.W_OK):
                 raise UsageError(f"--output-dir {output_dir}: {folder} is not writable.")
             return
+
+
+def _task_folder_inputs(tokens: Sequence[str]) -> list[tuple[str, str]]:
+    return [("--tasks", token) for token in tokens if Path(token, "task.json").is_file()]
+
+
+def _check_task_names(refs: Sequence[Any], optional: Sequence[str], data_dir: Path | None) -> None:
+    """Refuse a task name that resolves nowhere before any model is checked or loaded (no data is loaded here)."""
+    from codiemb_st.evaluation import check_task_name
+
+    for ref in refs:
+        if not isinstance(ref, str) or ref in optional:
+            continue
+        try:
+            check_task_name(ref, data_dir=data_dir)
+        except (OSError, ValueError) as error:
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise UsageError(f"Could not load task {ref!r}: {type(error).__name__}: {first_line}") from None
+
+
+def check_models(models: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Check every model before any is loaded; ``[(label, what to load)]`` (a training output folder -> ``final/``).
+
+    Raises:
+        UsageError: For the first model that is not a model folder, a cached hub model or a reachable hub name.
+    """
+    checked = []
+    for label, target in models:
+        path, note = resolve_model_folder(target, "--models")
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        checked.append((label, path))
+    return checked
 
 
 def _no_local_data_message(data_dir: Path | None) -> str:
@@ -283,7 +333,13 @@ def model_run_key(target: str, model: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``codiemb-st eval`` with parsed arguments; returns the exit code."""
-    from codiemb_st.evaluation import evaluate_model, geometry_text_sample, instruction_prompts, model_geometry
+    from codiemb_st.evaluation import (
+        evaluate_model,
+        geometry_text_sample,
+        instruction_prompts,
+        model_geometry,
+        plan_prompts,
+    )
     from codiemb_st.evaluation.report import SUBSAMPLE_MARK, bar_chart, markdown_report
 
     args.corpus_cap = args.corpus_cap or None
@@ -291,9 +347,20 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--geometry-samples must be at least 2, got {args.geometry_samples}.")
     _check_output_dir(args.output_dir)
     data_dir = _data_dir_or_none(args.data_dir)
+    # Everything that can be checked without loading a model or task data is checked first, for every model and
+    # task: a bad third model must not fail after minutes spent on the first two.
+    _check_task_names(*select_tasks(args, data_dir), data_dir)
     models = resolve_models(args.models)
-    for _, target in models:
-        check_model_source(target, "--models")  # one line in seconds, not a minute of hub retries
+    check_output_apart(
+        args.output_dir,
+        "--output-dir",
+        [
+            *(("--models", target) for _, target in models if Path(target).expanduser().is_dir()),
+            ("--data-dir", data_dir),
+            *_task_folder_inputs(args.tasks),
+        ],
+    )
+    models = check_models(models)  # hub names in seconds, not a minute of retries; runs/x -> runs/x/final
     start = time.perf_counter()
     tasks, skipped = prepare(args, data_dir)
     print(
@@ -307,16 +374,22 @@ def run(args: argparse.Namespace) -> int:
         else None
     )
     results: dict[str, dict[str, Any]] = {}
+    prompt_records: dict[str, dict[str, Any]] = {}
     geometry: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     for label, target in models:
         model = load_model(label, target, args.max_seq_length)
         tick = time.perf_counter()
         results_dir = args.output_dir / label
+        # The saved prompts are applied here, by task type, never by mteb on its own; say what became of each.
+        plan = plan_prompts(tasks, model.prompts, overrides=prompts, use_saved=args.saved_prompts)
+        described = plan.describe(explicit=f"--instructions {args.instructions}", disabled_by="--no-saved-prompts")
+        print(f"Prompts of {label}: {described}", file=sys.stderr)
+        prompt_records[label] = plan.to_dict()
         scores = evaluate_model(
             model,
             tasks,
-            prompts=prompts,
+            prompts=plan,
             batch_size=args.batch_size,
             show_progress_bar=True,
             results_dir=results_dir,
@@ -353,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "max_seq_length": args.max_seq_length,
             "instructions": args.instructions,
+            "saved_prompts": args.saved_prompts,
         },
         "scores": {
             label: {
@@ -362,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
             for label, result in results.items()
         },
         "corpus_subsample": {t.name: t.corpus_subsample.to_dict() for t in tasks if t.corpus_subsample},
+        "prompts": prompt_records,
         "geometry": geometry,
         "evaluation_seconds": timings,
         "total_seconds": total,
@@ -383,4 +458,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["add_arguments", "markdown_report", "resolve_models", "run"]  # noqa: F822 (markdown_report: lazy)
+__all__ = ["add_arguments", "check_models", "markdown_report", "resolve_models", "run"]  # noqa: F822 (markdown_report: lazy)

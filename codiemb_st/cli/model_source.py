@@ -2,11 +2,16 @@
 
 Without this, a hub name that cannot be fetched (``HF_HUB_OFFLINE=1``, or no network) makes transformers retry
 with back-off: dozens of log lines over a minute before the real error. Here it is one line, in seconds.
+:func:`resolve_model_folder` also checks that a local folder holds a model, and points a training output folder
+(``runs/x`` with ``final/`` inside) to its final model, so transformers' "should have a model_type key in its
+config.json" never reaches the user.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -45,6 +50,87 @@ def check_model_source(name: str, option: str, *, timeout: float = 3.0) -> None:
         )
 
 
+def _model_folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a loadable model folder (``None`` when it looks like one)."""
+    modules, config = folder / "modules.json", folder / "config.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text(encoding="utf-8"))
+            missing = [e["path"] for e in entries if e.get("path") and not (folder / e["path"]).is_dir()]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            return f"its modules.json cannot be read ({type(error).__name__}: {error})"
+        if missing:
+            return f"modules.json names module folder(s) {missing} that are not there (an incomplete copy?)"
+        return None
+    if config.is_file():
+        try:
+            has_type = "model_type" in json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError) as error:
+            return f"its config.json cannot be read ({type(error).__name__}: {error})"
+        # A plain transformers folder loads (with mean pooling); one without a model_type does not.
+        return None if has_type else "its config.json has no model_type (not a transformers model's config)"
+    return "it has neither modules.json (a sentence-transformers model) nor config.json (a transformers model)"
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    found = [
+        path
+        for path in folder.glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", path.name) and _model_folder_problem(path) is None
+    ]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def resolve_model_folder(name: str, option: str) -> tuple[str, str | None]:
+    """Check a model argument and return what to load, with a note when that is not ``name`` itself.
+
+    Runs :func:`check_model_source` (hub names: seconds, not a minute of retries), then checks that a local folder
+    holds a model: ``modules.json`` whose module folders exist, or a ``config.json`` with a ``model_type``. A
+    training output folder (``codiemb-st train --output-dir``: ``final/`` inside, no model files at its top) is
+    pointed to ``final/``; one with only ``checkpoint-N`` folders is refused with the list of its checkpoints.
+
+    Args:
+        name: A model folder or a Hugging Face hub id.
+        option: The command-line option, for the messages (``--models``).
+
+    Returns:
+        ``(what to load, note)``: ``note`` says why a folder other than ``name`` is loaded, else ``None``.
+
+    Raises:
+        UsageError: Naming the option, the folder, what is wrong and what to pass instead.
+    """
+    check_model_source(name, option)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return name, None  # a hub model: cached or reachable
+    problem = _model_folder_problem(folder)
+    if problem is None:
+        return name, None
+    final = folder / "final"
+    has_top_files = (folder / "modules.json").is_file() or (folder / "config.json").is_file()
+    if not has_top_files and final.is_dir() and _model_folder_problem(final) is None:
+        return str(final), f"{option} {name} is a training output folder: using its final model {final}."
+    if not has_top_files:
+        checkpoints = _checkpoints(folder)
+        if checkpoints:
+            names = ", ".join(path.name for path in checkpoints)
+            latest = folder / checkpoints[-1].name
+            raise UsageError(
+                f"{option} {name} is a training output folder without a final/ model (training did not finish?); "
+                f"its checkpoints: {names}. Pass one of them, e.g. {latest}."
+            )
+        if final.is_dir():
+            raise UsageError(f"{option} {name}: its final/ folder is not a model: {_model_folder_problem(final)}.")
+        inside = sorted(p.name for p in folder.iterdir() if p.is_dir() and _model_folder_problem(p) is None)
+        if inside:
+            listed = ", ".join(inside[:5]) + (", ..." if len(inside) > 5 else "")
+            raise UsageError(
+                f"{option} {name} is not a model folder ({problem}); it holds model folder(s) {listed}: pass one, "
+                f"e.g. {folder / inside[0]}."
+            )
+    raise UsageError(f"{option} {name} is not a model folder: {problem}. Pass the folder a model was saved to.")
+
+
 def _cached(name: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -73,4 +159,4 @@ def _hub_reachable(timeout: float) -> bool:
         return False
 
 
-__all__ = ["check_model_source"]
+__all__ = ["check_model_source", "resolve_model_folder"]

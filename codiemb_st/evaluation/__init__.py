@@ -19,6 +19,7 @@ from codiemb_st.evaluation.geometry import (
 )
 from codiemb_st.evaluation.local_data import LocalTaskInfo, build_generic_task, find_local_tasks, load_local_task
 from codiemb_st.evaluation.mteb_evaluator import MTEBEvaluator
+from codiemb_st.evaluation.prompts import DOCUMENT_PROMPT_NAMES, SAVED_PROMPT_TARGETS, PromptPlan, plan_prompts
 from codiemb_st.evaluation.runner import TaskScore, evaluate_model, summarize_scores
 from codiemb_st.evaluation.task_folders import write_retrieval_task, write_sts_task
 from codiemb_st.evaluation.tasks import (
@@ -27,6 +28,7 @@ from codiemb_st.evaluation.tasks import (
     OFFICIAL_INSTRUCTION_TEMPLATE,
     PreparedTask,
     TaskSpec,
+    check_task_name,
     get_task_spec,
     instruction_prompts,
     prepare_task,
@@ -46,6 +48,9 @@ __all__ = [
     "CMTEB_TASK_NAMES",
     "OFFICIAL_INSTRUCTION_TEMPLATE",
     "CorpusSubsample",
+    "DOCUMENT_PROMPT_NAMES",
+    "SAVED_PROMPT_TARGETS",
+    "PromptPlan",
     "LocalTaskInfo",
     "MTEBEvaluator",
     "PreparedTask",
@@ -54,6 +59,7 @@ __all__ = [
     "alignment",
     "anisotropy",
     "build_generic_task",
+    "check_task_name",
     "condition_number",
     "effective_rank",
     "embedding_geometry",
@@ -64,6 +70,7 @@ __all__ = [
     "load_local_task",
     "model_geometry",
     "numerical_rank",
+    "plan_prompts",
     "prepare_task",
     "prepare_tasks",
     "singular_values",

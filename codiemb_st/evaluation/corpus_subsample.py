@@ -96,6 +96,10 @@ def subsample_corpus(
 def subsample_task_corpus(task: AbsTask, max_documents: int, seed: int = 0) -> CorpusSubsample | None:
     """Subsample the corpus of every subset and split of a loaded mteb retrieval task, in place.
 
+    Every corpus that is cut is reported at WARNING with the numbers (task, passages before and after, judged
+    passages kept): a score on a subsample is optimistic against the full corpus, and a cap that a corpus only just
+    exceeds (the default 1,000 on a 1,460-passage collection) must not change it without a word.
+
     Args:
         task: An mteb retrieval task whose data is loaded.
         max_documents: See :func:`subsample_corpus`.
@@ -112,10 +116,25 @@ def subsample_task_corpus(task: AbsTask, max_documents: int, seed: int = 0) -> C
         raise ValueError(f"Task {task.metadata.name!r} has no data loaded; load it before subsampling its corpus.")
     task.convert_v1_dataset_format_to_v2(num_proc=None)
     first = None
-    for subset in task.dataset.values():
-        for split_data in subset.values():
+    name = task.metadata.name
+    for subset_name, subset in task.dataset.items():
+        for split_name, split_data in subset.items():
             split_data["corpus"], info = subsample_corpus(
                 split_data["corpus"], split_data["relevant_docs"], max_documents, seed
             )
+            if info is not None:
+                where = split_name if subset_name == "default" else f"{subset_name}/{split_name}"
+                logger.warning(
+                    "%s (%s): corpus capped at %s passages: %s -> %s passages kept (all %s judged passages kept, "
+                    "seed %d); the score is on this subsample (set the corpus cap to 0, --corpus-cap 0, for the "
+                    "full corpus).",
+                    name,
+                    where,
+                    f"{max_documents:,}",
+                    f"{info.documents_total:,}",
+                    f"{info.documents_kept:,}",
+                    f"{info.judged_documents:,}",
+                    seed,
+                )
             first = first or info
     return first

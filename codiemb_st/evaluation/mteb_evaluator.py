@@ -34,6 +34,7 @@ class MTEBEvaluator(BaseEvaluator):
         seed: int = 0,
         instructions: bool | Literal["zh", "en"] = False,
         prompts: Mapping[str, str] | None = None,
+        saved_prompts: bool = True,
         batch_size: int = 32,
         primary_metric: str = MEAN_TASK,
         name: str = "mteb",
@@ -66,7 +67,11 @@ class MTEBEvaluator(BaseEvaluator):
                 ``"en"``: English) to retrieval queries and to both STS sentences, as the paper's evaluation does.
                 Only the 15 C-MTEB tasks have one. Pair with ``Pooling(include_prompt=False)`` to exclude the
                 instruction from mean pooling, as the official code does.
-            prompts: Extra mteb prompts (``{"<Task>-query": ..., "<Task>": ..., "query": ...}``), applied on top.
+            prompts: Explicit mteb prompts (``{"<Task>-query": ..., "<Task>": ..., "query": ...}``), applied on top
+                of the instructions; they win over the model's saved prompts wherever they apply.
+            saved_prompts: Apply the model's saved prompts (``model.prompts``) by task type: ``"query"`` on
+                retrieval queries, ``"document"`` on retrieval documents, ``"sts"`` on both STS sentences; other
+                names are ignored (see :mod:`codiemb_st.evaluation.prompts`). ``False`` applies none.
             batch_size: Encoding batch size.
             primary_metric: ``"mean_task"`` (mean over all tasks), ``"mean_task_type"`` (mean of the per-type
                 means: IR and STS weigh the same), ``"<type>_mean"`` (e.g. ``"retrieval_mean"``, ``"sts_mean"``) or a
@@ -108,6 +113,7 @@ class MTEBEvaluator(BaseEvaluator):
             language = "zh" if instructions is True else instructions
             self.prompts.update(instruction_prompts([task.name for task in self.tasks], language=language))
         self.prompts.update(prompts or {})
+        self.saved_prompts = saved_prompts
         self.batch_size = batch_size
         self.name = name
         self.show_progress_bar = show_progress_bar
@@ -174,6 +180,7 @@ class MTEBEvaluator(BaseEvaluator):
                 model,
                 self.tasks,
                 prompts=self.prompts,
+                saved_prompts=self.saved_prompts,
                 batch_size=self.batch_size,
                 show_progress_bar=self.show_progress_bar,
             )
@@ -207,4 +214,6 @@ class MTEBEvaluator(BaseEvaluator):
             config["corpus_cap"] = self.corpus_cap
         if self.instructions:
             config["instructions"] = self.instructions
+        if not self.saved_prompts:
+            config["saved_prompts"] = False
         return config

@@ -11,12 +11,13 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from codiemb_st.evaluation.aggregates import aggregate_main_scores
 from codiemb_st.evaluation.corpus_subsample import CorpusSubsample
+from codiemb_st.evaluation.prompts import PromptPlan, plan_prompts
 from codiemb_st.evaluation.tasks import PreparedTask
 from codiemb_st.file_io import file_lock, json_safe, write_atomic, write_json_atomic
 from codiemb_st.validation import check_positive_int
@@ -40,6 +41,8 @@ class TaskScore:
         main_score: Its value (a fraction, as mteb reports it).
         corpus_subsample: The corpus subsample record, ``None`` for the full corpus.
         result: mteb's full result (every metric), ready for ``to_disk``.
+        prompts: The prompt each input got and where it came from (``{"query": {"prompt", "source"}, ...}``; see
+            :class:`~codiemb_st.evaluation.PromptPlan`).
     """
 
     name: str
@@ -49,20 +52,26 @@ class TaskScore:
     main_score: float
     corpus_subsample: CorpusSubsample | None
     result: TaskResult
+    prompts: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def _encoder(model: SentenceTransformer, prompts: Mapping[str, str] | None):
-    """mteb's SentenceTransformer wrapper with extra prompts, leaving the model's own ``prompts`` untouched.
+def _encoder(model: SentenceTransformer, plan: PromptPlan):
+    """mteb's SentenceTransformer wrapper that uses exactly the plan's prompts, leaving ``model.prompts`` untouched.
 
-    Passing ``model_prompts`` to the wrapper would overwrite ``model.prompts`` (and so the saved model); setting the
-    wrapper's lookup table afterwards does not. Task-specific keys take precedence over the model's generic
-    ``query``/``document`` prompts in mteb's lookup.
+    Passing ``model_prompts`` to the wrapper would overwrite ``model.prompts`` (and so the saved model). Built with
+    the model's own prompts in view, the wrapper would validate them against mteb's task names (warning that "sts"
+    is "not valid") and keep "query"/"document" for every task; so it is built with them hidden, and given the
+    plan's complete table afterwards.
     """
     from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
-    encoder = SentenceTransformerEncoderWrapper(model)
-    if prompts:
-        encoder.model_prompts = {**(encoder.model_prompts or {}), **prompts}
+    own_prompts = model.prompts
+    model.prompts = {}
+    try:
+        encoder = SentenceTransformerEncoderWrapper(model)
+    finally:
+        model.prompts = own_prompts
+    encoder.model_prompts = dict(plan.mteb_prompts)
     return encoder
 
 
@@ -70,7 +79,8 @@ def evaluate_model(
     model: SentenceTransformer,
     tasks: Sequence[PreparedTask],
     *,
-    prompts: Mapping[str, str] | None = None,
+    prompts: Mapping[str, str] | PromptPlan | None = None,
+    saved_prompts: bool = True,
     batch_size: int = 32,
     show_progress_bar: bool = False,
     results_dir: str | Path | None = None,
@@ -84,10 +94,18 @@ def evaluate_model(
     same key (the same ``run_key``, task, split, corpus subsample and prompts) is read back instead of evaluated
     again: an interrupted run loses at most the task in progress.
 
+    The model's saved prompts (``model.prompts``) are applied by task type, never left to mteb: ``"query"`` on
+    retrieval queries, ``"document"`` on retrieval documents, ``"sts"`` on both STS sentences (see
+    :mod:`codiemb_st.evaluation.prompts`); explicit ``prompts`` win where they apply. Each task's result records the
+    prompts it was evaluated with (``"prompts"`` next to the scores).
+
     Args:
         model: The model to evaluate.
         tasks: Tasks from :func:`~codiemb_st.evaluation.prepare_tasks`.
-        prompts: Extra mteb prompts, e.g. :func:`~codiemb_st.evaluation.instruction_prompts`.
+        prompts: Explicit mteb prompts, e.g. :func:`~codiemb_st.evaluation.instruction_prompts`, that win over the
+            saved ones; or a :class:`~codiemb_st.evaluation.PromptPlan` from
+            :func:`~codiemb_st.evaluation.plan_prompts` for these tasks, used as it is.
+        saved_prompts: Apply the model's saved prompts by task type (ignored when ``prompts`` is a plan).
         batch_size: Encoding batch size.
         show_progress_bar: Show mteb's task and encoding progress bars.
         results_dir: Folder for per-task results (written as they finish, reused on a rerun); ``None`` keeps
@@ -117,9 +135,19 @@ def evaluate_model(
     if results_dir is not None and run_key is None:
         raise ValueError("results_dir needs a run_key that identifies the model and settings (see the docstring).")
     folder = Path(results_dir) if results_dir is not None else None
+    plan = (
+        prompts
+        if isinstance(prompts, PromptPlan)
+        else plan_prompts(tasks, model.prompts, overrides=prompts, use_saved=saved_prompts)
+    )
+    missing = [prepared.name for prepared in tasks if prepared.name not in plan.tasks]
+    if missing:
+        raise ValueError(
+            f"The prompt plan has no entry for task(s) {missing}; build it with plan_prompts(tasks, ...)."
+        )
     scores = []
     for prepared in tasks:
-        key = _task_key(prepared, prompts, run_key) if folder is not None else None
+        key = _task_key(prepared, plan, run_key) if folder is not None else None
         result = None
         if folder is not None and reuse:
             with file_lock(folder / f".{prepared.name}.lock"):  # never read a pair another run is writing
@@ -133,7 +161,7 @@ def evaluate_model(
                 )
                 result = None
         if result is None:
-            result = _evaluate_one(model, prepared, prompts, batch_size, show_progress_bar)
+            result = _evaluate_one(model, prepared, plan, batch_size, show_progress_bar)
             if folder is not None:
                 # Two runs writing one folder take turns here, so a result and its key always belong together.
                 with file_lock(folder / f".{prepared.name}.lock"):
@@ -151,6 +179,7 @@ def evaluate_model(
                 main_score=float(result.get_score(splits=[prepared.split])),
                 corpus_subsample=prepared.corpus_subsample,
                 result=result,
+                prompts=plan.tasks[prepared.name],
             )
         )
     return scores
@@ -159,14 +188,14 @@ def evaluate_model(
 def _evaluate_one(
     model: SentenceTransformer,
     prepared: PreparedTask,
-    prompts: Mapping[str, str] | None,
+    plan: PromptPlan,
     batch_size: int,
     show_progress_bar: bool,
 ) -> TaskResult:
     import mteb
 
     results = mteb.evaluate(
-        _encoder(model, prompts),
+        _encoder(model, plan),
         [prepared.task],
         cache=None,
         co2_tracker=False,
@@ -174,21 +203,18 @@ def _evaluate_one(
         show_progress_bar=show_progress_bar,
     )
     (result,) = [result for result in results.task_results if result.task_name == prepared.name]
-    if prepared.corpus_subsample is not None:
-        for subset_scores in result.scores[prepared.split]:
+    for subset_scores in result.scores[prepared.split]:
+        if prepared.corpus_subsample is not None:
             subset_scores["corpus_subsample"] = prepared.corpus_subsample.to_dict()
+        # Which prompt each input got and why, so a stored score says what it was measured with.
+        subset_scores["prompts"] = plan.tasks[prepared.name]
     return result
 
 
-def _task_key(
-    prepared: PreparedTask, prompts: Mapping[str, str] | None, run_key: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    # Only the prompts that can reach this task: its own keys and the generic query/document ones.
-    relevant = {
-        name: text
-        for name, text in (prompts or {}).items()
-        if name.split("-")[0] == prepared.name or name in ("query", "document", "passage")
-    }
+def _task_key(prepared: PreparedTask, plan: PromptPlan, run_key: Mapping[str, Any] | None) -> dict[str, Any]:
+    # The non-empty prompts that reach this task, in mteb's key format (so a run without prompts, or with the same
+    # --instructions as before, keeps the key its stored results were written under).
+    relevant = plan.task_prompts(prepared.name)
     return json_safe(
         {
             "run": dict(run_key or {}),

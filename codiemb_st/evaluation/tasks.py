@@ -254,6 +254,37 @@ def _unknown_task_message(
     )
 
 
+def _resolve_name(name: str | Path, data_dir: str | Path | None) -> LocalTaskInfo | AbsTask:
+    """A task name or folder as a local task (``data_dir`` first) or an mteb task object (no data loaded)."""
+    import mteb
+
+    local_tasks = find_local_tasks(data_dir) if data_dir is not None else []
+    info = _find_local(name, local_tasks)
+    if info is not None:
+        return info
+    name = str(name)
+    split = get_task_spec(name).split if name in _BY_NAME else None
+    try:
+        return mteb.get_task(name, eval_splits=[split] if split else None)
+    except KeyError as error:
+        # mteb's bare KeyError says nothing about the local folders that were searched first.
+        raise ValueError(_unknown_task_message(name, data_dir, local_tasks, error)) from None
+
+
+def check_task_name(task: str | Path, *, data_dir: str | Path | None = None) -> None:
+    """Check that a task name or folder resolves, without loading its data (a quick check before heavy work).
+
+    Args:
+        task: A local task folder or a task name, as :func:`prepare_task` takes it.
+        data_dir: A folder of local task folders.
+
+    Raises:
+        ValueError: If the name matches no local folder and no mteb task (the message lists the folders searched),
+            or a local ``task.json`` is invalid.
+    """
+    _resolve_name(task, data_dir)
+
+
 def prepare_task(
     task: str | Path | LocalTaskInfo | AbsTask | PreparedTask,
     *,
@@ -281,7 +312,6 @@ def prepare_task(
             mteb task (the message lists the folders searched).
         Exception: Whatever mteb raises when hub data cannot be loaded (e.g. offline).
     """
-    import mteb
     from mteb.abstasks import AbsTask
 
     if isinstance(task, PreparedTask):
@@ -292,16 +322,10 @@ def prepare_task(
     if isinstance(task, LocalTaskInfo):
         info = task
     elif isinstance(task, (str, Path)):
-        local_tasks = find_local_tasks(data_dir) if data_dir is not None else []
-        info = _find_local(task, local_tasks)
+        resolved = _resolve_name(task, data_dir)
+        info = resolved if isinstance(resolved, LocalTaskInfo) else None
         if info is None:
-            name = str(task)
-            split = get_task_spec(name).split if name in _BY_NAME else None
-            try:
-                task = mteb.get_task(name, eval_splits=[split] if split else None)
-            except KeyError as error:
-                # mteb's bare KeyError says nothing about the local folders that were searched first.
-                raise ValueError(_unknown_task_message(name, data_dir, local_tasks, error)) from None
+            task = resolved
     elif isinstance(task, AbsTask):
         info = None
     else:
