@@ -18,7 +18,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from codiemb_st.cli.model_source import check_model_source
+from codiemb_st.cli.model_source import resolve_model_folder
 from codiemb_st.cli.options import non_negative_int, positive_int, unit_interval
 from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
         inputs.append(("--model", args.model))
     check_output_apart(args.output, "--output", inputs)
     if args.model is not None:
-        check_model_source(args.model, "--model")  # one line in seconds, not a minute of hub retries
+        # One line in seconds, not a minute of hub retries; a training output folder means its final/ model.
+        args.model, note = resolve_model_folder(args.model, "--model")
+        if note:
+            print(f"note: {note}")
     try:
         # Bad records, corpus files and output names are reported before the model is loaded.
         records = read_ir_records(args.input)

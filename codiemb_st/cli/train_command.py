@@ -36,7 +36,7 @@ import os
 import sys
 from pathlib import Path
 
-from codiemb_st.cli.model_source import check_model_source
+from codiemb_st.cli.model_source import resolve_model_folder
 from codiemb_st.cli.options import non_negative_int, positive_float, positive_int, unit_interval
 from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
@@ -209,7 +209,10 @@ def run(args: argparse.Namespace) -> int:
         inputs.append(("--model", args.model))
     check_output_apart(args.output_dir, "--output-dir", [*inputs, ("--eval-data-dir", args.eval_data_dir)])
     if args.model is not None:
-        check_model_source(args.model, "--model")  # one line in seconds, not a minute of hub retries
+        # One line in seconds, not a minute of hub retries; a training output folder means its final/ model.
+        args.model, note = resolve_model_folder(args.model, "--model")
+        if note:
+            print(f"note: {note}")
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
@@ -267,18 +270,8 @@ def run(args: argparse.Namespace) -> int:
             )
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise UsageError(f"--eval: {error}") from None
-        from codiemb_st.task_types import EVALUATION_TASK_TYPE
-
-        eval_prompts = {}
-        for task in eval_tasks:
-            # The prompts saved with the model, by the task type they were trained for (as `codiemb-st eval`).
-            if task.type == EVALUATION_TASK_TYPE["ir"]:
-                for side in ("query", "document"):
-                    if saved_prompts.get(side):
-                        eval_prompts[f"{task.name}-{side}"] = saved_prompts[side]
-            elif task.type == "sts" and saved_prompts.get("sts"):
-                eval_prompts[task.name] = saved_prompts["sts"]
-        evaluator = MTEBEvaluator(eval_tasks, prompts=eval_prompts, name="mteb", write_csv=False)
+        # The model's prompts (those it is saved with) are applied by task type, as `codiemb-st eval` applies them.
+        evaluator = MTEBEvaluator(eval_tasks, name="mteb", write_csv=False)
 
     training_args = recipe.training_arguments(
         args.output_dir,
