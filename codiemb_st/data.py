@@ -19,6 +19,7 @@ from datasets import Dataset
 from codiemb_st._record_fields import _TASK_TYPES, _describe
 from codiemb_st.record_formats import (  # noqa: F401 (the formats are re-exported from here)
     FORMATS,
+    SCORE_FIELDS,
     SYMMETRIC_TYPES,
     IRRecords,
     RecordSource,
@@ -49,6 +50,8 @@ def ir_dataset_from_records(
     num_positives: int = 1,
     num_negatives: int | None = None,
     seed: int = 0,
+    *,
+    with_scores: bool = False,
 ) -> Dataset:
     """Turn IR records into a dataset with columns ``anchor, positive_1..positive_P, negative_1..negative_N``.
 
@@ -74,6 +77,9 @@ def ir_dataset_from_records(
             A record without negatives (when others have some) gets ``N`` negatives of other records, drawn at
             random, like in-batch negatives (counted in a warning); a record with fewer than ``N`` repeats its own.
         seed: Seed of the subset/resampling draws.
+        with_scores: Add a ``label`` column of teacher scores (``P + N`` per row, in column order) for
+            distillation; every text drawn must have one (``positive_scores``/``negative_scores``, ``pos_scores``/
+            ``neg_scores`` or a list ``label``), else a ``ValueError`` names the record.
 
     Returns:
         A ``datasets.Dataset`` with one row per (merged) record.
@@ -106,20 +112,34 @@ def ir_dataset_from_records(
             prompted,
             "texts (symmetric type)" if ir_records.symmetric else "queries",
         )
-    return ir_columns(records, ir_records.name, num_positives, num_negatives, seed)
+    return ir_columns(records, ir_records.name, num_positives, num_negatives, seed, with_scores=with_scores)
 
 
-def ir_columns(records: list[dict[str, Any]], name: str, num_positives: int, num_negatives: int, seed: int) -> Dataset:
+def ir_columns(
+    records: list[dict[str, Any]],
+    name: str,
+    num_positives: int,
+    num_negatives: int,
+    seed: int,
+    *,
+    with_scores: bool = False,
+) -> Dataset:
     """Columns ``anchor, positive_1..P, negative_1..N`` from :attr:`IRRecords.records` (texts used as they are).
 
     A record without negatives, in records of which some have negatives, is trained with ``N`` negatives of other
     records (random, like in-batch negatives; never one of its own positives): its row is kept and the other records
     keep their hard negatives. When no record has any, ``N > 0`` is refused.
+
+    With ``with_scores``, a ``label`` column holds each row's teacher scores, ``P + N`` floats in column order (the
+    labels of distillation, :class:`~codiemb_st.MultiPositiveCachedInfoNCELoss`'s ``distillation_weight``): every
+    text drawn must have a score. Without it, scores the records carry are left out (counted in a warning).
     """
     rng = random.Random(seed)
-    columns: dict[str, list[str]] = {"anchor": []}
+    columns: dict[str, list[Any]] = {"anchor": []}
     columns.update({f"positive_{k}": [] for k in range(1, num_positives + 1)})
     columns.update({f"negative_{k}": [] for k in range(1, num_negatives + 1)})
+    if with_scores:
+        columns["label"] = []
     stats = {"positives": _DrawStats(), "negatives": _DrawStats()}
     lacking = [record for record in records if not record["negatives"]] if num_negatives else []
     pool: list[str] = []
@@ -130,9 +150,15 @@ def ir_columns(records: list[dict[str, Any]], name: str, num_positives: int, num
                 f"{lacking[0]['location']}: no record has negatives but num_negatives={num_negatives}; add hard "
                 "negatives (e.g. with `codiemb-st mine`) or use num_negatives=0 (in-batch negatives only)."
             )
-    borrowed = 0
+        if with_scores:
+            raise ValueError(
+                f"{lacking[0]['location']}: the record has no hard negatives, so there are no teacher scores to "
+                "distil from; mine and score negatives for it (`codiemb-st mine --keep-negatives`, then "
+                "`codiemb-st score`), or train without distillation."
+            )
+    borrowed = scored_unused = 0
     for record in records:
-        negatives = record["negatives"]
+        negatives, negative_scores = record["negatives"], record.get("negative_scores")
         if num_negatives and not negatives:
             positives = set(record["positives"]) | {record["query"]}
             negatives = [text for text in rng.sample(pool, min(len(pool), 4 * num_negatives)) if text not in positives]
@@ -144,10 +170,26 @@ def ir_columns(records: list[dict[str, Any]], name: str, num_positives: int, num
                 )
             borrowed += 1
         columns["anchor"].append(record["query"])
-        for k, text in enumerate(_draw(record["positives"], num_positives, rng, stats["positives"]), start=1):
-            columns[f"positive_{k}"].append(text)
-        for k, text in enumerate(_draw(negatives, num_negatives, rng, stats["negatives"]), start=1):
-            columns[f"negative_{k}"].append(text)
+        label: list[float] = []
+        for kind, texts, scores, count in (
+            ("positive", record["positives"], record.get("positive_scores"), num_positives),
+            ("negative", negatives, negative_scores, num_negatives),
+        ):
+            for k, index in enumerate(_draw(len(texts), count, rng, stats[f"{kind}s"]), start=1):
+                columns[f"{kind}_{k}"].append(texts[index])
+                if with_scores:
+                    score = scores[index] if scores is not None else None
+                    if score is None:
+                        raise ValueError(
+                            f"{record['location']}: {kind} {texts[index][:60]!r} has no teacher score; distillation "
+                            "needs one for every text trained on: score the records (`codiemb-st score`) or train "
+                            "without distillation."
+                        )
+                    label.append(score)
+        if with_scores:
+            columns["label"].append(label)
+        elif record.get("positive_scores") or record.get("negative_scores"):
+            scored_unused += 1
     num_rows = len(columns["anchor"])
     if borrowed:
         logger.warning(
@@ -159,6 +201,14 @@ def ir_columns(records: list[dict[str, Any]], name: str, num_positives: int, num
             num_rows,
             lacking[0]["location"],
             num_negatives,
+        )
+    if scored_unused:
+        logger.warning(
+            "IR records in %s: the teacher scores of %d of %d records are not used (no distillation); set a "
+            "distillation weight (`--distill-weight`) to train on them.",
+            name,
+            scored_unused,
+            num_rows,
         )
     for kind, count in (("positives", num_positives), ("negatives", num_negatives)):
         stats[kind].log(name, kind, count, num_rows)
@@ -287,24 +337,26 @@ class _DrawStats:
             )
 
 
-def _draw(texts: list[str], count: int, rng: random.Random, stats: _DrawStats) -> list[str]:
-    """``count`` texts: a random subset when there are enough, else all of them plus resampled ones."""
+def _draw(size: int, count: int, rng: random.Random, stats: _DrawStats) -> list[int]:
+    """``count`` indices into ``size`` texts: a random subset when there are enough, else all of them plus resampled
+    ones (indices, so that a text's teacher score follows it)."""
     if count == 0:
         return []
-    if len(texts) >= count:
-        if len(texts) > count:
+    if size >= count:
+        if size > count:
             stats.truncated_records += 1
-            stats.left_out_texts += len(texts) - count
-        return rng.sample(texts, count)
+            stats.left_out_texts += size - count
+        return rng.sample(range(size), count)
     stats.padded_records += 1
-    stats.padded_texts += count - len(texts)
-    drawn = rng.sample(texts, len(texts)) + rng.choices(texts, k=count - len(texts))
+    stats.padded_texts += count - size
+    drawn = rng.sample(range(size), size) + rng.choices(range(size), k=count - size)
     rng.shuffle(drawn)
     return drawn
 
 
 __all__ = [
     "FORMATS",
+    "SCORE_FIELDS",
     "IRRecords",
     "RecordSource",
     "STSRecords",

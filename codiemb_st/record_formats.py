@@ -17,7 +17,9 @@ layout of sentence-transformers datasets multi-positive.
 CoDiEmb keeps one file per sub-dataset of one task, one JSON object per line:
 
 - IR records: ``{"query": str, "positives": [str, ...], "negatives": [str, ...]}`` (``negatives`` may be empty or
-  missing; ``positive_scores``/``negative_scores`` may be present and are ignored for IR);
+  missing); optional teacher scores ``positive_scores``/``negative_scores``, one per text (FlagEmbedding:
+  ``pos_scores``/``neg_scores``; sentence-transformers rows: a list-valued ``label``, positives first), kept aligned
+  with their texts and trained on by distillation (:mod:`codiemb_st.recipe`);
 - STS pairs: ``{"sentence1": str, "sentence2": str, "score": float}``, or the unified form
   ``{"query": x1, "positives": [x2], "positive_scores": [y]}`` (only the first positive is used, as in the official
   code).
@@ -68,9 +70,15 @@ _STS_FIELDS = {
 }
 # Fields IR training uses; anything else in a record (e.g. scores) is reported once per file as not used.
 _IR_USED_FIELDS = {
-    "unified": {"query", "positives", "negatives", "task_type", "prompt"},
-    "flagembedding": {"query", "pos", "neg", "prompt", "type"},
-    "sentence-transformers": {"anchor", "positive", "negative", "prompt"},
+    "unified": {"query", "positives", "negatives", "task_type", "prompt", "positive_scores", "negative_scores"},
+    "flagembedding": {"query", "pos", "neg", "prompt", "type", "pos_scores", "neg_scores"},
+    "sentence-transformers": {"anchor", "positive", "negative", "prompt"},  # + a list-valued `label`
+}
+#: The teacher-score fields of each format (for messages): one score per positive and per negative.
+SCORE_FIELDS = {
+    "unified": ("positive_scores", "negative_scores"),
+    "flagembedding": ("pos_scores", "neg_scores"),
+    "sentence-transformers": ("label", "label"),
 }
 # FlagEmbedding `type` values with a meaning (FlagEmbedding/abc/finetune/embedder/AbsDataset.py): the passages of
 # symmetric_sts / symmetric_clustering records get the query's instruction too; only_1neg trains with one negative;
@@ -158,8 +166,10 @@ class IRRecords:
     """The IR records of one source, read into one form, with duplicate queries merged.
 
     Args:
-        records: One dict per query: ``query``, ``positives``, ``negatives`` (lists of strings), ``prompt`` (the
-            record's own ``prompt`` or ``None``) and ``location`` (of its first record, for messages).
+        records: One dict per query: ``query``, ``positives``, ``negatives`` (lists of strings),
+            ``positive_scores``, ``negative_scores`` (teacher scores aligned with the texts, ``None`` for a text
+            without one; the whole field ``None`` when the record has none), ``prompt`` (the record's own ``prompt``
+            or ``None``) and ``location`` (of its first record, for messages).
         format: The detected format (:data:`FORMATS`).
         name: The source, for messages.
         data_type: FlagEmbedding's ``type`` of the records (one per file), or ``None``.
@@ -176,6 +186,20 @@ class IRRecords:
     def symmetric(self) -> bool:
         """Whether the passages get the query's instruction too (FlagEmbedding's symmetric_sts/clustering)."""
         return self.data_type in SYMMETRIC_TYPES
+
+    @property
+    def has_scores(self) -> bool:
+        """Whether any record carries teacher scores."""
+        return any(r.get("positive_scores") or r.get("negative_scores") for r in self.records)
+
+    def first_without_scores(self) -> dict[str, Any] | None:
+        """The first record lacking a teacher score for one of its texts (``None`` when every text has one)."""
+        for record in self.records:
+            for kind in ("positive", "negative"):
+                scores = record.get(f"{kind}_scores")
+                if record[f"{kind}s"] and (scores is None or any(score is None for score in scores)):
+                    return record
+        return None
 
     def common_prompt(self) -> str | None:
         """The one ``prompt`` all records share, ``None`` when no record has one.
@@ -264,6 +288,7 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
                 f"{result.format}; keep one format per file."
             )
         query, positives, negatives = _IR_READERS[record_format](record, location)
+        positive_scores, negative_scores = _read_scores(record, record_format, positives, negatives, location)
         prompt = _prompt(record, location)
         data_type = record.get("type") if record_format == "flagembedding" else None  # a FlagEmbedding field
         if data_type is not None:
@@ -286,12 +311,14 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
             )
         if record_format == "unified":
             _warn_unread_keys(record, location, warned)
-        ignored.update(set(record) - _IR_USED_FIELDS[record_format] - _numbered_columns(record))
+        used = _IR_USED_FIELDS[record_format] | ({"label"} if isinstance(record.get("label"), list) else set())
+        ignored.update(set(record) - used - _numbered_columns(record))
         key = (prompt, query)
         if key in by_key:
             merged = by_key[key]
-            merged["positives"] = list(dict.fromkeys(merged["positives"] + positives))
-            merged["negatives"] = list(dict.fromkeys(merged["negatives"] + negatives))
+            merged["positives"] = merged["positives"] + positives
+            merged["negatives"] = merged["negatives"] + negatives
+            _first_scores(merged["_scores"], positives + negatives, positive_scores + negative_scores)
             result.merged += 1
         else:
             by_key[key] = {
@@ -300,17 +327,24 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
                 "negatives": negatives,
                 "prompt": prompt,
                 "location": location,
+                "_scores": _first_scores({}, positives + negatives, positive_scores + negative_scores),
             }
     if not by_key:
         raise ValueError(f"No records in {result.name}.")
     dropped, first_dropped = 0, None
     for record in by_key.values():  # a negative that is one of the query's positives is not a negative
+        record["positives"] = list(dict.fromkeys(record["positives"]))
         positives = set(record["positives"])
         kept = [text for text in dict.fromkeys(record["negatives"]) if text not in positives]
         if len(kept) < len(set(record["negatives"])):
             dropped += len(set(record["negatives"])) - len(kept)
             first_dropped = first_dropped or record["location"]
         record["negatives"] = kept
+        # Teacher scores stay with their texts through the merge and the drop (a text keeps its first score).
+        scores = record.pop("_scores")
+        for kind in ("positive", "negative"):
+            texts = record[f"{kind}s"]
+            record[f"{kind}_scores"] = [scores.get(text) for text in texts] if scores and texts else None
     if dropped:
         logger.warning(
             "%s: dropped %d negatives equal to a positive of their own query (first: %s); a text cannot be both.",
@@ -333,6 +367,45 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
             "%s: fields not used for IR training (their values are not trained on): %s.", result.name, sorted(ignored)
         )
     return result
+
+
+def _first_scores(scores: dict[str, float], texts: list[str], values: list[float | None]) -> dict[str, float]:
+    """Add each text's score unless it has one (a text keeps its first score: a positive's over a negative's)."""
+    for text, value in zip(texts, values):
+        if value is not None:
+            scores.setdefault(text, value)
+    return scores
+
+
+def _read_scores(
+    record: Mapping[str, Any], record_format: str, positives: list[str], negatives: list[str], location: str
+) -> tuple[list[float | None], list[float | None]]:
+    """The record's teacher scores, one per positive and per negative (``None`` where the record has none)."""
+    if record_format == "sentence-transformers":
+        label = record.get("label")
+        if not isinstance(label, list):
+            return [None] * len(positives), [None] * len(negatives)
+        texts = len(positives) + len(negatives)
+        if len(label) != texts:
+            raise ValueError(
+                f"{location}: `label` has {len(label)} scores for the row's {texts} texts ({len(positives)} "
+                f"positive(s), {len(negatives)} negative(s)); teacher scores need one per text, positives first."
+            )
+        scores = [_score(value, f"label[{i}]", location) for i, value in enumerate(label)]
+        return scores[: len(positives)], scores[len(positives) :]
+    out = []
+    for field_name, texts in zip(SCORE_FIELDS[record_format], (positives, negatives)):
+        values = record.get(field_name)
+        if values is None:
+            out.append([None] * len(texts))
+            continue
+        if not isinstance(values, list) or len(values) != len(texts):
+            got = f"{len(values)} scores" if isinstance(values, list) else type(values).__name__
+            raise ValueError(
+                f"{location}: `{field_name}` must be a list with one teacher score per text ({len(texts)}); got {got}."
+            )
+        out.append([_score(value, f"{field_name}[{i}]", location) for i, value in enumerate(values)])
+    return out[0], out[1]
 
 
 def _read_unified_ir(record: Mapping[str, Any], location: str) -> tuple[str, list[str], list[str]]:
@@ -482,6 +555,7 @@ __all__ = [
     "RecordSource",
     "STSRecords",
     "KNOWN_TYPES",
+    "SCORE_FIELDS",
     "SYMMETRIC_TYPES",
     "detect_format",
     "read_ir_records",

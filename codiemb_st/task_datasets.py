@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from codiemb_st.data import (
+    SCORE_FIELDS,
     RecordSource,
     ir_columns,
     ir_dataset_from_records,
@@ -129,6 +130,10 @@ class TaskDatasets:
         """P of the IR dataset ``name``, read from its columns (the data is the one record of it)."""
         return ir_column_counts(self.datasets[name], name)[0]
 
+    def has_scores(self, name: str) -> bool:
+        """Whether the IR dataset ``name`` carries teacher scores (a ``label`` column, for distillation)."""
+        return "label" in self.datasets[name].column_names
+
     def num_negatives(self, name: str) -> int:
         """N (hard negatives) of the IR dataset ``name``, read from its columns; 0 = in-batch negatives only."""
         return ir_column_counts(self.datasets[name], name)[1]
@@ -152,7 +157,8 @@ def ir_column_counts(dataset: Dataset, name: str = "dataset") -> tuple[int, int]
 
             ir_column_counts(ir_dataset_from_records(records, num_positives=2, num_negatives=4))  # (2, 4)
     """
-    columns = [column for column in dataset.column_names if column != "dataset_name"]
+    # The `label` column (teacher scores for distillation) is not a text column.
+    columns = [column for column in dataset.column_names if column not in ("dataset_name", "label")]
     num_positives = sum(1 for column in columns if column.startswith("positive_"))
     num_negatives = len(columns) - 1 - num_positives
     expected = [
@@ -198,7 +204,13 @@ def load_ir_dataset(
 
 
 def _load_ir(
-    name: str, source: RecordSource, given: DatasetOptions, num_positives: int, num_negatives: int | None, seed: int
+    name: str,
+    source: RecordSource,
+    given: DatasetOptions,
+    num_positives: int,
+    num_negatives: int | None,
+    seed: int,
+    with_scores: bool = False,
 ) -> tuple[Dataset, DatasetOptions]:
     """One IR dataset and its resolved options (record prompt -> instruction, FlagEmbedding type and file name)."""
     records = read_ir_records(source)
@@ -252,7 +264,13 @@ def _load_ir(
             "a query has nothing to be ranked against."
         )
     items = records.records if prompt is not None else records.prompts_in_text()
-    dataset = ir_columns(items, records.name, positives, wanted, seed)
+    if with_scores and not records.has_scores:
+        fields = " / ".join(dict.fromkeys(SCORE_FIELDS[records.format]))
+        raise ValueError(
+            f"{records.records[0]['location']}: dataset {name!r} is trained with distillation but its records carry "
+            f"no teacher scores ({fields}); add them with `codiemb-st score`, or train without distillation."
+        )
+    dataset = ir_columns(items, records.name, positives, wanted, seed, with_scores=with_scores)
     resolved.num_positives, resolved.num_negatives = positives, wanted
     return dataset, resolved
 
@@ -279,6 +297,7 @@ def load_task_datasets(
     num_negatives: int | None = None,
     seed: int = 42,
     options: Mapping[str, DatasetOptions | Mapping[str, Any]] | None = None,
+    teacher_scores: bool = False,
 ) -> TaskDatasets:
     """One dataset per IR and STS source, named after its file (or by the mapping's keys).
 
@@ -298,6 +317,8 @@ def load_task_datasets(
         seed: Seed of the IR resampling.
         options: ``{dataset name: DatasetOptions}`` (or a dict of its fields) for datasets that differ from the
             defaults.
+        teacher_scores: Give every IR dataset a ``label`` column of teacher scores (``P + N`` per row, in column
+            order) for distillation; every text trained on must have a score (``ValueError`` naming the record).
 
     Raises:
         ValueError: If two datasets get the same name, there is no dataset at all, or ``options`` names an unknown
@@ -330,7 +351,7 @@ def load_task_datasets(
     data = TaskDatasets()
     for name, source in ir_sources.items():
         data.datasets[name], data.options[name] = _load_ir(
-            name, source, given.get(name, DatasetOptions()), num_positives, num_negatives, seed
+            name, source, given.get(name, DatasetOptions()), num_positives, num_negatives, seed, teacher_scores
         )
         data.ir.append(name)
     for name, source in sts_sources.items():

@@ -62,8 +62,11 @@ def test_three_formats_read_to_the_same_records(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("f.jsonl: flagembedding format, 2 IR records" in m for m in messages), messages
     assert any("1 records with a repeated query were merged" in m for m in messages), messages
-    # The FlagEmbedding scores are not used for IR training, and the log says so.
-    assert any("fields not used for IR training (their values are not trained on): ['neg_scores', 'pos_scores']" in m for m in messages), messages
+    # The FlagEmbedding scores are read (teacher scores for distillation), not reported as unused fields.
+    assert not any("fields not used" in m for m in messages), messages
+    flag = read_ir_records(sources["flagembedding"])
+    assert flag.records[0]["positive_scores"] == [1.0, 1.0] and flag.records[0]["negative_scores"] == [0.0]
+    assert flag.records[1]["positive_scores"] is None and flag.first_without_scores() is flag.records[1]
 
 
 def test_duplicate_queries_are_merged_and_a_negative_equal_to_a_positive_is_dropped():
@@ -152,3 +155,100 @@ def test_docs_own_data_example_runs_as_written(tmp_path, monkeypatch):
     assert all(not set(row["neg"]) & set(row["pos"]) for row in rows)
     assert namespace["data"].option("pairs_mined").instruction == "Find the fact: "
     assert namespace["trainer"].state.global_step == 2
+
+
+# Teacher scores in each format, for one query with two positives and two negatives (issue 30).
+SCORED = {
+    "unified": [
+        {
+            "query": "q",
+            "positives": ["pa", "pb"],
+            "negatives": ["na", "nb"],
+            "positive_scores": [0.9, 0.8],
+            "negative_scores": [0.3, 0.1],
+        },
+    ],
+    "flagembedding": [
+        {"query": "q", "pos": ["pa", "pb"], "neg": ["na", "nb"], "pos_scores": [0.9, 0.8], "neg_scores": [0.3, 0.1]},
+    ],
+    "sentence-transformers": [  # one positive per row, as mine_hard_negatives(output_scores=True) writes them
+        {"anchor": "q", "positive": "pa", "negative_1": "na", "negative_2": "nb", "label": [0.9, 0.3, 0.1]},
+        {"anchor": "q", "positive": "pb", "negative_1": "na", "negative_2": "nb", "label": [0.8, 0.3, 0.1]},
+    ],
+}
+SCORE_OF = {"pa": 0.9, "pb": 0.8, "na": 0.3, "nb": 0.1}
+
+
+@pytest.mark.parametrize("record_format", list(SCORED))
+def test_teacher_scores_travel_with_their_texts(tmp_path, record_format):
+    path = _jsonl(tmp_path / f"{record_format}.jsonl", SCORED[record_format])
+    (record,) = read_ir_records(path).records
+    assert record["positive_scores"] == [0.9, 0.8] and record["negative_scores"] == [0.3, 0.1]
+    # Through the P/N draw (subsets and resampling with several seeds), each score stays with its text.
+    for seed in range(5):
+        for num_positives, num_negatives in ((1, 1), (2, 2), (3, 5)):
+            row = ir_dataset_from_records(path, num_positives, num_negatives, seed, with_scores=True)[0]
+            texts = [row[f"positive_{k}"] for k in range(1, num_positives + 1)]
+            texts += [row[f"negative_{k}"] for k in range(1, num_negatives + 1)]
+            assert row["label"] == pytest.approx([SCORE_OF[text] for text in texts])
+
+
+def test_scores_are_dropped_with_their_texts_and_kept_through_merges(tmp_path):
+    rows = [
+        # the negative equal to a positive is dropped with its score; the repeated query merges, first score kept
+        {
+            "query": "q",
+            "positives": ["pa"],
+            "negatives": ["pa", "na"],
+            "positive_scores": [0.9],
+            "negative_scores": [0.5, 0.3],
+        },
+        {
+            "query": "q",
+            "positives": ["pb", "pa"],
+            "negatives": ["nb"],
+            "positive_scores": [0.8, 0.1],
+            "negative_scores": [0.2],
+        },
+    ]
+    (record,) = read_ir_records(_jsonl(tmp_path / "r.jsonl", rows)).records
+    assert record["positives"] == ["pa", "pb"] and record["positive_scores"] == [0.9, 0.8]
+    assert record["negatives"] == ["na", "nb"] and record["negative_scores"] == [0.3, 0.2]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [0.9, 0.1]}],
+            r"r.jsonl:1: `pos_scores` must be a list with one teacher score per text \(1\); got 2 scores",
+        ),
+        (
+            [{"query": "q", "positives": ["p"], "positive_scores": [float("nan")]}],
+            r"r.jsonl:1: `positive_scores\[0\]` must be a finite number",
+        ),
+        (
+            [{"anchor": "q", "positive": "p", "negative_1": "n", "label": [0.9]}],
+            r"r.jsonl:1: `label` has 1 scores for the row's 2 texts",
+        ),
+    ],
+)
+def test_bad_teacher_scores_name_file_line_and_field(tmp_path, rows, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=message):
+        read_ir_records(path)
+
+
+def test_distillation_needs_every_score_and_says_which_record_lacks_one(tmp_path):
+    from codiemb_st.recipe import load_task_datasets
+
+    rows = [SCORED["flagembedding"][0], {"query": "q2", "pos": ["p2"], "neg": ["n2"]}]
+    path = _jsonl(tmp_path / "flag.jsonl", rows)
+    with pytest.raises(ValueError, match=r"flag.jsonl:2: positive 'p2' has no teacher score"):
+        load_task_datasets(ir=[path], teacher_scores=True)
+    unscored = _jsonl(tmp_path / "plain.jsonl", [{"query": "q", "pos": ["p"], "neg": ["n"]}])
+    with pytest.raises(ValueError, match=r"plain.jsonl:1: dataset 'plain' is trained with distillation but its"):
+        load_task_datasets(ir=[unscored], teacher_scores=True)
+    data = load_task_datasets(ir=[path])  # without distillation the scores are left out, with a counted warning
+    assert not data.has_scores("flag") and data.datasets["flag"].column_names[-1] == "negative_2"
