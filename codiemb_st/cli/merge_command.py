@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from codiemb_st.cli.method_options import MethodSpec, method_specs, method_specs_from_classes
+from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
 
 #: The method ``codiemb-st merge`` uses without ``--method``: the uniform Model Soup. The project's fusion study
@@ -114,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"Bad option for {args.method}: {error}") from None
     if method.requires_base and args.base_model is None:
         raise UsageError(f"--method {args.method} needs --base-model: the model the checkpoints were fine-tuned from.")
+    # The one output rule, before any model is read: --output is not, does not hold and does not lie inside anything
+    # the merge reads (the merge replaces the output folder as a whole).
+    inputs = [("checkpoint", path) for path in args.checkpoints]
+    inputs += [("--base-model", args.base_model)]
+    inputs += [("--examples", path) for path in given.get("examples") or []]
+    check_output_apart(args.output, "--output", inputs, replaces_folder=True)
     for path in [*args.checkpoints, *([args.base_model] if args.base_model else [])]:
         if not path.is_dir():
             raise UsageError(f"{path} is not a model folder.")

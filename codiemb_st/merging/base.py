@@ -39,6 +39,17 @@ class MergeMethod(ABC):
     #: The fewest checkpoints the method can merge.
     min_checkpoints: ClassVar[int] = 1
 
+    def one_checkpoint_copies(self) -> str | None:
+        """What merging a single checkpoint (with the base) returns unchanged: ``"checkpoint"``, ``"base"``, or None
+        when the result is a new model.
+
+        One checkpoint is refused where the output would be a copy of an input (see
+        :func:`~codiemb_st.merging.streaming_merge.check_checkpoint_count`). The default, a copy of the checkpoint,
+        holds for every weighted average (ModelSoup, DeltaSoup, CocktailSoup: its one weight is 1); TaskArithmetic
+        and TIES override it, since θ_0 + λ · δ is new for λ ∉ {0, 1}.
+        """
+        return "checkpoint"
+
     @property
     def needs_tensor_statistics(self) -> bool:
         """Whether the weights of a row depend on the whole tensor (then tensors are read twice when streamed)."""
@@ -125,17 +136,20 @@ class MergeMethod(ABC):
         Streams the weights tensor by tensor (peak memory about one model, whatever the number of checkpoints),
         writes the merged folder to a temporary folder next to ``output_path`` and renames it into place, then loads
         it. The non-weight files (modules.json, Pooling/Dense/Normalize configs, prompts, tokenizer) come from
-        ``checkpoints[0]``; see :func:`codiemb_st.merging.streaming_merge.merge_model_folders` for the rules.
+        ``checkpoints[0]``, with a warning for every setting another checkpoint has otherwise; see
+        :func:`codiemb_st.merging.streaming_merge.merge_model_folders` for the rules.
 
         Args:
             checkpoints: The K >= 2 distinct fine-tuned models: sentence-transformers model folders (safetensors
                 weights) or ``SentenceTransformer`` objects (saved to a temporary folder first). One checkpoint, or
-                the same folder twice, is refused (ModelSoup of one LoRA adapter materialises it, with a warning).
+                the same folder twice, is refused where the output would be a copy of an input (ModelSoup of one
+                LoRA adapter materialises it, with a warning; one checkpoint with TaskArithmetic or TIES is
+                θ_0 + λ · δ, allowed where that is not a copy: see :meth:`one_checkpoint_copies`).
             base_model: The pre-trained model the checkpoints were fine-tuned from (folder or object). Required by
                 DeltaSoup and TaskArithmetic; ModelSoup only checks it is compatible.
             output_path: Where to write the merged model folder. It must not exist yet (or be an empty folder) and
-                must not be, or lie inside, an input. With None, the folder is written to a temporary directory
-                that is removed after loading.
+                must not be, lie inside, or hold an input (a ValueError naming both, before anything is read). With
+                None, the folder is written to a temporary directory that is removed after loading.
             show_progress_bar: Show a progress bar per weight file.
 
         Returns:

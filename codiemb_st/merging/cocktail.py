@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from codiemb_st.merging.methods import MergeMethod, ModelSoup
-from codiemb_st.merging.streaming_merge import _check_checkpoints_argument
+from codiemb_st.merging.streaming_merge import check_checkpoints_argument, check_output_path, checkpoint_inputs
 from codiemb_st.validation import check_bool, check_finite_float, check_int
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class CocktailSoup(MergeMethod):
         """
         from codiemb_st._compat import SentenceTransformer
 
-        checkpoints = _check_checkpoints_argument(checkpoints)  # the merge's own argument checks, before any scoring
+        checkpoints = check_checkpoints_argument(checkpoints)  # the merge's own argument checks, before any scoring
         example_sets = self.load_examples()
         if len(checkpoints) < self.min_checkpoints:
             raise ValueError(
@@ -280,7 +280,7 @@ class CocktailSoup(MergeMethod):
         show_progress_bar: bool = True,
     ) -> SentenceTransformer:
         """Fit the weights on the examples (:meth:`fit`), then merge and load (see :meth:`MergeMethod.merge`)."""
-        _check_free(output_path)
+        self._check_output(output_path, checkpoints, base_model)
         self.fit(checkpoints, base_model=base_model)
         return super().merge(
             checkpoints, base_model=base_model, output_path=output_path, show_progress_bar=show_progress_bar
@@ -295,11 +295,18 @@ class CocktailSoup(MergeMethod):
         show_progress_bar: bool = True,
     ) -> Path:
         """Fit the weights on the examples (:meth:`fit`), then write the merged folder and return its path."""
-        _check_free(output_path)
+        self._check_output(output_path, checkpoints, base_model)
         self.fit(checkpoints, base_model=base_model)
         return super().merge_to_folder(
             checkpoints, output_path, base_model=base_model, show_progress_bar=show_progress_bar
         )
+
+    def _check_output(self, output_path: str | Path | None, checkpoints: Any, base_model: Any) -> None:
+        """Refuse an output path that exists or overlaps an input (the examples too) before the slow scoring."""
+        if output_path is None:
+            return
+        inputs = checkpoint_inputs(check_checkpoints_argument(checkpoints), base_model)
+        check_output_path(output_path, [*inputs, *((f"examples[{i}]", path) for i, path in enumerate(self.examples))])
 
     def get_config_dict(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -322,15 +329,6 @@ class CocktailSoup(MergeMethod):
             f"num_examples={self.num_examples!r}, seed={self.seed!r}"
             + (", layer_groups=True)" if self.layer_groups else ")")
         )
-
-
-def _check_free(output_path: str | Path | None) -> None:
-    """Refuse an existing output path before the (slow) scoring, not after."""
-    if output_path is None:
-        return
-    path = Path(output_path)
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise ValueError(f"output_path {str(path)!r} already exists. Choose a new path or remove it first.")
 
 
 class _loaded:

@@ -56,7 +56,7 @@ def load_example_sets(
         ValueError: A file is not in the records format (naming ``file:line``), or holds fewer than
             :data:`MIN_EXAMPLES` examples (or fewer than ``num_examples``), or STS pairs whose scores are all equal.
     """
-    from codiemb_st.data import dataset_from_records, read_records
+    from codiemb_st.data import dataset_from_records, read_ir_records, read_records
 
     sets = []
     for path in paths:
@@ -76,13 +76,17 @@ def load_example_sets(
             )
         records = [dict(record) for _, record in located]
         task = _task_of(records[0], located[0][0])
-        options: dict[str, Any] = {}
-        if task == "ir":
-            with_negatives = all(record.get("negatives") for record in records)
-            options = {"num_positives": 1, "num_negatives": 1 if with_negatives else 0, "seed": seed}
         try:
-            dataset = dataset_from_records(records, task=task, **options)
-        except ValueError as error:  # the converters name "row i": name the file and line instead
+            if task == "ir":
+                # Any of the training formats (unified, FlagEmbedding's query/pos/neg, sentence-transformers'
+                # anchor/positive/negative), read into one form by the training's own reader.
+                ir_records = read_ir_records(records)
+                with_negatives = all(record["negatives"] for record in ir_records.records)
+                options = {"num_positives": 1, "num_negatives": 1 if with_negatives else 0, "seed": seed}
+                dataset = dataset_from_records(ir_records, task="ir", **options)
+            else:
+                dataset = dataset_from_records(records, task="sts")
+        except ValueError as error:  # the readers name "row i" of the drawn records: name the file and line
             match = re.match(r"row (\d+): ", str(error))
             if match is None:
                 raise ValueError(f"examples file {path}: {error}") from None
@@ -98,8 +102,10 @@ def load_example_sets(
 
 def _task_of(record: dict[str, Any], location: str) -> str:
     """The task of a file from its first record, by :func:`codiemb_st.data.dataset_from_records`'s rule (its
-    ``task_type``, else ``sentence1``/``sentence2`` mean STS; unified STS records need ``task_type: "sts"``), with
-    a clear error for a record of neither kind."""
+    ``task_type``, else ``sentence1``/``sentence2`` mean STS, else IR in any of the training formats; unified and
+    FlagEmbedding STS records need ``task_type: "sts"``), with a clear error for a record of neither kind."""
+    from codiemb_st.data import detect_format
+
     task = record.get("task_type")
     if task in ("ir", "sts"):
         return task
@@ -107,11 +113,12 @@ def _task_of(record: dict[str, Any], location: str) -> str:
         raise ValueError(f"{location}: `task_type` must be 'ir' or 'sts'; got {task!r}.")
     if "sentence1" in record or "sentence2" in record:
         return "sts"
-    if "query" in record and "positives" in record:
+    if detect_format(record) is not None:
         return "ir"
     raise ValueError(
-        f"{location}: not an example record; expected an IR record (query, positives[, negatives]) or an STS pair "
-        f"(sentence1, sentence2, score), got the keys {sorted(record)}."
+        f"{location}: not an example record; expected an IR record in a training format (unified: query, positives "
+        "[, negatives]; FlagEmbedding: query, pos [, neg]; sentence-transformers: anchor, positive [, negative]) or "
+        f"an STS pair (sentence1, sentence2, score), got the keys {sorted(record)}."
     )
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,8 @@ from codiemb_st.merging.streaming_merge import (
     _make_parents,
     _remove_created,
     check_checkpoint_count,
+    check_output_path,
+    checkpoint_inputs,
     merge_model_folders,
     remove_stale_work_folders,
     work_folder_prefix,
@@ -237,8 +240,10 @@ class GreedySoup:
             raise ValueError("checkpoints is empty: pass at least one candidate model.")
         check_checkpoint_count(self, checkpoints)
         output_path = Path(output_path).absolute()
-        if output_path.exists() and not (output_path.is_dir() and not any(output_path.iterdir())):
-            raise ValueError(f"output_path {str(output_path)!r} already exists. Choose a new path or remove it first.")
+        # Before any candidate is scored: the output must not be, hold or lie inside an input (or the dev data).
+        check_output_path(
+            output_path, [*checkpoint_inputs(checkpoints, base_model), *evaluator_inputs(self.evaluator)]
+        )
         if ingredient_scores is None:
             scores = [self.score(_load(checkpoint)) for checkpoint in checkpoints]
         else:
@@ -304,6 +309,12 @@ class GreedySoup:
             (best / "greedy_soup.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf8")
             os.rename(best, output_path)
             done = True
+        except (ValueError, OSError) as error:
+            # The trial soups live in a hidden work folder: name the caller's output_path instead.
+            renamed = _naming_output(error, work, output_path)
+            if renamed is error:
+                raise
+            raise renamed from error
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if not done:
@@ -311,6 +322,34 @@ class GreedySoup:
         return GreedySoupResult(
             path=output_path, model=None, chosen=[checkpoints[i] for i in soup], score=best_score, steps=steps
         )
+
+
+def evaluator_inputs(evaluator: Any) -> list[tuple[str, str | Path | None]]:
+    """``(role, path)`` of the local data an evaluator reads (an :class:`~codiemb_st.MTEBEvaluator`'s ``data_dir``
+    and local task folders), for the output rule; none for other callables."""
+    inputs: list[tuple[str, str | Path | None]] = [("the evaluator's data_dir", getattr(evaluator, "data_dir", None))]
+    for task in getattr(evaluator, "tasks", None) or []:
+        source = getattr(task, "source", None)
+        if isinstance(source, (str, Path)) and source != "mteb" and Path(source).exists():
+            inputs.append((f"the evaluator's task {getattr(task, 'name', source)}", source))
+    return inputs
+
+
+def _naming_output(error: Exception, work: Path, output_path: Path) -> Exception:
+    """``error`` with the hidden work folder's trial paths replaced by ``output_path`` (``error`` itself when it names
+    none)."""
+    # A trial soup is <work>/soup-<n>, written through its own hidden <work>/.soup-<n>.<pid>.<random>.partial.
+    pattern = re.compile(re.escape(str(work)) + r"(/\.?soup-\d+[^/'\"]*)?")
+    if isinstance(error, OSError):
+        filename = error.filename
+        if isinstance(filename, str):
+            filename = pattern.sub(str(output_path), filename)
+        if error.errno is None:
+            return type(error)(pattern.sub(str(output_path), str(error)))
+        return type(error)(error.errno, f"{error.strerror} (writing the greedy soup {output_path})", filename)
+    if str(work) not in str(error):
+        return error
+    return type(error)(pattern.sub(str(output_path), str(error)))
 
 
 def _load(model: ModelInput) -> SentenceTransformer:

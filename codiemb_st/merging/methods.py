@@ -72,7 +72,9 @@ class TaskArithmetic(MergeMethod):
 
     Args:
         scale: λ, the factor applied to the sum of the task vectors. Defaults to 1.0 (the plain sum, as in the paper
-            and in mergekit's ``task_arithmetic``); values around 0.3-0.5 are common in practice.
+            and in mergekit's ``task_arithmetic``); values around 0.3-0.5 are common in practice. With one checkpoint
+            and λ ∉ {0, 1}, the merge is θ_0 + λ · δ (e.g. half a fine-tune); at λ = 1 (or 0) one checkpoint would
+            come out as a copy of itself (or of the base), which is refused.
 
     References:
         - Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. https://arxiv.org/abs/2212.04089
@@ -93,6 +95,10 @@ class TaskArithmetic(MergeMethod):
 
     def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
         return task_arithmetic_rows(checkpoints, base, self.scale)
+
+    def one_checkpoint_copies(self) -> str | None:
+        """One checkpoint gives θ_0 + λ · δ: the checkpoint at λ = 1, the base at λ = 0, a new model otherwise."""
+        return {1.0: "checkpoint", 0.0: "base"}.get(float(self.scale))
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"scale": self.scale}
@@ -405,6 +411,13 @@ class TIES(MergeMethod):
             statistics = self._statistics_of(checkpoints, base)
         thresholds = None if statistics is None else statistics.thresholds
         return ties_rows(checkpoints, base, thresholds, self.scale)
+
+    def one_checkpoint_copies(self) -> str | None:
+        """One checkpoint gives θ_0 + λ · trim(δ) (one sign, so the election keeps it): the base at λ = 0, the
+        checkpoint at λ = 1 and ``density=1``, a new model otherwise (a trimmed or scaled task vector)."""
+        if self.scale == 0:
+            return "base"
+        return "checkpoint" if self.scale == 1 and self.density == 1 else None
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"density": self.density, "scale": self.scale}

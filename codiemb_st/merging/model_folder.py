@@ -32,6 +32,15 @@ from codiemb_st.merging.adapters import (
     LoraAdapter,
     is_adapter_folder,
 )
+from codiemb_st.merging.compatibility import (
+    MODEL_SETTING_KEYS,
+    config_differences,
+    describe,
+    pooling_settings,
+    settings_differences,
+    transformer_settings,
+    warn_settings,
+)
 from codiemb_st.merging.safetensors_stream import RowReader
 
 logger = logging.getLogger(__name__)
@@ -40,8 +49,6 @@ logger = logging.getLogger(__name__)
 UNMERGEABLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
 #: Folders of exported copies of the weights (ONNX/OpenVINO backends); stale after a merge, never copied.
 EXPORT_FOLDERS = ("onnx", "openvino")
-#: Transformer config keys that record provenance rather than architecture.
-PROVENANCE_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "architectures", "_name_or_path"})
 #: Files that define a tokenizer's vocabulary: they must be identical in all inputs.
 VOCABULARY_FILES = (
     "vocab.txt",
@@ -218,6 +225,29 @@ class ModelFolder:
                 copies.append((source, target.relative_to(self.path)))
         return copies
 
+    def weights_sha256(self) -> str:
+        """The SHA-256 of the folder's own weight files (safetensors, shards and index, LoRA adapter files): their
+        paths relative to the folder and their bytes, in path order. What ``merge_config.json`` records per input.
+
+        It reads every weight file once more (hashlib runs at about 1 GB/s; the merge itself reads each file one to
+        four times). The base's weights that :meth:`attach_base` lent to adapter modules are not this folder's.
+        """
+        import hashlib
+
+        files = {
+            file
+            for weight_file in self.weight_files.values()
+            if weight_file.key[0] not in self.adapters
+            for file in weight_file.files
+        } | self.adapter_file_paths()
+        digest = hashlib.sha256()
+        for relative, file in sorted((file.relative_to(self.path).as_posix(), file) for file in files):
+            digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+            with open(file, "rb") as handle:
+                while chunk := handle.read(8 * 2**20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
     def module_folder(self, index: int) -> Path:
         return self.path / self.modules[index].get("path", "")
 
@@ -300,12 +330,6 @@ def _read_weight_file(key: WeightFileKey, files: list[Path], role: str, index_fi
     return WeightFile(key=key, tensor_files=tensor_files, specs=specs, metadata=metadata, files=all_files)
 
 
-def _without_provenance(config: Any) -> Any:
-    if not isinstance(config, dict):
-        return config
-    return {k: v for k, v in config.items() if k not in PROVENANCE_KEYS and not k.startswith("_")}
-
-
 def _config_files(folder: ModelFolder, index: int) -> dict[str, Any]:
     """A module's own JSON configuration, keyed by path inside the module folder."""
     module_folder = folder.module_folder(index)
@@ -338,60 +362,121 @@ def _config_files(folder: ModelFolder, index: int) -> dict[str, Any]:
     return configs
 
 
-def _differing_keys(a: Any, b: Any) -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:5])
-    return f"{a!r} vs {b!r}"
-
-
 def check_compatible(reference: ModelFolder, other: ModelFolder, *, is_checkpoint: bool) -> None:
-    """Raise ValueError if ``other`` cannot be merged with ``reference`` (the first checkpoint).
+    """Raise ValueError if ``other`` cannot be merged with ``reference`` (the first checkpoint); warn about settings.
 
-    All inputs must have the same module classes, the same model type, the same tokenizer vocabulary, the same weight
-    files with the same tensor names and shapes. Checkpoints must also have the same module configurations (the
-    merged folder takes them from the first checkpoint); only ``max_seq_length`` may differ (with a warning). The
-    base may differ in module configuration (e.g. dropout, pooling): only its weights are used.
+    All inputs must have the same module classes, the same architecture (the Transformer's ``config.json`` up to
+    incidental keys), the same tokenizer vocabulary, the same weight files with the same tensor names and shapes, and
+    checkpoints the same configuration of every other module with weights (Dense). Settings may differ: incidental
+    ``config.json`` keys, Pooling, ``sentence_bert_config.json`` (``max_seq_length``, ...) and prompts. The merged
+    folder takes them from ``reference`` (its files are copied), and each difference is logged at WARNING with the
+    values and how to take the other (see :mod:`codiemb_st.merging.compatibility`). The base's settings are never
+    used, so its differences are logged at INFO.
     """
     ref, role = reference.role, other.role
     classes = [reference.module_class(i) for i in range(len(reference.modules))]
     other_classes = [other.module_class(i) for i in range(len(other.modules))]
     if classes != other_classes:
-        raise ValueError(f"{role} has modules {other_classes}, {ref} has {classes}; the module lists must agree.")
+        raise ValueError(
+            f"{role} ({other.path}) has the modules {other_classes}, {ref} ({reference.path}) has {classes}: the "
+            "module lists must agree (modules.json). Merge models with the same modules."
+        )
 
+    transformer_configs = []
+    settings = []  # (what, differences, file, level): logged once the inputs are known to be compatible
     for index in range(len(classes)):
         ref_configs, other_configs = _config_files(reference, index), _config_files(other, index)
         ref_type = (ref_configs.get("config.json") or {}).get("model_type")
         other_type = (other_configs.get("config.json") or {}).get("model_type")
         if ref_type != other_type:
-            raise ValueError(f"{role} is a {other_type!r} model, {ref} a {ref_type!r} model; architectures differ.")
-        if not is_checkpoint:
-            continue
+            raise ValueError(
+                f"{role} ({other.path}) is a {other_type!r} model, {ref} ({reference.path}) a {ref_type!r} model "
+                "(model_type in config.json): architectures differ, so their weights cannot be merged. Merge "
+                "checkpoints fine-tuned from the same pre-trained model."
+            )
+        has_weights = index in reference.adapters or any(key[0] == index for key in reference.weight_files)
         for name in sorted(ref_configs.keys() | other_configs.keys()):
-            a, b = _without_provenance(ref_configs.get(name)), _without_provenance(other_configs.get(name))
-            if name == "sentence_bert_config.json" and isinstance(a, dict) and isinstance(b, dict):
-                if a.get("max_seq_length") != b.get("max_seq_length"):
-                    logger.warning(
-                        f"max_seq_length differs ({ref}: {a.get('max_seq_length')}, {role}: "
-                        f"{b.get('max_seq_length')}); the merged model uses {ref}'s."
-                    )
-                a, b = {**a, "max_seq_length": None}, {**b, "max_seq_length": None}
-            if a != b:
+            a, b = ref_configs.get(name), other_configs.get(name)
+            relative = (Path(reference.modules[index].get("path", "")) / name).as_posix()
+            if name == "config.json" and ref_type is not None and is_checkpoint:
+                settings += _check_architecture(reference, other, [(relative, a, b)], is_checkpoint)
+            elif name == "config.json" and ref_type is not None:
+                transformer_configs.append((relative, a, b))
+            elif not is_checkpoint:
+                continue  # the base's settings are not used
+            elif has_weights and ref_type is None and a != b:
+                # A module with weights of its own (Dense): its configuration (activation, bias) is its computation.
                 raise ValueError(
-                    f"Module {index} ({classes[index]}) of {role} has a different configuration in {name} than "
-                    f"{ref} ({_differing_keys(a, b)}). The merged model takes its module configurations from "
-                    "checkpoints[0], so they must agree."
+                    f"Module {index} ({classes[index]}) of {role} ({other.path}) has a different configuration in "
+                    f"{name} than {ref} ({reference.path}): "
+                    f"{describe(settings_differences(a, b, skip_absent=False), ref, role)}. It "
+                    "defines how the module's weights are used, so the checkpoints cannot be merged: merge "
+                    "checkpoints with the same modules."
                 )
+            elif classes[index] == "Pooling" and name == "config.json":
+                differences = settings_differences(pooling_settings(a), pooling_settings(b))
+                settings.append((f"The Pooling settings ({relative})", differences, relative, logging.WARNING))
+            elif name == "sentence_bert_config.json" and ref_type is not None:
+                tokenizer_config = Path(reference.modules[index].get("path", "")) / "tokenizer_config.json"
+                differences = settings_differences(
+                    transformer_settings(a, reference.read_json(tokenizer_config)),
+                    transformer_settings(b, other.read_json(tokenizer_config)),
+                )
+                settings.append(
+                    (f"The {classes[index]} settings ({relative})", differences, relative, logging.WARNING)
+                )
+            else:
+                differences = settings_differences(a, b)
+                settings.append(
+                    (f"The {classes[index]} settings ({relative})", differences, relative, logging.WARNING)
+                )
+    if is_checkpoint:
+        differences = settings_differences(_model_settings(reference), _model_settings(other))
+        settings.append(
+            ("The prompts and similarity settings", differences, "config_sentence_transformers.json", logging.WARNING)
+        )
 
     _check_vocabulary(reference, other)
-    if is_checkpoint:
-        ref_model_config = reference.read_json("config_sentence_transformers.json", dict) or {}
-        other_model_config = other.read_json("config_sentence_transformers.json", dict) or {}
-        for key in ("prompts", "default_prompt_name", "similarity_fn_name"):
-            if ref_model_config.get(key) != other_model_config.get(key):
-                logger.warning(f"{key} differs between {ref} and {role}; the merged model uses {ref}'s.")
-
     _check_tensors(reference, other, is_checkpoint)
+    # A base of another size is best named by its shapes: its architecture is compared after its tensors.
+    settings += _check_architecture(reference, other, transformer_configs, is_checkpoint)
+    for what, differences, file, level in settings:
+        warn_settings(differences, what, _label(reference), _label(other), file=file, level=level)
+
+
+def _label(folder: ModelFolder) -> tuple[str, str]:
+    return folder.role, str(folder.path)
+
+
+def _model_settings(folder: ModelFolder) -> dict[str, Any]:
+    """The model-level settings of ``config_sentence_transformers.json``, as sentence-transformers reads them (no
+    ``prompts`` key means no prompts; no ``similarity_fn_name`` means cosine)."""
+    config = folder.read_json("config_sentence_transformers.json", dict) or {}
+    settings = {key: config.get(key) for key in MODEL_SETTING_KEYS}
+    settings["prompts"] = settings["prompts"] or {}
+    settings["similarity_fn_name"] = settings["similarity_fn_name"] or "cosine"
+    return settings
+
+
+def _check_architecture(
+    reference: ModelFolder, other: ModelFolder, configs: list[tuple[str, Any, Any]], is_checkpoint: bool
+) -> list[tuple[str, dict[str, Any], str, int]]:
+    """Refuse architecture differences in the Transformer's ``config.json``; return the incidental ones to log."""
+    ref, role = reference.role, other.role
+    incidental_differences = []
+    for relative, a, b in configs:
+        architecture, incidental = config_differences(a or {}, b or {})
+        if architecture:
+            raise ValueError(
+                f"{role} ({other.path}) has another architecture than {ref} ({reference.path}) in {relative}: "
+                f"{describe(architecture, ref, role)}. These keys change the tensors or the computation, so the "
+                "weights cannot be merged: merge checkpoints fine-tuned from the same pre-trained model (and, if a "
+                "key only records a setting the computation does not depend on, make it equal in one input's "
+                f"{relative})."
+            )
+        level = logging.WARNING if is_checkpoint else logging.INFO
+        incidental_differences.append((f"Incidental {relative} keys", incidental, relative, level))
+    return incidental_differences
 
 
 def _check_vocabulary(reference: ModelFolder, other: ModelFolder) -> None:
@@ -426,14 +511,29 @@ def _check_tensors(reference: ModelFolder, other: ModelFolder, is_checkpoint: bo
         other_file = other.weight_files[key]
         missing = sorted(ref_file.specs.keys() - other_file.specs.keys())
         extra = sorted(other_file.specs.keys() - ref_file.specs.keys())
+        # Integer buffers (``embeddings.position_ids``, which older transformers versions saved) hold no weights: a
+        # checkpoint may have them or not. The merged model has checkpoints[0]'s.
+        buffers = [name for name in missing if not is_float_dtype(ref_file.specs[name][0])]
+        buffers += [name for name in extra if not is_float_dtype(other_file.specs[name][0])]
+        missing = [name for name in missing if name not in buffers]
+        extra = [name for name in extra if name not in buffers or not is_checkpoint]
         if extra and not missing and not is_checkpoint:
             logger.info(f"{role} has tensors the checkpoints lack, not used by the merge: {extra[:5]}")
         elif missing or extra:
             raise ValueError(
-                f"{role} has different tensor names in module {key[0]} ({key[1]}) than {ref}: missing {missing[:5]}, "
-                f"extra {extra[:5]} ({len(missing)} missing, {len(extra)} extra)."
+                f"{role} has different tensor names in module {key[0]} ({key[1]}) than {ref}: missing "
+                f"{missing[:5]}, extra {extra[:5]} ({len(missing)} missing, {len(extra)} extra). The merge averages "
+                f"tensors of the same name: merge checkpoints of the same architecture ({role}: {other.path}, {ref}: "
+                f"{reference.path})."
+            )
+        elif buffers and is_checkpoint:
+            logger.info(
+                f"Integer buffers only one of {ref} and {role} holds, not weights: {buffers[:5]}; the merged model "
+                f"has {ref}'s."
             )
         for name, (dtype, shape) in ref_file.specs.items():
+            if name not in other_file.specs:
+                continue  # an integer buffer the other input lacks (see above); copied from checkpoints[0]
             other_dtype, other_shape = other_file.specs[name]
             if shape != other_shape:
                 raise ValueError(f"Tensor {name!r} has shape {other_shape} in {role} and {shape} in {ref}.")

@@ -7,10 +7,12 @@ What the merged folder contains:
   are merged in float32 (float64 for float64 weights) and cast back to the dtype of ``checkpoints[0]``. Integer and
   bool tensors, and row slices on which all inputs agree, are copied bit for bit from ``checkpoints[0]``.
 - Every other file of ``checkpoints[0]`` (modules.json, config_sentence_transformers.json with its prompts,
-  Pooling/Dense/Normalize configurations, config.json, tokenizer files), copied as is: the checkpoints are the models
-  whose pipeline is being merged, and their module configurations must agree. Not copied: README.md (the model card
-  of one checkpoint does not describe the merge), weights in other formats (.bin, .pt, ...) and ONNX/OpenVINO exports,
-  which would be stale. A ``merge_config.json`` records the method and its parameters.
+  Pooling/Dense/Normalize configurations, config.json, tokenizer files), copied as is: the checkpoints must agree in
+  architecture, module types and tensors, while settings (Pooling, prompts, incidental config.json keys) may differ
+  and are taken from ``checkpoints[0]`` with a warning (:mod:`~codiemb_st.merging.compatibility`). Not copied:
+  README.md (the model card of one checkpoint does not describe the merge), weights in other formats (.bin, .pt, ...)
+  and ONNX/OpenVINO exports, which would be stale. A ``merge_config.json`` records the method, its parameters and
+  every input (path and a SHA-256 of its weight files), the base included.
 - For LoRA adapter checkpoints (a Transformer folder with ``adapter_config.json`` + ``adapter_model.safetensors``,
   see :mod:`codiemb_st.merging.adapters`): the weights are read as base + scaling · B A, the output holds the full
   weights and the base's ``config.json`` instead of the adapter files, so it loads without peft.
@@ -41,6 +43,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -106,16 +109,16 @@ def merge_model_folders(
     Args:
         method: The merge method (DeltaSoup, ModelSoup, TaskArithmetic, ...): anything with the
             :class:`~codiemb_st.merging.tensor_math.RowMerger` interface.
-        checkpoints: The model folders or SentenceTransformer objects to merge: at least two distinct ones (see
-            :func:`check_checkpoint_count`).
-        output_path: The folder to create; it must not exist (an empty folder is replaced) and must not be, or lie
-            inside, an input folder.
+        checkpoints: The model folders or SentenceTransformer objects to merge: at least two distinct ones, or one
+            where the result is not a copy (see :func:`check_checkpoint_count`).
+        output_path: The folder to create; it must not exist (an empty folder is replaced) and must not be, lie
+            inside, or hold an input folder (see :func:`check_output_path`).
         base_model: The pre-trained model (folder or object); required when ``method.requires_base``.
         show_progress_bar: Show a progress bar per weight file.
         copy_single: Write one checkpoint as it is (GreedySoup's first soup) instead of refusing it.
     """
     base = base_model
-    checkpoints = _check_checkpoints_argument(checkpoints)
+    checkpoints = check_checkpoints_argument(checkpoints)
     if base is None and method.requires_base:
         raise ValueError(
             f"{type(method).__name__} needs base_model=: the pre-trained model the checkpoints were fine-tuned from "
@@ -126,9 +129,9 @@ def merge_model_folders(
     if not isinstance(output_path, (str, Path)):
         raise TypeError(f"output_path must be a path, got {type(output_path).__name__}.")
     output_path = Path(output_path).absolute()
+    check_output_path(output_path, checkpoint_inputs(checkpoints, base))
 
     with _as_folders(checkpoints, base) as (checkpoint_paths, base_path):
-        _check_output_path(output_path, [*checkpoint_paths, *([base_path] if base_path is not None else [])])
         folders = [ModelFolder.open(path, f"checkpoints[{i}]") for i, path in enumerate(checkpoint_paths)]
         base_folder = ModelFolder.open(base_path, "base") if base_path is not None else None
         _attach_adapter_base(method, folders, base_folder)
@@ -150,6 +153,7 @@ def merge_model_folders(
             _remove_created(created_parents)
             raise
         try:
+            config = _merge_record(method, checkpoints, folders, base, base_folder)
             _copy_non_weight_files(folders[0], tmp)
             for source, relative in folders[0].base_config_files():  # an adapter module has no config.json
                 shutil.copy2(source, tmp / relative)
@@ -157,14 +161,6 @@ def merge_model_folders(
                 target = tmp / (folders[0].module_folder(key[0]) / key[1]).relative_to(folders[0].path)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _merge_weight_file(method, inputs, key, target, show_progress_bar)
-            config = {
-                "method": type(method).__name__,
-                "parameters": method.get_config_dict(),
-                "num_checkpoints": len(folders),
-            }
-            adapters = [folder.role for folder in folders if folder.adapters]
-            if adapters:
-                config["lora_checkpoints"] = adapters  # materialised as base + scaling * B A
             (tmp / "merge_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf8")
             if output_path.is_dir() and not any(output_path.iterdir()):
                 output_path.rmdir()  # an empty folder the caller prepared
@@ -175,6 +171,39 @@ def merge_model_folders(
             raise
     logger.info(f"Merged {len(folders)} checkpoints with {method!r} into {output_path}")
     return output_path
+
+
+def _merge_record(
+    method: RowMerger,
+    checkpoints: list[ModelInput],
+    folders: list[ModelFolder],
+    base: ModelInput | None,
+    base_folder: ModelFolder | None,
+) -> dict[str, Any]:
+    """What ``merge_config.json`` records: the method, its parameters, and every input with a hash of its weights."""
+    adapters = [folder.role for folder in folders if folder.adapters]
+    config: dict[str, Any] = {
+        "method": type(method).__name__,
+        "parameters": method.get_config_dict(),
+        "num_checkpoints": len(folders),
+        "checkpoints": [_input_record(given, folder) for given, folder in zip(checkpoints, folders)],
+        "base_model": None,
+        # The merged folder's non-weight files (modules, Pooling, prompts, tokenizer, config.json) are its copies.
+        "settings_from": "checkpoints[0]",
+    }
+    if base_folder is not None:
+        # ModelSoup only checks a base it is given; adapters are read as base + delta whatever the method.
+        config["base_model"] = {**_input_record(base, base_folder), "used": bool(method.requires_base or adapters)}
+    if adapters:
+        config["lora_checkpoints"] = adapters  # materialised as base + scaling * B A
+    return config
+
+
+def _input_record(given: ModelInput | None, folder: ModelFolder) -> dict[str, Any]:
+    """``{"path", "weights_sha256"}`` of one input; the path is None for a SentenceTransformer object (saved to a
+    temporary folder for the merge, so only its weights' hash identifies it)."""
+    path = None if isinstance(given, SentenceTransformer) else str(Path(given).absolute())
+    return {"path": path, "weights_sha256": folder.weights_sha256()}
 
 
 def _attach_adapter_base(method: RowMerger, folders: list[ModelFolder], base_folder: ModelFolder | None) -> None:
@@ -200,19 +229,27 @@ def distinct_checkpoints(checkpoints: Sequence[ModelInput]) -> int:
 
 
 def check_checkpoint_count(method: object, checkpoints: Sequence[ModelInput], *, single_adapter: bool = False) -> None:
-    """The one rule of every method that combines checkpoints: at least two distinct ones (or the method's minimum).
+    """The one rule of every method that combines checkpoints: no output that is a copy of an input.
 
-    One checkpoint, or the same one given twice, would come out as a copy of itself (or, for ModelStock, unchanged)
-    while the call looks like a merge, so it is refused. The exception, where it means something: ModelSoup of one
-    LoRA adapter checkpoint (``single_adapter``) materialises the adapter as a full model, with a warning saying so.
+    At least two distinct checkpoints (or the method's ``min_checkpoints``) are needed, with two exceptions where one
+    checkpoint means something: a method whose single-checkpoint result is a new model
+    (:meth:`~codiemb_st.merging.MergeMethod.one_checkpoint_copies` is None: TaskArithmetic's θ_0 + λ · δ at
+    λ ∉ {0, 1}, TIES's trimmed task vector), and ModelSoup of one LoRA adapter checkpoint (``single_adapter``), which
+    materialises the adapter as a full model, with a warning saying so. One checkpoint otherwise, or the same one
+    given twice, would come out as a copy of itself (or of the base) while the call looks like a merge: refused.
 
     Raises:
-        ValueError: Naming the method, the number of checkpoints given and of distinct ones.
+        ValueError: Naming the method, the number of checkpoints given and of distinct ones, and what to do.
     """
     name = type(method).__name__
-    needed = max(2, getattr(method, "min_checkpoints", 2))
+    minimum = getattr(method, "min_checkpoints", 2)
+    needed = max(2, minimum)
     distinct = distinct_checkpoints(checkpoints)
     if distinct >= needed:
+        return
+    copies = method.one_checkpoint_copies() if hasattr(method, "one_checkpoint_copies") else "checkpoint"
+    if len(checkpoints) == 1 and minimum <= 1 and copies is None:
+        logger.info(f"{method!r} of one checkpoint: the base plus its scaled (or trimmed) task vector.")
         return
     if single_adapter and name == "ModelSoup" and len(checkpoints) == 1:
         logger.warning(
@@ -221,9 +258,16 @@ def check_checkpoint_count(method: object, checkpoints: Sequence[ModelInput], *,
         )
         return
     given = f"{len(checkpoints)} checkpoint(s)" + (f", {distinct} distinct" if distinct != len(checkpoints) else "")
+    copy_of = "the base" if copies == "base" and len(checkpoints) == 1 else "the input"
+    advice = "Pass two or more different checkpoints"
+    if name in ("TaskArithmetic", "TIES") and len(checkpoints) == 1:
+        advice += (
+            f" (one checkpoint with {method!r} is a copy: {name} of one checkpoint needs a scale other than 0 and 1"
+        )
+        advice += ", or a density below 1)" if name == "TIES" else ")"
     raise ValueError(
-        f"{name} combines checkpoints and needs at least {needed} distinct ones; got {given} (the same folder twice "
-        "counts once). The output would be a copy of the input, not a merge. Pass two or more different checkpoints"
+        f"{name} combines checkpoints and needs at least {needed} distinct ones; got {given} (the same folder "
+        f"twice counts once). The output would be a copy of {copy_of}, not a merge. {advice}"
         + (
             "; to materialise one LoRA adapter as a full model, use ModelSoup with that adapter."
             if name != "ModelSoup"
@@ -292,7 +336,7 @@ def _remove_created(folders: list[Path]) -> None:
             break
 
 
-def _check_checkpoints_argument(checkpoints: Sequence[ModelInput]) -> list[ModelInput]:
+def check_checkpoints_argument(checkpoints: Sequence[ModelInput]) -> list[ModelInput]:
     if isinstance(checkpoints, (str, Path, SentenceTransformer)) or not isinstance(checkpoints, Sequence):
         raise TypeError("checkpoints must be a list of model folders or SentenceTransformer objects.")
     checkpoints = list(checkpoints)
@@ -326,17 +370,46 @@ def _as_folders(checkpoints: list[ModelInput], base: ModelInput | None) -> Itera
         yield checkpoint_paths, (as_folder(base) if base is not None else None)
 
 
-def _check_output_path(output_path: Path, inputs: list[Path]) -> None:
-    resolved = output_path.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if resolved == path or path in resolved.parents:
+def check_output_path(output_path: str | Path, inputs: Sequence[tuple[str, ModelInput | str | Path | None]]) -> None:
+    """Refuse an ``output_path`` that is, or lies inside, an input, or holds one (the merge replaces the folder
+    whole), and one that already exists (an empty folder is fine). Called before anything is loaded.
+
+    Paths are compared after resolving symlinks and ``..``. The command line applies the same rule with its option
+    names (:func:`codiemb_st.cli.output_rule.check_output_apart`).
+
+    Args:
+        output_path: The folder the merge creates.
+        inputs: ``(role, path)`` of everything the merge reads: ``checkpoints[i]``, ``base_model``, ``examples[j]``,
+            evaluation data. ``SentenceTransformer`` objects and None are skipped.
+
+    Raises:
+        ValueError: Naming ``output_path``, the input's role and path, and the fix.
+    """
+    target = Path(output_path).absolute()
+    resolved = target.resolve()
+    for role, path in inputs:
+        if path is None or isinstance(path, SentenceTransformer):
+            continue
+        source = Path(path).absolute().resolve()
+        if resolved == source or source in resolved.parents:
             raise ValueError(
-                f"output_path {str(output_path)!r} is, or lies inside, the input {str(path)!r}; "
-                "inputs are never modified. Choose another output_path."
+                f"output_path {str(target)!r} is, or lies inside, the input {role} {str(path)!r}: inputs are never "
+                "modified. Choose another output_path."
             )
-    if output_path.exists() and not (output_path.is_dir() and not any(output_path.iterdir())):
-        raise ValueError(f"output_path {str(output_path)!r} already exists. Choose a new path or remove it first.")
+        if resolved in source.parents:
+            raise ValueError(
+                f"output_path {str(target)!r} holds the input {role} {str(path)!r}: the merge writes the output "
+                "folder as a whole, which would replace that input. Choose another output_path."
+            )
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise ValueError(f"output_path {str(target)!r} already exists. Choose a new path or remove it first.")
+
+
+def checkpoint_inputs(
+    checkpoints: Sequence[ModelInput], base_model: ModelInput | None
+) -> list[tuple[str, ModelInput | None]]:
+    """``(role, input)`` of the checkpoints and the base, for :func:`check_output_path`."""
+    return [*((f"checkpoints[{i}]", c) for i, c in enumerate(checkpoints)), ("base_model", base_model)]
 
 
 def _copy_non_weight_files(template: ModelFolder, destination: Path) -> None:
@@ -458,7 +531,9 @@ def _copy_tensor(
     for start, stop in _row_slices(shape, 2):
         values = readers[0].read(name, start, stop)
         for role, reader in zip(roles[1:], readers[1:]):
-            if role != "base" and not torch.equal(reader.read(name, start, stop), values):
+            if role == "base" or name not in reader.tensor_files:
+                continue  # the base's buffers are not used; a checkpoint may lack an integer buffer (position_ids)
+            if not torch.equal(reader.read(name, start, stop), values):
                 logger.warning(
                     f"Integer tensor {name!r} differs between checkpoints[0] and {role}; copying checkpoints[0]'s."
                 )

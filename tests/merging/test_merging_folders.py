@@ -126,11 +126,14 @@ def test_merged_folder_loads_encodes_and_matches_the_math(folders, tmp_path, mon
     assert (out / "3_Normalize").is_dir()
     assert json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]["query"] == "query: "
     assert not (out / "README.md").exists()
-    assert json.loads((out / "merge_config.json").read_text()) == {
+    record = json.loads((out / "merge_config.json").read_text())
+    assert {key: record[key] for key in ("method", "parameters", "num_checkpoints")} == {
         "method": "DeltaSoup",
         "parameters": method.get_config_dict(),
         "num_checkpoints": 3,
     }
+    assert [entry["path"] for entry in record["checkpoints"]] == [str(c) for c in checkpoints]
+    assert record["base_model"]["path"] == str(folders / "base") and record["base_model"]["used"]
 
     model = SentenceTransformer(str(out), device="cpu")
     assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense", "Normalize"]
@@ -332,14 +335,22 @@ def test_refuses_unsafe_output_paths(folders, tmp_path):
     assert (empty / "model.safetensors").is_file()
 
 
+def _with_dense_activation(activation: torch.nn.Module):
+    model = build_model(noise_seed=1)
+    model[2].activation_function = activation
+    return model
+
+
 @pytest.mark.parametrize(
     ("other", "message"),
     [
         (lambda: build_model(noise_seed=1, hidden_size=48), "hidden_size"),
         (lambda: build_model(noise_seed=1, dense=False), "module"),
         (
-            lambda: build_model(noise_seed=1, pooling_mode="cls"),
-            r"Module 1 \(Pooling\) .* different configuration in config.json",
+            # A Dense activation is part of its weights' computation: refused. (A Pooling difference is a setting,
+            # taken from checkpoints[0] with a warning: tests/merging/test_merging_compatibility.py.)
+            lambda: _with_dense_activation(torch.nn.Identity()),
+            r"Module 2 \(Dense\) .* different configuration in config.json .*activation_function",
         ),
     ],
     ids=["architecture", "module-list", "module-config"],
@@ -385,10 +396,21 @@ def test_base_may_hold_extra_tensors_but_not_lack_any(folders, tmp_path):
     save_file(state, str(lacking / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"base has different tensor names .* \(1 missing, 0 extra\)"):
         DeltaSoup().merge_to_folder(checkpoint_paths(folders), tmp_path / "out", base_model=lacking)
-    # A checkpoint with an extra tensor is still refused: the merged model takes checkpoints[0]'s tensor list.
-    with pytest.raises(ValueError, match="different tensor names"):
+    # A checkpoint with an extra integer buffer holds no extra weights (the packaged all-MiniLM-L6-v2, saved by an
+    # older transformers, has position_ids): merged, with checkpoints[0]'s tensor list.
+    merged = ModelSoup().merge_to_folder(
+        [checkpoint_paths(folders)[0], with_buffer], tmp_path / "out2", show_progress_bar=False
+    )
+    assert tensors(merged).keys() == tensors(checkpoint_paths(folders)[0]).keys()
+    # An extra weight is still refused: the merged model takes checkpoints[0]'s tensor list.
+    extra_weight = tmp_path / "extra_weight"
+    shutil.copytree(folders / "base", extra_weight)
+    state = tensors(extra_weight)
+    state["pooler.extra.weight"] = torch.ones(2, 2)
+    save_file(state, str(extra_weight / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"different tensor names .*extra \['pooler.extra.weight'\]"):
         DeltaSoup().merge_to_folder(
-            [checkpoint_paths(folders)[0], with_buffer], tmp_path / "out2", base_model=folders / "base"
+            [checkpoint_paths(folders)[0], extra_weight], tmp_path / "out3", base_model=folders / "base"
         )
 
 
