@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="the pre-trained model folder the checkpoints were fine-tuned from (needed by "
-        f"{', '.join(needs_base)}, and by every method when a checkpoint is a LoRA adapter)",
+        f"{', '.join(needs_base)}, and by every method when a checkpoint is a LoRA adapter; default: none)",
     )
     parser.add_argument(
         "--method",

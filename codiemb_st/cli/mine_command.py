@@ -41,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra corpus files: .txt(.gz) one text a line, or JSONL/JSON/CSV/Parquet with a `text` column (default: none; the corpus is then the positives of the input)",
     )
     parser.add_argument("--num-negatives", type=positive_int, default=4, help="negatives per query (N)")
-    parser.add_argument("--range-min", type=non_negative_int, default=2, help="first rank of the window (default 2)")
-    parser.add_argument("--range-max", type=positive_int, default=200, help="end of the window (default 200)")
+    parser.add_argument("--range-min", type=non_negative_int, default=2, help="first rank of the window")
+    parser.add_argument("--range-max", type=positive_int, default=200, help="end of the window")
     parser.add_argument(
-        "--margin", type=unit_interval, default=0.05, help="relative margin to the lowest positive score (0.05)"
+        "--margin", type=unit_interval, default=0.05, help="relative margin to the lowest positive score"
     )
     parser.add_argument("--no-margin", action="store_true", help="turn the margin filter off")
     parser.add_argument(
