@@ -136,3 +136,31 @@ def save_perturbed_tiny_model(path: str | Path, perturbation_seed: int, scale: f
     }
     save_file(tensors, weights)
     return folder
+
+
+def save_tiny_cross_encoder(path: str | Path, seed: int = 0, as_cross_encoder: bool = True) -> Path:
+    """A random BERT sequence classifier (one label) with the tiny tokenizer: a cross-encoder teacher, offline.
+
+    ``as_cross_encoder``: saved by sentence-transformers' ``CrossEncoder`` (its folder says "CrossEncoder"); else as
+    a plain transformers ``BertForSequenceClassification`` folder.
+    """
+    from sentence_transformers import CrossEncoder
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    path = Path(path)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if as_cross_encoder:
+        CrossEncoder(str(path), device="cpu").save(str(path))
+    return path

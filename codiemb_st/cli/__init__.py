@@ -1,4 +1,4 @@
-"""The ``codiemb-st`` command line: ``eval``, ``merge``, ``mine`` and ``train`` (also ``python -m codiemb_st``).
+"""The ``codiemb-st`` command line: ``eval``, ``merge``, ``mine``, ``score`` and ``train`` (also ``python -m codiemb_st``).
 
 Each subcommand is a thin layer over the library (:mod:`codiemb_st.evaluation`, :mod:`codiemb_st.merging`,
 :mod:`codiemb_st.recipe`); problems the user can fix are printed as ``error: ...`` with exit code 2.
@@ -13,13 +13,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from codiemb_st.cli import eval_command, merge_command, mine_command, train_command
+from codiemb_st.cli import eval_command, merge_command, mine_command, score_command, train_command
 from codiemb_st.cli.usage_error import UsageError
 
 COMMANDS = {
     "eval": (eval_command, "evaluate models on mteb tasks (local data first), side by side"),
     "merge": (merge_command, "merge sentence-transformers checkpoints (DeltaSoup, ModelSoup, TaskArithmetic, ...)"),
     "mine": (mine_command, "mine hard negatives for IR records (multi-positive, in the records' own format)"),
+    "score": (score_command, "add teacher scores (cross-encoder or bi-encoder) to IR records, for distillation"),
     "train": (train_command, "train with the CoDiEmb recipe (both task losses, single-task steps)"),
 }
 
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``codiemb-st`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    level = logging.INFO if args.command in ("train", "mine") else logging.WARNING
+    level = logging.INFO if args.command in ("train", "mine", "score") else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "eval":
         # The local STSBenchmark is the (v1) data MiniLM's published score refers to; mteb's hint at v2 is noise.
