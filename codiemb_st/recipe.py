@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from codiemb_st.task_datasets import (  # noqa: F401 (re-exported: recipe is the documented entry point)
     DATASET_OPTION_FIELDS,
+    IR_LOSS_OPTIONS,
     SAMPLERS,
     STS_LOSSES,
     DatasetOptions,
@@ -189,6 +190,8 @@ def build_task_losses(
     gather_across_devices: bool = False,
     sts_loss: Literal["pearson_spearman", "cosent"] = "pearson_spearman",
     sts_gather_across_devices: bool = False,
+    ir_loss_options: Mapping[str, Any] | None = None,
+    guide: SentenceTransformer | None = None,
     **sts_loss_kwargs: Any,
 ) -> dict[str, nn.Module]:
     """One loss per dataset: the IR loss for IR datasets, the STS loss for STS datasets (one shared instance each).
@@ -205,6 +208,12 @@ def build_task_losses(
         sts_loss: ``"pearson_spearman"`` (CoDiEmb) or ``"cosent"`` (sentence-transformers' CoSENTLoss, the paper's
             baseline).
         sts_gather_across_devices: Gather STS pairs across devices (official: off, per-device correlation).
+        ir_loss_options: Teacher and InfoNCE options of every IR loss (:data:`IR_LOSS_OPTIONS`:
+            ``distillation_weight``, ``student_temperature``, ``teacher_temperature``, ``directions``,
+            ``partition_mode``, ``hardness_mode``, ``hardness_strength``, ``margin_strategy``, ``margin``); a
+            dataset's :attr:`DatasetOptions.loss_options` override them for it. Distillation needs the dataset's
+            teacher scores (``load_task_datasets(teacher_scores=True)``).
+        guide: A guide model that masks false negatives in every IR loss (``margin``/``margin_strategy`` set how).
         **sts_loss_kwargs: Further options of :class:`~codiemb_st.PearsonSpearmanLoss`.
 
     Returns:
@@ -219,11 +228,26 @@ def build_task_losses(
             "build_task_losses takes num_positives from the datasets (their positive_1..positive_P columns); "
             "set it once, in load_task_datasets(num_positives=...), and drop it here."
         )
+    run_options = dict(ir_loss_options or {})
+    unknown = sorted(set(run_options) - set(IR_LOSS_OPTIONS))
+    if unknown:
+        raise ValueError(f"`ir_loss_options` has unknown keys {unknown}; the keys are {list(IR_LOSS_OPTIONS)}.")
     losses: dict[str, nn.Module] = {}
-    ir_losses: dict[tuple[int, bool], nn.Module] = {}
+    ir_losses: dict[tuple[Any, ...], nn.Module] = {}
     for name in data.ir:
-        # One IR loss per distinct setting: P (from the columns) and the dataset's in-batch-negatives switch.
-        key = (data.num_positives(name), data.option(name).in_batch_negatives is not False)
+        options = {**run_options, **(data.option(name).loss_options or {})}
+        if options.get("distillation_weight") and not data.has_scores(name):
+            raise ValueError(
+                f"IR dataset {name!r} is trained with distillation_weight={options['distillation_weight']} but has no "
+                "teacher scores (`label` column): load it with load_task_datasets(teacher_scores=True) from records "
+                "that carry scores (`codiemb-st score`), or set its distillation_weight to 0."
+            )
+        # One IR loss per distinct setting: P (from the columns), the in-batch-negatives switch and the options.
+        key = (
+            data.num_positives(name),
+            data.option(name).in_batch_negatives is not False,
+            tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())),
+        )
         if key not in ir_losses:
             ir_losses[key] = MultiPositiveCachedInfoNCELoss(
                 model,
@@ -232,6 +256,8 @@ def build_task_losses(
                 mini_batch_size=mini_batch_size,
                 gather_across_devices=gather_across_devices,
                 in_batch_negatives=key[1],
+                guide=guide,
+                **{k: tuple(v) if k == "directions" else v for k, v in options.items()},
             )
         losses[name] = ir_losses[key]
     if data.sts:
@@ -322,6 +348,7 @@ def training_arguments(
 
 __all__ = [
     "DATASET_OPTION_FIELDS",
+    "IR_LOSS_OPTIONS",
     "DatasetOptions",
     "TaskDatasets",
     "build_task_losses",

@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("codiemb_st.recipe")
 
 SAMPLERS = ("round_robin", "proportional")
+#: The options of the IR loss a dataset may set for itself (:attr:`DatasetOptions.loss_options`); the guide model is
+#: one per run.
+IR_LOSS_OPTIONS = (
+    "distillation_weight",
+    "student_temperature",
+    "teacher_temperature",
+    "directions",
+    "partition_mode",
+    "hardness_mode",
+    "hardness_strength",
+    "margin_strategy",
+    "margin",
+)
 STS_LOSSES = ("pearson_spearman", "cosent")
 
 
@@ -50,6 +63,9 @@ class DatasetOptions:
             (default True; False for a FlagEmbedding file named ``*no_in_batch_neg.jsonl``). False needs N >= 1.
         symmetric: Whether an IR dataset's passages get the query's instruction too (default: True for
             FlagEmbedding ``type: symmetric_sts``/``symmetric_clustering``).
+        loss_options: Options of this IR dataset's :class:`~codiemb_st.MultiPositiveCachedInfoNCELoss` that differ
+            from the run's (:data:`IR_LOSS_OPTIONS`: ``distillation_weight``, ``directions``, ``hardness_mode``,
+            ...). A ``distillation_weight`` above 0 makes the dataset carry its records' teacher scores.
 
     Example:
         ::
@@ -66,6 +82,7 @@ class DatasetOptions:
     num_negatives: int | None = None
     in_batch_negatives: bool | None = None
     symmetric: bool | None = None
+    loss_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "num_positives"):
@@ -78,6 +95,17 @@ class DatasetOptions:
                 raise TypeError(f"`{name}` must be True, False or None; got {getattr(self, name)!r}.")
         if self.instruction is not None and not isinstance(self.instruction, str):
             raise TypeError(f"`instruction` must be a string or None; got {type(self.instruction).__name__}.")
+        if self.loss_options is not None:
+            if not isinstance(self.loss_options, Mapping):
+                raise TypeError(f"`loss_options` must be a dict; got {type(self.loss_options).__name__}.")
+            unknown = sorted(set(self.loss_options) - set(IR_LOSS_OPTIONS))
+            if unknown:
+                raise ValueError(f"`loss_options` has unknown keys {unknown}; the keys are {list(IR_LOSS_OPTIONS)}.")
+
+    @property
+    def distillation_weight(self) -> float | None:
+        """The dataset's own distillation weight (``None``: the run's)."""
+        return (self.loss_options or {}).get("distillation_weight")
 
 
 #: The fields of DatasetOptions, e.g. for command-line parsing.
@@ -88,6 +116,7 @@ DATASET_OPTION_FIELDS = (
     "num_negatives",
     "in_batch_negatives",
     "symmetric",
+    "loss_options",
 )
 
 
@@ -277,7 +306,7 @@ def _load_ir(
 
 def _load_sts(name: str, source: RecordSource, given: DatasetOptions) -> tuple[Dataset, DatasetOptions]:
     """One STS dataset and its resolved options (the pairs' shared prompt -> instruction on both sentences)."""
-    for key in ("num_positives", "num_negatives", "in_batch_negatives", "symmetric"):
+    for key in ("num_positives", "num_negatives", "in_batch_negatives", "symmetric", "loss_options"):
         if getattr(given, key) is not None:
             raise ValueError(f"Dataset {name!r} is STS: the option {key!r} applies to IR datasets only.")
     records = read_sts_records(source)
@@ -318,7 +347,8 @@ def load_task_datasets(
         options: ``{dataset name: DatasetOptions}`` (or a dict of its fields) for datasets that differ from the
             defaults.
         teacher_scores: Give every IR dataset a ``label`` column of teacher scores (``P + N`` per row, in column
-            order) for distillation; every text trained on must have a score (``ValueError`` naming the record).
+            order) for distillation; every text trained on must have a score (``ValueError`` naming the record). A
+            dataset's own ``loss_options["distillation_weight"]`` decides for it.
 
     Raises:
         ValueError: If two datasets get the same name, there is no dataset at all, or ``options`` names an unknown
@@ -350,14 +380,21 @@ def load_task_datasets(
         )
     data = TaskDatasets()
     for name, source in ir_sources.items():
+        option = given.get(name, DatasetOptions())
         data.datasets[name], data.options[name] = _load_ir(
-            name, source, given.get(name, DatasetOptions()), num_positives, num_negatives, seed, teacher_scores
+            name, source, option, num_positives, num_negatives, seed, _wants_scores(option, teacher_scores)
         )
         data.ir.append(name)
     for name, source in sts_sources.items():
         data.datasets[name], data.options[name] = _load_sts(name, source, given.get(name, DatasetOptions()))
         data.sts.append(name)
     return data
+
+
+def _wants_scores(option: DatasetOptions, teacher_scores: bool) -> bool:
+    """Whether a dataset carries teacher scores: its own distillation weight decides, else the run's switch."""
+    weight = option.distillation_weight
+    return teacher_scores if weight is None else weight > 0
 
 
 def _dataset_options(options: Mapping[str, DatasetOptions | Mapping[str, Any]] | None) -> dict[str, DatasetOptions]:
@@ -389,6 +426,7 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 __all__ = [
     "DATASET_OPTION_FIELDS",
+    "IR_LOSS_OPTIONS",
     "SAMPLERS",
     "STS_LOSSES",
     "DatasetOptions",

@@ -25,9 +25,12 @@ non_negative_int = _argparse_type(int, lambda v: check_int("value", v, minimum=0
 positive_float = _argparse_type(
     float, lambda v: check_finite_float("value", v, minimum=0.0, strict_minimum=True), "a finite number > 0"
 )
+non_negative_float = _argparse_type(
+    float, lambda v: check_finite_float("value", v, minimum=0.0), "a finite number >= 0"
+)
 finite_float = _argparse_type(float, lambda v: check_finite_float("value", v), "a finite number")
 unit_interval = _argparse_type(
     float, lambda v: check_finite_float("value", v, minimum=0.0, maximum=1.0), "a number in [0, 1]"
 )
 
-__all__ = ["finite_float", "non_negative_int", "positive_float", "positive_int", "unit_interval"]
+__all__ = ["finite_float", "non_negative_float", "non_negative_int", "positive_float", "positive_int", "unit_interval"]

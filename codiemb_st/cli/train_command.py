@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from codiemb_st.cli.model_source import resolve_model_folder
-from codiemb_st.cli.options import non_negative_int, positive_float, positive_int, unit_interval
+from codiemb_st.cli.options import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
 
@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME.FIELD=VALUE",
         help="an option of one dataset (NAME = file name before the first dot); FIELD: batch_size, instruction, "
-        "num_positives, num_negatives, in_batch_negatives (IR, true/false), symmetric (IR, true/false); repeatable; "
-        "default: none",
+        "num_positives, num_negatives, in_batch_negatives (IR, true/false), symmetric (IR, true/false), and the IR "
+        "loss options distillation_weight, student_temperature, teacher_temperature, directions (comma-separated), "
+        "partition_mode, hardness_mode, hardness_strength, margin_strategy, margin; repeatable; default: none",
     )
     parser.add_argument(
         "--output-dir", type=Path, required=True, help="training output folder; the model is saved to OUTPUT_DIR/final"
@@ -88,6 +89,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PearsonSpearmanLoss (CoDiEmb) or sentence-transformers' CoSENTLoss as a baseline",
     )
     parser.add_argument("--sts-gather", action="store_true", help="gather STS pairs across devices (official: off)")
+    teacher = parser.add_argument_group("teacher and InfoNCE options of the IR loss (docs: Training with a teacher)")
+    teacher.add_argument(
+        "--distill-weight",
+        type=non_negative_float,
+        default=0.0,
+        help="weight of KL(teacher || student) over each query's own candidates; needs teacher scores in the IR "
+        "records (codiemb-st score); 0 = off",
+    )
+    teacher.add_argument(
+        "--student-temperature",
+        type=positive_float,
+        default=None,
+        help="temperature of the student's distribution in distillation (default: the loss's --temperature)",
+    )
+    teacher.add_argument(
+        "--teacher-temperature", type=positive_float, default=1.0, help="temperature of the teacher's scores"
+    )
+    teacher.add_argument(
+        "--guide",
+        default=None,
+        help="guide model (folder or hub name) that masks in-batch and hard candidates it scores above a query's "
+        "positive (false negatives); default: none",
+    )
+    teacher.add_argument(
+        "--guide-margin", type=non_negative_float, default=0.0, help="margin of the guide's mask (see --guide)"
+    )
+    teacher.add_argument(
+        "--guide-margin-strategy", choices=["absolute", "relative"], default="absolute", help="how the margin applies"
+    )
+    teacher.add_argument(
+        "--directions",
+        nargs="+",
+        choices=["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"],
+        default=["query_to_doc"],
+        help="InfoNCE directions (sentence-transformers' MultipleNegativesRankingLoss meaning)",
+    )
+    teacher.add_argument(
+        "--partition-mode",
+        choices=["joint", "per_direction"],
+        default="joint",
+        help="one softmax or one per direction",
+    )
+    teacher.add_argument(
+        "--hardness-mode",
+        choices=["in_batch_negatives", "hard_negatives", "all_negatives"],
+        default=None,
+        help="add --hardness-strength x stop_grad(similarity) to these negatives' logits (default: off)",
+    )
+    teacher.add_argument(
+        "--hardness-strength", type=non_negative_float, default=0.0, help="strength of --hardness-mode"
+    )
     parser.add_argument(
         "--ir-instruction",
         default="",
@@ -167,6 +219,8 @@ def parse_dataset_options(items: list[str]) -> dict[str, dict[str, object]]:
     Raises:
         UsageError: On an item that is not ``NAME.FIELD=VALUE``, an unknown field or a value of the wrong type.
     """
+    from codiemb_st.task_datasets import IR_LOSS_OPTIONS  # here: --help must not import datasets
+
     options: dict[str, dict[str, object]] = {}
     for item in items:
         key, equals, value = item.partition("=")
@@ -187,10 +241,49 @@ def parse_dataset_options(items: list[str]) -> dict[str, dict[str, object]]:
             parsed = _BOOLS[value.lower()]
         elif field == "instruction":
             parsed = value
+        elif field in IR_LOSS_OPTIONS:
+            options.setdefault(name, {}).setdefault("loss_options", {})[field] = _loss_option(item, field, value)
+            continue
         else:
-            fields = [*_INT_FIELDS, *_BOOL_FIELDS, "instruction"]
+            fields = [*_INT_FIELDS, *_BOOL_FIELDS, "instruction", *IR_LOSS_OPTIONS]
             raise UsageError(f"--dataset-option {item!r}: unknown field {field!r}; the fields are {fields}.")
         options.setdefault(name, {})[field] = parsed
+    return options
+
+
+def _loss_option(item: str, field: str, value: str) -> object:
+    """A per-dataset IR loss option from its text: numbers, a comma-separated list of directions, a name or none."""
+    if field in ("distillation_weight", "student_temperature", "teacher_temperature", "hardness_strength", "margin"):
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not (number >= 0 and number < float("inf")) or (field.endswith("temperature") and number == 0):
+            raise UsageError(
+                f"--dataset-option {item!r}: {field} must be a finite number >= 0 (> 0 for temperatures)."
+            )
+        return number
+    if field == "directions":
+        return tuple(direction.strip() for direction in value.split(",") if direction.strip())
+    if field == "hardness_mode" and value.lower() in ("none", ""):
+        return None
+    return value  # a name; the loss checks it against its choices
+
+
+def ir_loss_options(args: argparse.Namespace) -> dict[str, object]:
+    """The IR loss options the command line sets away from the loss's defaults (the run's, for every IR dataset)."""
+    options: dict[str, object] = {}
+    if args.distill_weight:
+        options["distillation_weight"] = args.distill_weight
+        options["teacher_temperature"] = args.teacher_temperature
+        if args.student_temperature is not None:
+            options["student_temperature"] = args.student_temperature
+    if args.guide:
+        options.update(margin=args.guide_margin, margin_strategy=args.guide_margin_strategy)
+    if list(args.directions) != ["query_to_doc"]:
+        options.update(directions=tuple(args.directions), partition_mode=args.partition_mode)
+    if args.hardness_mode is not None:
+        options.update(hardness_mode=args.hardness_mode, hardness_strength=args.hardness_strength)
     return options
 
 
@@ -213,6 +306,11 @@ def run(args: argparse.Namespace) -> int:
         args.model, note = resolve_model_folder(args.model, "--model")
         if note:
             print(f"note: {note}")
+    guide_name = None
+    if args.guide:
+        guide_name, note = resolve_model_folder(args.guide, "--guide")
+        if note:
+            print(f"note: {note}")
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
@@ -231,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
             num_negatives=args.num_negatives,
             seed=args.seed,
             options=parse_dataset_options(args.dataset_option),
+            teacher_scores=args.distill_weight > 0,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
@@ -244,17 +343,29 @@ def run(args: argparse.Namespace) -> int:
     prompts = recipe.training_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
     saved_prompts = recipe.saved_prompts(data, query=args.ir_instruction, sts=args.sts_instruction)
     recipe.use_instructions(model, **saved_prompts, exclude_from_pooling=any(prompts.values()))
+    guide = None
+    if args.guide:
+        try:
+            guide = SentenceTransformer(guide_name, device=model.device)
+        except (OSError, ValueError) as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"Could not load --guide {guide_name!r}: {first_line}") from None
     # Cross-device negatives for IR whenever there is more than one process (the official setting).
     # P of each IR loss comes from the datasets' columns (set once, by --num-positives, above).
-    loss = recipe.build_task_losses(
-        model,
-        data,
-        temperature=args.temperature,
-        mini_batch_size=args.mini_batch_size,
-        gather_across_devices=world_size > 1,
-        sts_loss=args.sts_loss,
-        sts_gather_across_devices=args.sts_gather and world_size > 1,
-    )
+    try:
+        loss = recipe.build_task_losses(
+            model,
+            data,
+            temperature=args.temperature,
+            mini_batch_size=args.mini_batch_size,
+            gather_across_devices=world_size > 1,
+            sts_loss=args.sts_loss,
+            sts_gather_across_devices=args.sts_gather and world_size > 1,
+            ir_loss_options=ir_loss_options(args),
+            guide=guide,
+        )
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
     if is_main:
         print(recipe.describe_prompts(prompts, saved_prompts))
 
