@@ -158,7 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
         "sample for every model and training seed, so a per-seed invocation evaluates on the same items (default 42)",
     )
     parser.add_argument("--only-dev", action="store_true", help="evaluate on the dev sets only (for tuning)")
+    parser.add_argument(
+        "--ir-loss-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of every IR loss (recipe.IR_LOSS_OPTIONS: distillation_weight=1, directions=a,b, ...); "
+        "repeatable; a distillation weight needs IR files with teacher scores",
+    )
+    parser.add_argument("--guide", default=None, help="guide model folder for false-negative masking (default: none)")
     return parser
+
+
+def parse_ir_loss_options(items: Sequence[str]) -> dict[str, object]:
+    """``["distillation_weight=1", "directions=query_to_doc,doc_to_doc"]`` -> the IR loss options."""
+    from codiemb_st.cli.train_command import parse_dataset_options
+
+    # The command line's per-dataset parser knows every option's type; use it for a dataset named "run".
+    options = parse_dataset_options([f"run.{item}" for item in items]).get("run", {})
+    unknown = sorted(set(options) - {"loss_options"})
+    if unknown:
+        raise UsageError(f"--ir-loss-option {unknown}: not IR loss options.")
+    return dict(options.get("loss_options", {}))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -200,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/reproduce_codiemb.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         check_args(args)
+        args.ir_loss_options = parse_ir_loss_options(args.ir_loss_option)
         if args.threads:
             import torch
 

@@ -26,7 +26,7 @@ from sentence_transformers.base.sampler import (
     MultiDatasetBatchSamplers,
     MultiDatasetDefaultBatchSampler,
 )
-from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size, is_dist_initialized
 
@@ -96,6 +96,7 @@ __all__ = [
     "DefaultBatchSampler",
     "MultiDatasetBatchSamplers",
     "MultiDatasetDefaultBatchSampler",
+    "MultipleNegativesRankingLoss",
     "Pooling",
     "RandContext",
     "SentenceTransformer",

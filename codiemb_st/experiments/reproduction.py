@@ -80,6 +80,8 @@ class RunSpec:
         sts_loss: How STS data is trained: ``"pearson_spearman"``, ``"cosent"``, or ``"infonce"`` (naive: STS pairs in
             the top of their score range become InfoNCE pairs).
         sts_options: Options of PearsonSpearmanLoss (an ablation).
+        ir_loss: ``"multi_positive"`` (:class:`~codiemb_st.MultiPositiveCachedInfoNCELoss`) or ``"mnrl"``
+            (sentence-transformers' ``MultipleNegativesRankingLoss``: the baseline a sentence-transformers user writes).
         ablation: A baseline/ablation run (may be trained with fewer seeds: ``--ablation-seeds``).
         description: One line for the report.
     """
@@ -88,6 +90,7 @@ class RunSpec:
     sampler: str
     sts_loss: str = "pearson_spearman"
     sts_options: tuple[tuple[str, Any], ...] = ()
+    ir_loss: str = "multi_positive"
     ablation: bool = False
     description: str = ""
 
@@ -111,6 +114,14 @@ RUNS: dict[str, RunSpec] = {
         sts_options=(("mid_nce_weight", 0.0),),
         ablation=True,
         description="CoDiEmb without the L_MidNCE term",
+    ),
+    "st_baseline": RunSpec(
+        ("ir", "sts"),
+        "proportional",
+        sts_loss="cosent",
+        ir_loss="mnrl",
+        ablation=True,
+        description="sentence-transformers today: MultipleNegativesRankingLoss + CoSENTLoss, PROPORTIONAL sampler",
     ),
 }
 MAIN_RUNS = tuple(name for name, spec in RUNS.items() if not spec.ablation)
@@ -181,6 +192,15 @@ def run_config(run: str, seed: int, track: Track, base: str, args: argparse.Name
         "sampler": spec.sampler,
         "sts_options": dict(spec.sts_options),
     } | {key: getattr(args, key) for key in keys}
+    # Teacher options (issue 30) enter the key only when set, so that earlier finished runs stay valid.
+    teacher = {
+        "ir_loss_options": dict(getattr(args, "ir_loss_options", None) or {}),
+        "guide": getattr(args, "guide", None),
+        "teacher_scores": bool(getattr(args, "teacher_scores", False)),
+    }
+    config.update({key: value for key, value in teacher.items() if value})
+    if spec.ir_loss != "multi_positive":
+        config["ir_loss"] = spec.ir_loss
     if spec.sts_loss == "infonce":
         config["naive_threshold"] = args.naive_threshold
     return config
@@ -200,8 +220,10 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
     # One dataset per file: IR files (and, for naive co-training, STS files as IR pairs) and STS files.
     ir_sources = dict(data.ir) if "ir" in spec.tasks else {}
     sts_sources = dict(data.sts) if "sts" in spec.tasks and spec.sts_loss != "infonce" else {}
+    ir_options = dict(getattr(args, "ir_loss_options", None) or {})
+    distils = bool(ir_options.get("distillation_weight")) and spec.ir_loss == "multi_positive"
     datasets = recipe.load_task_datasets(
-        ir_sources, sts_sources, num_positives=1, num_negatives=args.num_negatives, seed=seed
+        ir_sources, sts_sources, num_positives=1, num_negatives=args.num_negatives, seed=seed, teacher_scores=distils
     )
     if spec.sts_loss == "infonce":
         for name, records in data.sts.items():
@@ -209,14 +231,27 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
             if pairs:
                 datasets.datasets[name] = ir_dataset_from_records(pairs, num_positives=1, num_negatives=0, seed=seed)
                 datasets.ir.append(name)
+    guide = None
+    if getattr(args, "guide", None) and spec.ir_loss == "multi_positive":
+        from sentence_transformers import SentenceTransformer
+
+        guide = SentenceTransformer(args.guide, device="cpu")
+        guide.max_seq_length = model.max_seq_length
     losses = recipe.build_task_losses(
         model,
         datasets,
         temperature=args.temperature,
         mini_batch_size=args.mini_batch_size,
         sts_loss="cosent" if spec.sts_loss == "cosent" else "pearson_spearman",
+        ir_loss_options=ir_options if spec.ir_loss == "multi_positive" else None,
+        guide=guide,
         **dict(spec.sts_options),
     )
+    if spec.ir_loss == "mnrl":
+        from codiemb_st._compat import MultipleNegativesRankingLoss
+
+        mnrl = MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
+        losses.update({name: mnrl for name in datasets.ir})
     updates = count_task_updates(datasets, losses)
     prompts = recipe.training_prompts(
         datasets, query=track.query_prefix, passage=track.passage_prefix, sts=track.sts_prefix
