@@ -27,6 +27,8 @@ from codiemb_st.experiments import (
 )
 from codiemb_st.file_io import write_json_atomic
 
+pytestmark = pytest.mark.study  # end-to-end studies: a quick run skips them (-m 'not study')
+
 
 @pytest.fixture(scope="module")
 def legacy(tmp_path_factory):

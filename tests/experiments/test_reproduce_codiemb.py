@@ -17,6 +17,8 @@ from tiny_model import ENGLISH_SENTENCES
 
 from codiemb_st.evaluation import load_local_task
 
+pytestmark = pytest.mark.study  # end-to-end studies: a quick run skips them (-m 'not study')
+
 
 def _load_script(name: str = "reproduce_codiemb"):
     """A benchmark script as a module (benchmarks/ is not a package, and nothing edits sys.path)."""
