@@ -11,7 +11,8 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from codiemb_st.cli import eval_command, merge_command, mine_command, score_command, train_command
 from codiemb_st.cli.usage_error import UsageError
@@ -48,6 +49,38 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{help_text} (default: {str(default).replace('%', '%%')})".lstrip()
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser whose options may be added when it is first used (parsed, or its help or usage shown).
+
+    ``codiemb-st merge`` reads its options from the merge methods' classes, which import torch (seconds): building
+    that parser for ``codiemb-st --help`` or another subcommand must not import them.
+
+    Args:
+        add_arguments_on_use: Adds the options to this parser; called once, at first use. None: none to add.
+    """
+
+    def __init__(
+        self, *args: Any, add_arguments_on_use: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ) -> None:
+        self._pending: Callable[[argparse.ArgumentParser], None] | None = None
+        super().__init__(*args, **kwargs)
+        self._pending = add_arguments_on_use
+
+    def _add_pending_arguments(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None) -> Any:
+        self._add_pending_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse formats --help, usage lines and errors through this method: the options must exist by then.
+        self._add_pending_arguments()
+        return super()._get_formatter()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``codiemb-st`` parser with its subcommands."""
     from codiemb_st import __version__
@@ -56,15 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="codiemb-st", description="CoDiEmb for sentence-transformers: evaluate, merge and train embedding models."
     )
     parser.add_argument("--version", action="version", version=f"codiemb-st {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for name, (module, summary) in COMMANDS.items():
+        on_use = getattr(module, "ADD_ARGUMENTS_ON_USE", False)  # options that need heavy imports: added when used
         sub = subparsers.add_parser(
             name,
             help=summary,
             description=plain_text(module.__doc__ or ""),
             formatter_class=HelpFormatter,
+            add_arguments_on_use=module.add_arguments if on_use else None,
         )
-        module.add_arguments(sub)
+        if not on_use:
+            module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
 
@@ -86,4 +122,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["COMMANDS", "HelpFormatter", "UsageError", "build_parser", "main"]
+__all__ = ["COMMANDS", "CommandParser", "HelpFormatter", "UsageError", "build_parser", "main"]

@@ -2,7 +2,7 @@
 
 Every option of every method in :data:`codiemb_st.merging.MERGE_METHODS` is a flag, derived from the method's
 constructor (``--power``, ``--granularity``, ``--temperature``, ``--scale``, ...); a flag the chosen method does not
-take is refused.
+take is refused. The merged folder holds a model card (README.md) and merge_config.json.
 
 Examples:
     codiemb-st merge runs/a runs/b runs/c --output merged          # Model Soup, the default
@@ -17,11 +17,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import inspect
 import sys
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codiemb_st.cli.method_options import MethodSpec, method_specs, method_specs_from_classes
 from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
 
@@ -30,11 +34,73 @@ from codiemb_st.cli.usage_error import UsageError
 #: test on both tracks, and DeltaSoup (the default until 0.x) was reversed against it on held-out evaluation sets.
 DEFAULT_METHOD = "model_soup"
 
+#: The options come from the merge methods' classes, which import torch: :func:`add_arguments` runs when the parser
+#: is first used (``codiemb-st merge ...``), not when ``codiemb-st --help`` builds it.
+ADD_ARGUMENTS_ON_USE = True
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One constructor parameter of a merge method, as a command-line option."""
+
+    #: ``"bool"``, ``"float"``, ``"int"`` or ``"str"``.
+    kind: str
+    #: The allowed values of a ``Literal`` parameter, else None.
+    choices: tuple[str, ...] | None
+    #: The default value (None when the parameter has none).
+    default: Any
+    #: Whether the parameter is a sequence (``Sequence[float]``, a list of paths): its flag takes one or more values.
+    several: bool = False
+
+
+def method_options(method: type) -> dict[str, MethodOption]:
+    """The options of a merge method class: its constructor's parameters, their annotations and defaults (the one
+    source, for Python and the command line).
+
+    Example:
+        ::
+
+            method_options(TIES)  # {"density": MethodOption("float", None, 0.2), "scale": ...}
+    """
+    hints = typing.get_type_hints(method.__init__)
+    options = {}
+    for parameter in inspect.signature(method.__init__).parameters.values():
+        if parameter.name == "self" or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+            continue
+        hint = hints.get(parameter.name, str)
+        kind, choices = _kind_of_hint(hint)
+        default = None if parameter.default is inspect.Parameter.empty else parameter.default
+        options[parameter.name] = MethodOption(kind, choices, default, _is_sequence_hint(hint))
+    return options
+
+
+_SEQUENCE_ORIGINS = (list, tuple, collections.abc.Sequence)
+
+
+def _is_sequence_hint(hint: Any) -> bool:
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(typing.get_origin(a) in _SEQUENCE_ORIGINS for a in args)
+
+
+def _kind_of_hint(hint: Any) -> tuple[str, tuple[str, ...] | None]:
+    if typing.get_origin(hint) is typing.Literal:
+        return "str", tuple(typing.get_args(hint))
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    # Sequence[float] -> float: the flag then takes several values of the element type.
+    args = [e for a in args for e in (typing.get_args(a) if typing.get_origin(a) in _SEQUENCE_ORIGINS else (a,))]
+    for kind in (bool, float, int):
+        if any(a is kind for a in args):
+            return kind.__name__, None
+    return "str", None
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``codiemb-st merge`` (from :func:`~codiemb_st.cli.method_options.method_specs`: no torch)."""
-    specs = method_specs()
-    needs_base = [name for name, spec in specs.items() if spec.requires_base]
+    """The options of ``codiemb-st merge``, from the registered merge methods (imports them, and so torch)."""
+    from codiemb_st.merging import MERGE_METHODS
+
+    methods = dict(sorted(MERGE_METHODS.items()))
+    options = {name: method_options(method) for name, method in methods.items()}
+    needs_base = [name for name, method in methods.items() if method.requires_base]
     parser.add_argument("checkpoints", nargs="+", type=Path, help="the fine-tuned sentence-transformers model folders")
     parser.add_argument(
         "--base-model",
@@ -45,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=sorted(specs),
+        choices=list(methods),
         default=DEFAULT_METHOD,
         help=f"merge method (default {DEFAULT_METHOD}: no data-free rule beat the uniform Model Soup in the project's "
         "paired fusion study; see docs/merging.md)",
@@ -54,11 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = parser.add_argument_group("method options (each applies to the methods named in its help)")
     seen: dict[str, list[str]] = {}
-    for method_name, spec in specs.items():
-        for name in spec.options:
+    for method_name, method_options_ in options.items():
+        for name in method_options_:
             seen.setdefault(name, []).append(method_name)
-    for name, methods in seen.items():
-        option = specs[methods[0]].options[name]
+    for name, users in seen.items():
+        option = options[users[0]][name]
         flag = f"--{name.replace('_', '-')}"
         if option.kind == "bool":
             group.add_argument(
@@ -66,32 +132,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=f"option_{name}",
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{', '.join(methods)} (default {'on' if option.default else 'off'})",
+                help=f"{', '.join(users)} (default {'on' if option.default else 'off'})",
             )
             continue
-        choices = option.choices
         group.add_argument(
             flag,
             dest=f"option_{name}",
             metavar=name.upper(),
             type=_CONVERTERS[option.kind],
-            choices=choices,
+            choices=option.choices,
             nargs="+" if option.several else None,
             default=None,
-            help=_option_help(name, methods, specs, choices),
+            help=_option_help(name, users, options, option.choices),
         )
 
 
 _CONVERTERS = {"float": float, "int": int, "str": str}
 
 
-def _option_help(name: str, methods: list[str], specs: dict[str, MethodSpec], choices: Any) -> str:
+def _option_help(
+    name: str, users: list[str], options: dict[str, dict[str, MethodOption]], choices: tuple[str, ...] | None
+) -> str:
     """``"delta_soup (default 1.0)"``; each method's own default when the methods sharing the flag differ."""
-    defaults = {method: specs[method].options[name].default for method in methods}
+    defaults = {method: options[method][name].default for method in users}
     one_of = f"; one of {', '.join(choices)}" if choices else ""
     if len({repr(default) for default in defaults.values()}) > 1:
         return ", ".join(f"{method} (default {default})" for method, default in defaults.items()) + one_of
-    return f"{', '.join(methods)} (default {next(iter(defaults.values()))}{one_of})"
+    return f"{', '.join(users)} (default {next(iter(defaults.values()))}{one_of})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from codiemb_st.merging import MERGE_METHODS
 
     method_class = MERGE_METHODS[args.method]
-    accepted = method_specs_from_classes()[args.method].options
+    accepted = method_options(method_class)
     given = {
         key.removeprefix("option_"): value
         for key, value in vars(args).items()
@@ -136,4 +203,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["ADD_ARGUMENTS_ON_USE", "DEFAULT_METHOD", "MethodOption", "add_arguments", "method_options", "run"]

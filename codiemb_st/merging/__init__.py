@@ -12,32 +12,32 @@
   examples (LM-Cocktail style), scored with its own modules, pooling and prompts.
 - :class:`GreedySoup`: add checkpoints one by one while an evaluator's score does not drop, with any method above.
 
-All data-free methods share :meth:`MergeMethod.merge` (stream model folders, return a SentenceTransformer),
-:meth:`MergeMethod.merge_to_folder` and the pure per-tensor :meth:`MergeMethod.merge_tensors`. Layers, one way:
-:mod:`~codiemb_st.merging.tensor_math` (per-tensor math, no I/O) <- :mod:`~codiemb_st.merging.streaming_merge`
-(model folders, safetensors streaming) <- :mod:`~codiemb_st.merging.methods` (the public methods) <-
-:mod:`~codiemb_st.merging.greedy_soup` (evaluator-guided).
+Every method shares :meth:`MergeMethod.merge` (stream model folders, return a SentenceTransformer),
+:meth:`MergeMethod.merge_to_folder` (which also writes a model card) and the pure per-tensor
+:meth:`MergeMethod.merge_tensors`. One module per method family holds its class and its math and registers it in
+:data:`MERGE_METHODS` where it is defined (:mod:`~codiemb_st.merging.base` has the base class and the driver;
+:mod:`~codiemb_st.merging.streaming_merge` the I/O, which knows no method). Adding a method is one new module in this
+package: every module here is imported below, so it registers itself (see docs/extending.md).
 """
 
 from __future__ import annotations
 
-from codiemb_st.merging.cocktail import CocktailSoup, CocktailWeights
-from codiemb_st.merging.greedy_soup import GreedySoup, GreedySoupResult
-from codiemb_st.merging.methods import (
-    MERGE_METHODS,
-    SLERP,
-    TIES,
-    DeltaSoup,
-    MergeMethod,
-    ModelSoup,
-    ModelStock,
-    MultiSLERP,
-    TaskArithmetic,
-)
+import importlib
+import pkgutil
 
-# CocktailSoup needs example data, but it is a MergeMethod with constructor options like the others: ``codiemb-st
-# merge --method cocktail_soup --examples FILE`` (registered here: methods.py cannot import it without a cycle).
-MERGE_METHODS["cocktail_soup"] = CocktailSoup
+from codiemb_st.merging.base import MERGE_METHODS, MergeMethod
+from codiemb_st.merging.cocktail import CocktailSoup, CocktailWeights
+from codiemb_st.merging.delta_soup import DeltaSoup
+from codiemb_st.merging.greedy_soup import GreedySoup, GreedySoupResult
+from codiemb_st.merging.model_stock import ModelStock
+from codiemb_st.merging.soup import ModelSoup, TaskArithmetic
+from codiemb_st.merging.spherical import SLERP, MultiSLERP
+from codiemb_st.merging.ties import TIES
+
+# A method registers itself when its module is imported: import every module of the package, so that a new method
+# file is on the command line and in MERGE_METHODS without a line here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "MERGE_METHODS",
@@ -52,6 +52,5 @@ __all__ = [
     "ModelSoup",
     "ModelStock",
     "MultiSLERP",
-    "SLERP",
     "TaskArithmetic",
 ]

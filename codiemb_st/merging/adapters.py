@@ -20,16 +20,19 @@ is read off the matrices), rsLoRA, and tensors stored whole (``modules_to_save``
 LoRA, DoRA (``use_dora``: its magnitude vector rescales the whole weight), ``lora_bias``, convolution adapters,
 ``target_parameters`` and any tensor this module does not understand, so nothing is silently dropped.
 
-Layering: this module does I/O (it reads adapter files with :class:`~codiemb_st.merging.safetensors_stream.RowReader`)
-and is used by :mod:`codiemb_st.merging.model_folder` and the streaming merge; the merge math itself
-(:mod:`codiemb_st.merging.tensor_math`) never sees adapters, only materialised rows.
+The checks that adapters fit together and their base (:func:`check_adapter_bases`,
+:func:`warn_on_adapter_base_mismatch`) live here too. Layering: this module does I/O (it reads adapter files with
+:class:`~codiemb_st.merging.safetensors_stream.RowReader`) and is used by :mod:`codiemb_st.merging.model_folder` and
+the streaming merge; the merge methods never see adapters, only materialised rows.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +44,8 @@ from torch import Tensor
 
 from codiemb_st.merging.safetensors_stream import RowReader
 from codiemb_st.merging.tensor_math import compute_dtype
+
+logger = logging.getLogger(__name__)
 
 #: The files of a saved peft adapter.
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -342,12 +347,92 @@ class AdapterRowReader:
         self.close()
 
 
+#: ``(role of the checkpoint, module index, adapter)`` of every adapter module among the checkpoints.
+AdapterModules = Sequence[tuple[str, int, "LoraAdapter"]]
+
+
+def check_adapter_bases(adapters: AdapterModules) -> None:
+    """Refuse LoRA checkpoints recorded as trained on different base models (``base_model_name_or_path``).
+
+    The names are compared as written (local folders by their resolved path). Shapes are checked against the base
+    in :meth:`~codiemb_st.merging.model_folder.ModelFolder.attach_base`; two bases of identical shapes can only be
+    told apart by this name.
+
+    Raises:
+        ValueError: Naming both checkpoints and their recorded bases.
+
+    Example:
+        ::
+
+            check_adapter_bases([("checkpoints[0]", 0, adapter_a), ("checkpoints[1]", 0, adapter_b)])
+    """
+    seen: dict[int, tuple[str, str | None]] = {}  # module index -> (role, normalised base name)
+    for role, index, adapter in adapters:
+        name = normalised_base_name(adapter.base_model_name_or_path)
+        if index not in seen:
+            seen[index] = (role, name)
+        elif seen[index][1] != name:
+            raise ValueError(
+                f"{role} is a LoRA adapter on base_model_name_or_path={adapter.base_model_name_or_path!r}, "
+                f"{seen[index][0]} on {seen[index][1]!r}: adapters on different base models cannot be merged (their "
+                "deltas are relative to different weights). If both names denote the same model, make them equal "
+                "in adapter_config.json."
+            )
+
+
+def warn_on_adapter_base_mismatch(
+    adapters: AdapterModules, base_path: Path, base_recorded_names: Mapping[int, str | None]
+) -> None:
+    """Warn when a LoRA checkpoint records another base model than the one given (``base_model_name_or_path``).
+
+    Shapes are checked in :meth:`~codiemb_st.merging.model_folder.ModelFolder.attach_base`; a base of identical
+    shapes that is another model can only be told by this name. The recorded name matches when it is the base folder
+    (resolved) or the name the base's module records (``_name_or_path`` of its ``config.json``), or when it ends with
+    the base folder's name (a local copy of a hub model, ``Qwen/Qwen2-0.5B`` -> ``models/Qwen2-0.5B``).
+
+    Args:
+        adapters: The adapter modules of the checkpoints.
+        base_path: The base model's folder.
+        base_recorded_names: Module index -> the ``_name_or_path`` of the base's ``config.json`` in that module.
+
+    Example:
+        ::
+
+            warn_on_adapter_base_mismatch([("checkpoints[0]", 0, adapter)], Path("models/base"), {0: "org/base"})
+    """
+    resolved = base_path.resolve()
+    for role, index, adapter in adapters:
+        recorded = adapter.base_model_name_or_path
+        if not recorded:
+            continue
+        names = {str(resolved), base_recorded_names.get(index)}
+        if normalised_base_name(recorded) in names or recorded.rstrip("/").split("/")[-1] == resolved.name:
+            continue
+        logger.warning(
+            f"{role} is a LoRA adapter recorded as trained on base_model_name_or_path={recorded!r}, but "
+            f"base_model is {str(base_path)!r}. The shapes fit, so the merge goes on; if that is not the model the "
+            "adapter was trained on, the result is wrong. Pass the recorded base model as base_model (or fix "
+            "base_model_name_or_path in adapter_config.json)."
+        )
+
+
+def normalised_base_name(name: str | None) -> str | None:
+    """A recorded base model name as compared: a local folder by its resolved path, a Hub id as written."""
+    if name and Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name
+
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "AdapterModules",
     "AdapterRowReader",
     "LoraAdapter",
     "LoraDelta",
+    "check_adapter_bases",
     "is_adapter_folder",
     "lora_delta_rows",
+    "normalised_base_name",
+    "warn_on_adapter_base_mismatch",
 ]

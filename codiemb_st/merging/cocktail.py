@@ -27,13 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from codiemb_st.merging.methods import MergeMethod, ModelSoup
-from codiemb_st.merging.streaming_merge import check_checkpoints_argument, check_output_path, checkpoint_inputs
-from codiemb_st.validation import check_bool, check_finite_float, check_int
-
-if TYPE_CHECKING:
-    from codiemb_st._compat import SentenceTransformer
-from codiemb_st.merging.cocktail_examples import (  # noqa: F401 (re-exported: the old import path)
+from codiemb_st.merging.base import MergeMethod
+from codiemb_st.merging.cocktail_examples import (
     MIN_EXAMPLES,
     ExampleSet,
     example_group_losses,
@@ -41,6 +36,13 @@ from codiemb_st.merging.cocktail_examples import (  # noqa: F401 (re-exported: t
     layer_group,
     load_example_sets,
 )
+from codiemb_st.merging.model_folder import ModelFolder
+from codiemb_st.merging.soup import ModelSoup, WeightedAverage
+from codiemb_st.merging.streaming_merge import check_checkpoints_argument, check_output_path, checkpoint_inputs
+from codiemb_st.validation import check_bool, check_finite_float, check_int
+
+if TYPE_CHECKING:
+    from codiemb_st._compat import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -70,38 +72,7 @@ def cocktail_weights(mean_losses: Sequence[float], temperature: float) -> list[f
     return torch.softmax(-losses / temperature, dim=0).tolist()
 
 
-class WeightedAverage(MergeMethod):
-    """The weighted Model Soup θ = Σ_c w_c θ_c (= θ_0 + Σ_c w_c δ_c, as Σ_c w_c = 1) with fixed weights.
-
-    Args:
-        weights: One non-negative weight per checkpoint (normalised to sum 1).
-
-    Example:
-        ::
-
-            WeightedAverage([0.5, 0.3, 0.2]).merge(["runs/a", "runs/b", "runs/c"], output_path="merged")
-    """
-
-    requires_base = False
-    keeps_agreement = True
-
-    def __init__(self, weights: Sequence[float]) -> None:
-        from codiemb_st.merging.methods import check_weights
-
-        values = check_weights("weights", weights)
-        self.weights = [w / sum(values) for w in values]
-
-    def merge_rows(self, checkpoints: Tensor, base: Tensor | None, statistics: Any = None) -> Tensor:
-        weights = torch.tensor(self.weights, dtype=checkpoints.dtype)
-        if weights.shape[0] != checkpoints.shape[0]:
-            raise ValueError(f"{len(self.weights)} weights for {checkpoints.shape[0]} checkpoints; give one each.")
-        return torch.tensordot(weights, checkpoints, dims=1)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights}
-
-
-class CocktailSoup(MergeMethod):
+class CocktailSoup(MergeMethod, name="cocktail_soup"):
     """Data-aware Model Soup: weight each candidate by how well it does on a few examples, LM-Cocktail style.
 
     For K candidates θ_c and example files f = 1..F (IR records, STS pairs, or both), with ℓ_f(θ_c) the candidate's
@@ -308,6 +279,12 @@ class CocktailSoup(MergeMethod):
         inputs = checkpoint_inputs(check_checkpoints_argument(checkpoints), base_model)
         check_output_path(output_path, [*inputs, *((f"examples[{i}]", path) for i, path in enumerate(self.examples))])
 
+    def checkpoint_weights(self, num_checkpoints: int) -> list[float] | None:
+        """The fitted weights softmax(−L_c / T); None with ``layer_groups`` (one set per layer group)."""
+        if self.fitted is None or self.fitted.group_weights:
+            return None
+        return list(self.fitted.weights)
+
     def get_config_dict(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "examples": self.examples,
@@ -342,8 +319,6 @@ class _loaded:
     def __enter__(self) -> SentenceTransformer:
         if isinstance(self.checkpoint, self.model_class):
             return self.checkpoint
-        from codiemb_st.merging.model_folder import ModelFolder
-
         path = Path(self.checkpoint)
         if ModelFolder.open(path, self.role).adapters:
             if self.base_model is None:
@@ -366,15 +341,4 @@ class _loaded:
             self.tmp.cleanup()
 
 
-__all__ = [
-    "MIN_EXAMPLES",
-    "CocktailSoup",
-    "CocktailWeights",
-    "ExampleSet",
-    "WeightedAverage",
-    "cocktail_weights",
-    "example_group_losses",
-    "example_loss",
-    "layer_group",
-    "load_example_sets",
-]
+__all__ = ["CocktailSoup", "CocktailWeights", "cocktail_weights"]

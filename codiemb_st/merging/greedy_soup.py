@@ -1,6 +1,6 @@
 """Greedy soup (Wortsman et al., 2022): add checkpoints to the soup one by one, keeping each only if it helps.
 
-Unlike the data-free methods of :mod:`codiemb_st.merging.methods`, a greedy soup needs an evaluator (held-out data):
+Unlike the data-free methods of :mod:`codiemb_st.merging` (ModelSoup, DeltaSoup, ...), a greedy soup needs an evaluator (held-out data):
 it is built on top of any :class:`~codiemb_st.merging.MergeMethod` (the soup of the chosen checkpoints is merged by
 that method, uniform :class:`~codiemb_st.merging.ModelSoup` by default), so greedy DeltaSoup or greedy ModelStock
 are one argument away. Every trial soup is streamed to disk by the method, so memory stays at about one model.
@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from codiemb_st._compat import SentenceTransformer
-from codiemb_st.merging.methods import MergeMethod, ModelSoup
+from codiemb_st.merging.base import MergeMethod, check_checkpoint_count, merge_model_folders
+from codiemb_st.merging.soup import ModelSoup
 from codiemb_st.merging.streaming_merge import (
-    _make_parents,
-    _remove_created,
-    check_checkpoint_count,
     check_output_path,
     checkpoint_inputs,
-    merge_model_folders,
+    make_parents,
+    remove_created,
     remove_stale_work_folders,
     work_folder_prefix,
 )
@@ -254,7 +253,7 @@ class GreedySoup:
                 )
         order = sorted(range(len(checkpoints)), key=lambda i: (-scores[i], i))
 
-        created_parents = _make_parents(output_path.parent)
+        created_parents = make_parents(output_path.parent)
         done = False
         remove_stale_work_folders(output_path, ".greedy")
         work = Path(tempfile.mkdtemp(prefix=work_folder_prefix(output_path), suffix=".greedy", dir=output_path.parent))
@@ -318,7 +317,7 @@ class GreedySoup:
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if not done:
-                _remove_created(created_parents)  # a failed soup leaves nothing, not even the parents it created
+                remove_created(created_parents)  # a failed soup leaves nothing, not even the parents it created
         return GreedySoupResult(
             path=output_path, model=None, chosen=[checkpoints[i] for i in soup], score=best_score, steps=steps
         )

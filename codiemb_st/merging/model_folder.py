@@ -41,7 +41,7 @@ from codiemb_st.merging.compatibility import (
     transformer_settings,
     warn_settings,
 )
-from codiemb_st.merging.safetensors_stream import RowReader
+from codiemb_st.merging.safetensors_stream import RowReader, is_float_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -539,61 +539,3 @@ def _check_tensors(reference: ModelFolder, other: ModelFolder, is_checkpoint: bo
                 raise ValueError(f"Tensor {name!r} has shape {other_shape} in {role} and {shape} in {ref}.")
             if is_float_dtype(dtype) != is_float_dtype(other_dtype):
                 raise ValueError(f"Tensor {name!r} has dtype {other_dtype} in {role} and {dtype} in {ref}.")
-
-
-def check_adapter_bases(folders: list[ModelFolder]) -> None:
-    """Refuse LoRA checkpoints recorded as trained on different base models (``base_model_name_or_path``).
-
-    The names are compared as written (local folders by their resolved path). Shapes are checked against the base
-    in :meth:`ModelFolder.attach_base`; two bases of identical shapes can only be told apart by this name.
-    """
-    seen: dict[int, tuple[str, str | None]] = {}  # module index -> (role, normalised base name)
-    for folder in folders:
-        for index, adapter in folder.adapters.items():
-            name = _normalised_base_name(adapter.base_model_name_or_path)
-            if index not in seen:
-                seen[index] = (folder.role, name)
-            elif seen[index][1] != name:
-                raise ValueError(
-                    f"{folder.role} is a LoRA adapter on base_model_name_or_path={adapter.base_model_name_or_path!r}, "
-                    f"{seen[index][0]} on {seen[index][1]!r}: adapters on different base models cannot be merged (their "
-                    "deltas are relative to different weights). If both names denote the same model, make them equal "
-                    "in adapter_config.json."
-                )
-
-
-def warn_on_adapter_base_mismatch(folders: list[ModelFolder], base: ModelFolder) -> None:
-    """Warn when a LoRA checkpoint records another base model than ``base`` (``base_model_name_or_path``).
-
-    Shapes are checked in :meth:`ModelFolder.attach_base`; a base of identical shapes that is another model can only
-    be told by this name. The recorded name matches when it is the base folder (resolved) or the name its
-    ``config.json`` records (``_name_or_path``), or when it ends with the base folder's name (a local copy of a hub
-    model, ``Qwen/Qwen2-0.5B`` -> ``models/Qwen2-0.5B``).
-    """
-    base_path = base.path.resolve()
-    for folder in folders:
-        for index, adapter in folder.adapters.items():
-            recorded = adapter.base_model_name_or_path
-            if not recorded:
-                continue
-            config = base.read_json(Path(base.modules[index].get("path", "")) / "config.json", dict) or {}
-            names = {str(base_path), config.get("_name_or_path")}
-            if _normalised_base_name(recorded) in names or recorded.rstrip("/").split("/")[-1] == base_path.name:
-                continue
-            logger.warning(
-                f"{folder.role} is a LoRA adapter recorded as trained on base_model_name_or_path={recorded!r}, but "
-                f"base_model is {str(base.path)!r}. The shapes fit, so the merge goes on; if that is not the model the "
-                "adapter was trained on, the result is wrong. Pass the recorded base model as base_model (or fix "
-                "base_model_name_or_path in adapter_config.json)."
-            )
-
-
-def _normalised_base_name(name: str | None) -> str | None:
-    if name and Path(name).is_dir():
-        return str(Path(name).resolve())
-    return name
-
-
-def is_float_dtype(safetensors_dtype: str) -> bool:
-    """Whether a safetensors dtype string ("F32", "BF16", "I64", ...) is a floating-point type."""
-    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"

@@ -46,9 +46,15 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 
 
 def torch_dtype(safetensors_dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string ("F32" -> torch.float32); ValueError for one torch lacks."""
     if safetensors_dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"Unsupported safetensors dtype {safetensors_dtype!r}.")
     return SAFETENSORS_DTYPES[safetensors_dtype]
+
+
+def is_float_dtype(safetensors_dtype: str) -> bool:
+    """Whether a safetensors dtype string ("F32", "BF16", "I64", ...) is a floating-point type (merged, not copied)."""
+    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"
 
 
 class RowReader:

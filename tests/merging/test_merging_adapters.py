@@ -136,7 +136,7 @@ def test_adapter_and_full_checkpoints_can_be_mixed(decoder_lora, tmp_path):
 
 def test_single_adapter_model_soup_is_the_materialised_checkpoint(decoder_lora, tmp_path, caplog):
     base, adapters, fulls = decoder_lora
-    with caplog.at_level("WARNING", logger="codiemb_st.merging.streaming_merge"):
+    with caplog.at_level("WARNING", logger="codiemb_st.merging.base"):
         merged = ModelSoup().merge_to_folder([adapters[0]], tmp_path / "soup", base_model=base)
     assert_same_weights(merged, fulls[0])
     assert "ModelSoup of one LoRA adapter checkpoint: the output is that adapter materialised" in caplog.text
@@ -152,12 +152,12 @@ def test_adapter_recorded_on_another_base_of_the_same_shapes_warns(decoder_lora,
         copy_adapter(a, tmp_path / f"a{i}", base_model_name_or_path="Qwen/another-model")
         for i, a in enumerate(adapters)
     ]
-    with caplog.at_level("WARNING", logger="codiemb_st.merging.model_folder"):
+    with caplog.at_level("WARNING", logger="codiemb_st.merging.adapters"):
         DeltaSoup().merge_to_folder(other, tmp_path / "out", base_model=base)
     assert "base_model_name_or_path='Qwen/another-model', but base_model is" in caplog.text
     assert str(base) in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="codiemb_st.merging.model_folder"):
+    with caplog.at_level("WARNING", logger="codiemb_st.merging.adapters"):
         DeltaSoup().merge_to_folder(adapters, tmp_path / "out2", base_model=base)  # recorded base = base: quiet
     assert "base_model_name_or_path" not in caplog.text
 

@@ -272,7 +272,7 @@ def test_bad_input_is_refused_and_nothing_is_written(inputs, tmp_path, capsys):
 
 
 def test_layer_group_of_tensor_names():
-    from codiemb_st.merging.cocktail import layer_group
+    from codiemb_st.merging.cocktail_examples import layer_group
 
     assert layer_group(0, "embeddings.word_embeddings.weight") == "embeddings"
     assert layer_group(0, "embeddings.LayerNorm.bias") == "embeddings"
@@ -307,7 +307,7 @@ def test_layer_group_weights_and_tensors_equal_loop_references(inputs, tmp_path)
         assert soup.fitted.group_weights[group] == pytest.approx(reference_weights(losses, 0.5), rel=1e-6)
     assert soup.fitted.group_weights["block.0"] != pytest.approx(soup.fitted.group_weights["head"], rel=1e-3)
 
-    from codiemb_st.merging.cocktail import layer_group
+    from codiemb_st.merging.cocktail_examples import layer_group
 
     states = [load_file(str(folder / "model.safetensors")) for folder in checkpoints(root)]
     merged = load_file(str(out / "model.safetensors"))

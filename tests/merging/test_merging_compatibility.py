@@ -22,7 +22,8 @@ from sentence_transformers import SentenceTransformer
 from tiny_model import save_tiny_model
 
 from codiemb_st.cli import main
-from codiemb_st.merging import TIES, CocktailSoup, GreedySoup, ModelSoup, TaskArithmetic, streaming_merge
+from codiemb_st.merging import TIES, CocktailSoup, GreedySoup, ModelSoup, TaskArithmetic
+from codiemb_st.merging import base as merging_base
 from codiemb_st.merging.cocktail_examples import load_example_sets
 from codiemb_st.merging.model_folder import ModelFolder
 
@@ -341,10 +342,10 @@ def test_greedy_soup_names_the_callers_output_not_its_work_folder(pair, tmp_path
     assert f"output_path '{copy / 'greedy'}' is, or lies inside, the input checkpoints[0]" in str(info.value)
     assert ".greedy" not in str(info.value).replace("/greedy'", "") and not scored  # refused before scoring
 
-    def no_space(method, inputs, key, target, show_progress_bar):
+    def no_space(inputs, key, target, merge_tensor, num_checkpoints, show_progress_bar):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(streaming_merge, "_merge_weight_file", no_space)
+    monkeypatch.setattr(merging_base, "stream_weight_file", no_space)
     out = tmp_path / "soup"
     with pytest.raises(OSError) as info:
         GreedySoup(lambda model: 1.0).merge_to_folder([fine_tune, base], out, ingredient_scores=[1.0, 0.5])

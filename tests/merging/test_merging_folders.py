@@ -120,12 +120,12 @@ def test_merged_folder_loads_encodes_and_matches_the_math(folders, tmp_path, mon
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
 
-    # module folders and configuration carried over from checkpoints[0]; the model card is not
+    # module folders and configuration carried over from checkpoints[0]; its model card is not (the merge's replaces it)
     for name in ("modules.json", "1_Pooling/config.json", "2_Dense/config.json", "config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (checkpoints[0] / name).read_bytes(), name
     assert (out / "3_Normalize").is_dir()
     assert json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]["query"] == "query: "
-    assert not (out / "README.md").exists()
+    assert "DeltaSoup merge of 3" in (out / "README.md").read_text()
     record = json.loads((out / "merge_config.json").read_text())
     assert {key: record[key] for key in ("method", "parameters", "num_checkpoints")} == {
         "method": "DeltaSoup",

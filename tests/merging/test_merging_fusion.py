@@ -12,7 +12,7 @@ import torch
 from test_merging_folders import build_model, reference_merge, tensors
 
 from codiemb_st.merging import TIES, DeltaSoup, GreedySoup, ModelSoup, ModelStock, streaming_merge
-from codiemb_st.merging.tensor_math import fold_statistics, topk_threshold_accumulate, topk_threshold_finish
+from codiemb_st.merging.ties import topk_threshold_accumulate, topk_threshold_finish
 
 SHAPES = [(), (5,), (6, 5), (4, 3, 2)]
 
@@ -82,7 +82,7 @@ def _reference_consensus_soup(tensors_, base):
 
 def _sliced(method, stacked, base, bounds):
     """The streaming loop on row slices: statistics passes over every slice, then merge slice by slice."""
-    statistics = fold_statistics(method, lambda: [(stacked[:, a:b], base[a:b]) for a, b in bounds])
+    statistics = method.collect_statistics(lambda: [(stacked[:, a:b], base[a:b]) for a, b in bounds])
     return torch.cat([method.merge_rows(stacked[:, a:b].clone(), base[a:b], statistics) for a, b in bounds])
 
 

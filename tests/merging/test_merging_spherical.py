@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from codiemb_st.cli import main
 from codiemb_st.merging import MERGE_METHODS, SLERP, MultiSLERP, streaming_merge
-from codiemb_st.merging.tensor_math import PARALLEL_ANGLE
+from codiemb_st.merging.spherical import PARALLEL_ANGLE
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loop references: plain Python floats, one tensor at a time (no Gram matrix, no coefficient form)
