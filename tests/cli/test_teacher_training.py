@@ -58,7 +58,7 @@ def test_teacher_scores_reach_the_loss_and_the_options_are_set(tmp_path, tiny_mo
 def test_per_dataset_distillation_and_missing_scores_named(tmp_path, tiny_model_path, spy, capsys):
     teacher = save_tiny_cross_encoder(tmp_path / "teacher")
     plain, scored = _files(tmp_path, teacher)
-    argv = ["train", "--model", str(tiny_model_path), "--ir", str(scored), str(plain), "--max-steps", "2"]
+    argv = ["train", "--model", str(tiny_model_path), "--ir", str(scored), str(plain), "--max-steps", "6"]
     argv += ["--ir-batch-size", "4", "--output-dir", str(tmp_path / "run")]
     # Only the scored dataset distils; the plain one needs no scores.
     assert main([*argv, "--dataset-option", "scored.distillation_weight=1"]) == 0, capsys.readouterr().err[-2000:]
