@@ -30,6 +30,13 @@ backward + AdamW step) on STSBenchmark pairs with the term (``mid_nce_weight=1``
 after a warm-up, medians. Peak memory: each configuration in its own fresh process, measured like the IR benchmark's,
 and the activations autograd saves for backward in one step (deterministic, unlike the resident-set peak on CPU).
 
+Teacher terms (``--loss teacher``, issue 30): MultiPositiveCachedInfoNCELoss with distillation, all four
+``directions`` and hardness against itself without them (target: distillation <= 1.02x), and with a guide model against
+sentence-transformers' CachedGISTEmbedLoss (``contrast_anchors=False, contrast_positives=False``, same batch,
+mini-batch and guide; target <= 0.85x), on seeded en_snli samples (real lengths), in the single pass (batch 32 =
+mini-batch) and under GradCache (batch 64, mini-batch 16). Time only (CPU time, interleaved rounds, medians of the
+per-round ratios); writes ``results.json`` and ``results.md`` to ``--teacher-output``.
+
 Length-aware embedding (``--loss length-aware``, issue 22): both losses with ``sort_by_length`` on (the default) and
 off, against sentence-transformers' MultipleNegativesRankingLoss (IR, batch fits one mini-batch),
 CachedMultipleNegativesRankingLoss (IR, several mini-batches) and CoSENTLoss (STS), on seeded samples of the shared
@@ -46,6 +53,7 @@ Usage:
     PYTHONPATH=. python benchmarks/bench_losses.py --loss sts --device cuda --sts-batch-sizes 256 4096 16384
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss mid-nce --mid-batch-sizes 32 256
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss length-aware --repeats 3
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_losses.py --loss teacher --teacher-repeats 9
 """
 
 from __future__ import annotations
@@ -727,9 +735,171 @@ def bench_length_aware(args: argparse.Namespace) -> None:
                 )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher terms (issue 30): distillation, guide masking, directions and hardness of the IR loss
+# ----------------------------------------------------------------------------------------------------------------
+
+_ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+def _teacher_setup(config: dict) -> tuple:
+    """Model and guide (training / eval mode), every contender's step and the tokenized batch with teacher scores."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss
+
+    from codiemb_st import MultiPositiveCachedInfoNCELoss
+
+    torch.manual_seed(0)
+    device = config["device"]
+    model = SentenceTransformer(config["model"], device=device)
+    model.max_seq_length = config["max_seq_length"]
+    model.train()
+    guide = SentenceTransformer(config["guide"], device=device)  # as loaded: eval mode, never trained
+    guide.max_seq_length = config["max_seq_length"]
+    columns, _ = sample_columns(config["dataset"], config["batch"])
+    features = column_features(model, columns, device)
+    warmup = column_features(model, [column[:4] for column in columns], device)
+    # Cross-encoder-like teacher scores, one per candidate column (the loss's labels with distillation).
+    labels = torch.rand(len(columns[0]), len(columns) - 1, generator=torch.Generator().manual_seed(0)) * 10 - 2
+    labels = labels.to(device)
+    mini, temperature = config["mini_batch_size"], 0.02
+    common = {"temperature": temperature, "mini_batch_size": mini}
+
+    def make(name: str):
+        if name == "ST CachedGIST":
+            return CachedGISTEmbedLoss(model, guide, contrast_anchors=False, contrast_positives=False, **common)
+        options = {
+            "ours": {},
+            "ours + distillation": {"distillation_weight": 1.0, "student_temperature": 0.05},
+            "ours + directions": {"directions": _ALL_DIRECTIONS},
+            "ours + hardness": {"hardness_mode": "all_negatives", "hardness_strength": 5.0},
+            "ours + guide": {"guide": guide},
+        }[name]
+        return MultiPositiveCachedInfoNCELoss(model, **common, **options)
+
+    def step_of(loss_fn):
+        def step(step_features: list[dict], step_labels: torch.Tensor) -> None:
+            model.zero_grad(set_to_none=True)
+            # Fresh dicts: the model writes its outputs into the feature dicts it is given.
+            loss_fn([dict(feature) for feature in step_features], step_labels).backward()
+
+        return step
+
+    steps = {name: step_of(make(name)) for name in config["contenders"]}
+    return steps, (features, labels), (warmup, labels[:4])
+
+
+def _teacher_time_worker(config: dict) -> dict:
+    """CPU (and wall) seconds per step of every contender, alternating round by round (one process)."""
+    steps, (features, labels), (warmup, warmup_labels) = _teacher_setup(config)
+    for step in steps.values():  # warm-up: small batch, then one untimed full step
+        step(warmup, warmup_labels)
+        step(features, labels)
+    timed_steps = {name: functools.partial(step, features, labels) for name, step in steps.items()}
+    return interleaved_rounds(timed_steps, config["rounds"], config["device"])
+
+
+# (dataset, max_seq_length, batch, mini_batch_size, contenders (baseline first), {contender: time target})
+_TEACHER_GROUPS = [
+    (
+        "en_snli",
+        128,
+        32,
+        32,
+        ["ours", "ours + distillation", "ours + directions", "ours + hardness"],
+        {"ours + distillation": 1.02},
+    ),
+    (
+        "en_snli",
+        128,
+        64,
+        16,
+        ["ours", "ours + distillation", "ours + directions", "ours + hardness"],
+        {"ours + distillation": 1.02},
+    ),
+    ("en_snli", 128, 32, 32, ["ST CachedGIST", "ours + guide", "ours"], {"ours + guide": 0.85}),
+    ("en_snli", 128, 64, 16, ["ST CachedGIST", "ours + guide", "ours"], {"ours + guide": 0.85}),
+]
+
+
+def bench_teacher(args: argparse.Namespace) -> None:
+    model_path = args.model or _default_model_path()
+    guide_path = args.guide or model_path
+    command = "PYTHONPATH=. OMP_NUM_THREADS=1 python " + " ".join(sys.argv)
+    header = (
+        f"Teacher terms benchmark (issue 30): model={Path(model_path).name} guide={Path(guide_path).name} "
+        f"device={args.device} rounds={args.teacher_repeats} torch threads={torch.get_num_threads()}\n"
+        "step = zero_grad + forward + backward (no optimizer) on a seeded sample of en_snli (query, positive, hard"
+        " negative; real lengths, max_seq_length 128); time = CPU seconds of the process per step (wall clock on"
+        " CUDA), the contenders of a group alternating step by step in one process after a 4-row warm-up and one"
+        " untimed full step; ratio = median over rounds of (contender / baseline) in the same round\n"
+        "ours = MultiPositiveCachedInfoNCELoss(temperature=0.02, P=1, defaults: sort_by_length, keep_graphs=1);"
+        " + distillation: distillation_weight=1, student_temperature=0.05, labels = teacher scores (batch, 2);"
+        " + directions: all four, joint; + hardness: all_negatives, strength 5; + guide: guide=the guide model,"
+        " margin 0; ST CachedGIST = CachedGISTEmbedLoss(model, guide, contrast_anchors=False,"
+        " contrast_positives=False), same temperature and mini-batch size\n"
+    )
+    print(header, flush=True)
+    rows = []
+    for dataset, max_seq_length, batch, mini, contenders, targets in _TEACHER_GROUPS:
+        config = {
+            "model": model_path,
+            "guide": guide_path,
+            "device": args.device,
+            "dataset": dataset,
+            "max_seq_length": max_seq_length,
+            "batch": batch,
+            "mini_batch_size": mini,
+            "contenders": contenders,
+            "rounds": args.teacher_repeats,
+        }
+        timing = _run_worker("teacher-time", config)
+        times = timing["cpu_times"] if args.device == "cpu" else timing["times"]
+        baseline = contenders[0]
+        for name in contenders:
+            time_ratio, low, high = ratio_summary(times[name], times[baseline])
+            row = {
+                "dataset": dataset,
+                "max_seq_length": max_seq_length,
+                "batch": batch,
+                "mini": mini,
+                "loss": name,
+                "seconds": statistics.median(times[name]),
+                "time_ratio": time_ratio,
+                "ratio_range": (low, high),
+                "wall_ratio": ratio_summary(timing["times"][name], timing["times"][baseline])[0],
+                "baseline": baseline,
+                "target": targets.get(name),
+                "round_seconds": times[name],
+            }
+            rows.append(row)
+            print(f"  measured {row}", flush=True)
+
+    clock = "CPU s" if args.device == "cpu" else "s"
+    lines = markdown_header(
+        ["data", "batch / mini-batch", "loss", f"{clock}/step", "time ratio (min-max)", "wall ratio", "vs", "target"]
+    )
+    for row in rows:
+        low, high = row["ratio_range"]
+        target = target_verdict(row["time_ratio"], row["target"], "time", not_met="NOT met") if row["target"] else ""
+        cells = [row["dataset"], f"{row['batch']} / {row['mini']}", row["loss"], f"{row['seconds']:.2f}"]
+        cells += [f"{row['time_ratio']:.2f}x ({low:.2f}-{high:.2f})", f"{row['wall_ratio']:.2f}x"]
+        lines.append(markdown_row([*cells, row["baseline"], target]))
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.teacher_output:
+        output = Path(args.teacher_output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+        (output / "results.md").write_text(
+            f"# Teacher terms: cost (issue 30)\n\nCommand:\n\n```bash\n{command}\n```\n\n{header}\n{table}\n"
+        )
+        print(f"\nwritten: {output / 'results.json'}, {output / 'results.md'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loss", choices=["ir", "sts", "mid-nce", "length-aware", "all"], default="all")
+    parser.add_argument("--loss", choices=["ir", "sts", "mid-nce", "length-aware", "teacher", "all"], default="all")
     parser.add_argument("--model", default=None, help="SentenceTransformer path (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-seq-length", type=int, default=64)
@@ -778,6 +948,15 @@ def main() -> None:
         default=[(64, 16), (256, 32)],
         help="length-aware: BATCH/MINI sizes of the counted (untimed) padding-efficiency table",
     )
+    parser.add_argument(
+        "--guide", default=None, help="teacher: the guide SentenceTransformer path (default: the model itself)"
+    )
+    parser.add_argument("--teacher-repeats", type=int, default=9, help="teacher: interleaved timing rounds")
+    parser.add_argument(
+        "--teacher-output",
+        default="benchmarks/results/losses_teacher",
+        help="teacher: folder for results.json and results.md ('' = print only)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one IR measurement, in its own process (see _run_worker)
@@ -788,6 +967,7 @@ def main() -> None:
             "mid-nce": _mid_nce_worker,
             "la-time": _length_aware_time_worker,
             "la-memory": _length_aware_memory_worker,
+            "teacher-time": _teacher_time_worker,
         }
         worker = workers[config["mode"]]
         print(json.dumps(worker(config)))
@@ -800,6 +980,8 @@ def main() -> None:
         bench_mid_nce(args)
     if args.loss == "length-aware":  # not part of "all": it reads the shared training data
         bench_length_aware(args)
+    if args.loss == "teacher":  # not part of "all": it reads the shared training data
+        bench_teacher(args)
 
 
 if __name__ == "__main__":

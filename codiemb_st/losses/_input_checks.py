@@ -84,6 +84,11 @@ def _num_rows(column: Any) -> int | None:
     return None
 
 
+def num_rows(column: Any) -> int:
+    """Rows of one column (a tensor or a tokenized features dict); 0 when it has no batch axis."""
+    return _num_rows(column) or 0
+
+
 def zero_loss(model: nn.Module) -> Tensor:
     """A loss of 0 that reaches every trainable parameter (with zero gradients), so that DDP's reducer and the
     trainer handle the step like any other."""
@@ -209,6 +214,7 @@ __all__ = [
     "check_not_in_adaptive_layer_loss",
     "check_sts_labels",
     "ir_batch_fallback",
+    "num_rows",
     "sts_batch_fallback",
     "zero_loss",
 ]

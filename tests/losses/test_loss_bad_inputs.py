@@ -46,6 +46,23 @@ _STS_WEIGHTS = [
 ]
 
 
+def _triples(model) -> list[dict[str, torch.Tensor]]:
+    """Two rows of (anchor, positive, negative): P + N = 2 candidate columns."""
+    return [features(model, texts) for texts in (["q one", "q two"], ["a one", "a two"], ["n one", "n two"])]
+
+
+def _distilling(model, **kwargs) -> MultiPositiveCachedInfoNCELoss:
+    return MultiPositiveCachedInfoNCELoss(model, distillation_weight=1.0, **kwargs)
+
+
+def _guided(model) -> MultiPositiveCachedInfoNCELoss:
+    return MultiPositiveCachedInfoNCELoss(model, guide=model)
+
+
+def _three_embeddings(rows: int = 2, dim: int = 32) -> list[torch.Tensor]:
+    return [torch.randn(rows, dim) for _ in range(3)]
+
+
 LOSS_CASES = [
     Case(
         "ir-num-positives-0",
@@ -112,6 +129,173 @@ LOSS_CASES = [
         _adaptive_layer_ir,
         TypeError,
         "AdaptiveLayerLoss cannot wrap MultiPositiveCachedInfoNCELoss: .*GradCache.*MatryoshkaLoss",
+    ),
+    # Teacher scores (distillation): the labels of an IR batch, one per candidate column.
+    Case(
+        "ir-distill-no-labels",
+        lambda e: _distilling(e.model)(_triples(e.model), None),
+        ValueError,
+        r"needs teacher scores as labels: a dataset column 'label' holding a list of 2 floats.*has no labels",
+    ),
+    Case(
+        "ir-distill-labels-wrong-columns",
+        lambda e: _distilling(e.model)(_triples(e.model), torch.rand(2, 3)),
+        ValueError,
+        r"shape \(batch, P \+ N\) = \(2, 2\).*positive_1, negative_1.*got shape \(2, 3\)",
+    ),
+    Case(
+        "ir-distill-labels-one-per-row",
+        lambda e: _distilling(e.model)(_triples(e.model), torch.rand(2)),
+        ValueError,
+        r"got shape \(2,\)\. A 1-D label column holds one score per row",
+    ),
+    Case(
+        "ir-distill-labels-nan",
+        lambda e: _distilling(e.model)(_triples(e.model), torch.tensor([[1.0, 0.0], [float("nan"), 2.0]])),
+        ValueError,
+        r"NaN or infinite values \(first at row 1, column 0 of 2",
+    ),
+    Case(
+        "ir-distill-labels-strings",
+        lambda e: _distilling(e.model)(_triples(e.model), [["0.9", "0.1"], ["0.8", "0.2"]]),
+        TypeError,
+        r"teacher scores \(labels\) must be a float tensor.*got list",
+    ),
+    Case(
+        "ir-distill-one-candidate-column",
+        lambda e: _distilling(e.model)(pairs(e.model), torch.rand(2, 1)),
+        ValueError,
+        r"needs at least 2 candidate columns.*has 1",
+    ),
+    Case(
+        "ir-distill-weight-negative",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, distillation_weight=-1.0),
+        ValueError,
+        r"`distillation_weight` must be >= 0",
+    ),
+    Case(
+        "ir-distill-teacher-temperature-zero",
+        lambda e: _distilling(e.model, teacher_temperature=0.0),
+        ValueError,
+        r"`teacher_temperature` must be > 0",
+    ),
+    # The guide model (false-negative masking).
+    Case(
+        "ir-guide-name-not-model",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, guide="BAAI/bge-small-en-v1.5"),
+        TypeError,
+        r"`guide` must be a SentenceTransformer; got str\. Load it first",
+    ),
+    Case(
+        "ir-guide-plain-module",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, guide=torch.nn.Linear(4, 4)),
+        TypeError,
+        r"`guide` must be a SentenceTransformer; got Linear",
+    ),
+    Case(
+        "ir-guide-margin-strategy-unknown",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, guide=e.model, margin_strategy="percent"),
+        ValueError,
+        r"`margin_strategy` must be one of 'absolute', 'relative'; got 'percent'",
+    ),
+    Case(
+        "ir-guide-margin-nan",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, guide=e.model, margin=float("nan")),
+        ValueError,
+        r"`margin` must be a finite number",
+    ),
+    Case(
+        "ir-guide-embeddings-missing-columns",
+        lambda e: _guided(e.model).compute_loss_from_embeddings(
+            _three_embeddings(), guide_embeddings=_three_embeddings()[:2]
+        ),
+        ValueError,
+        r"one guide embedding tensor per column \(3 columns.*got 2",
+    ),
+    Case(
+        "ir-guide-embeddings-wrong-rows",
+        lambda e: _guided(e.model).compute_loss_from_embeddings(
+            _three_embeddings(), guide_embeddings=_three_embeddings(rows=3, dim=8)
+        ),
+        ValueError,
+        r"guide embeddings of column 0 must have shape \(batch, guide_dim\) with batch = 2; got \(3, 8\)",
+    ),
+    Case(
+        "ir-guide-embeddings-nan",
+        lambda e: _guided(e.model).compute_loss_from_embeddings(
+            _three_embeddings(), guide_embeddings=[*_three_embeddings()[:2], torch.full((2, 8), float("nan"))]
+        ),
+        ValueError,
+        r"guide's embeddings of column 2 contain NaN or infinite values",
+    ),
+    # directions, partition_mode, hardness (sentence-transformers 6.x's InfoNCE options).
+    Case(
+        "ir-directions-unknown",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, directions=("query_to_doc", "doc_to_passage")),
+        ValueError,
+        r"`directions` must be a non-empty subset of .*unknown: \['doc_to_passage'\]",
+    ),
+    Case(
+        "ir-directions-a-string",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, directions="query_to_doc"),
+        TypeError,
+        r"`directions` must be a tuple of direction names",
+    ),
+    Case(
+        "ir-directions-without-query-to-doc",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, directions=("doc_to_query",)),
+        ValueError,
+        r"must include 'query_to_doc'",
+    ),
+    Case(
+        "ir-per-direction-with-doc-to-doc",
+        lambda e: MultiPositiveCachedInfoNCELoss(
+            e.model, directions=("query_to_doc", "doc_to_doc"), partition_mode="per_direction"
+        ),
+        ValueError,
+        r"partition_mode='per_direction' needs every direction's candidates to include the positive",
+    ),
+    Case(
+        "ir-directions-with-joint-objective",
+        lambda e: MultiPositiveCachedInfoNCELoss(
+            e.model, num_positives=2, objective="joint", directions=("query_to_doc", "doc_to_query")
+        ),
+        ValueError,
+        r"`directions` \('doc_to_query',\) need objective='per_slot'",
+    ),
+    Case(
+        "ir-directions-without-in-batch-negatives",
+        lambda e: MultiPositiveCachedInfoNCELoss(
+            e.model, in_batch_negatives=False, directions=("query_to_doc", "query_to_query")
+        ),
+        ValueError,
+        r"in_batch_negatives=False removes",
+    ),
+    Case(
+        "ir-hardness-mode-unknown",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, hardness_mode="hardest", hardness_strength=5.0),
+        ValueError,
+        r"`hardness_mode` must be one of None, 'in_batch_negatives'",
+    ),
+    Case(
+        "ir-hardness-strength-negative",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, hardness_mode="hard_negatives", hardness_strength=-5.0),
+        ValueError,
+        r"`hardness_strength` must be >= 0",
+    ),
+    Case(
+        "ir-hardness-strength-nan",
+        lambda e: MultiPositiveCachedInfoNCELoss(
+            e.model, hardness_mode="hard_negatives", hardness_strength=float("nan")
+        ),
+        ValueError,
+        r"`hardness_strength` must be a finite number",
+    ),
+    Case(
+        "ir-partition-mode-unknown",
+        lambda e: MultiPositiveCachedInfoNCELoss(e.model, partition_mode="separate"),
+        ValueError,
+        r"`partition_mode` must be one of 'joint', 'per_direction'",
     ),
     Case(
         "sts-temperature-1e-39-overflows",
