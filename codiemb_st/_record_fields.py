@@ -14,10 +14,10 @@ from codiemb_st.task_types import TRAINING_TASKS
 
 logger = logging.getLogger("codiemb_st.data")
 
-_TASK_TYPES = TRAINING_TASKS  # "ir" / "sts" (evaluation says "retrieval" / "sts": codiemb_st.task_types)
+TASK_TYPES = TRAINING_TASKS  # "ir" / "sts" (evaluation says "retrieval" / "sts": codiemb_st.task_types)
 
 
-def _refuse_unknown(record: Mapping[str, Any], location: str, fields: Mapping[str, str], task: str) -> ValueError:
+def refuse_unknown(record: Mapping[str, Any], location: str, fields: Mapping[str, str], task: str) -> ValueError:
     needs = "; ".join(f"{name}: {need}" for name, need in fields.items())
     return ValueError(
         f"{location}: the record fits no {task} record format; fields found: {sorted(record)}. Each format needs: "
@@ -25,7 +25,7 @@ def _refuse_unknown(record: Mapping[str, Any], location: str, fields: Mapping[st
     )
 
 
-def _numbered_columns(record: Mapping[str, Any]) -> set[str]:
+def numbered_columns(record: Mapping[str, Any]) -> set[str]:
     return {key for key in record if re.fullmatch(r"(positive|negative)_\d+", key)}
 
 
@@ -40,7 +40,7 @@ _UNREAD_IR_KEYS = {
 }
 
 
-def _warn_unread_keys(record: Mapping[str, Any], location: str, warned: set[str]) -> None:
+def warn_unread_keys(record: Mapping[str, Any], location: str, warned: set[str]) -> None:
     """Warn (once per key and source) about keys of a unified record that look like texts to train on but are not
     read (e.g. FlagEmbedding's ``neg`` next to unified ``positives``)."""
     for key in sorted(record.keys() & _UNREAD_IR_KEYS.keys() - warned):
@@ -52,17 +52,17 @@ def _warn_unread_keys(record: Mapping[str, Any], location: str, warned: set[str]
         )
 
 
-def _check_is_object(record: Any, location: str) -> Mapping[str, Any]:
+def check_is_object(record: Any, location: str) -> Mapping[str, Any]:
     if not isinstance(record, Mapping):
         raise ValueError(f"{location}: expected a JSON object (a record), got {type(record).__name__}.")
     return record
 
 
-def _check_task_type(record: Mapping[str, Any], expected: str, location: str) -> None:
+def check_task_type(record: Mapping[str, Any], expected: str, location: str) -> None:
     task_type = record.get("task_type")
     if task_type is None or task_type == expected:
         return
-    if task_type in _TASK_TYPES:
+    if task_type in TASK_TYPES:
         other = "sts_dataset_from_records" if task_type == "sts" else "ir_dataset_from_records"
         raise ValueError(
             f"{location}: record has task_type {task_type!r}, expected {expected!r}; convert this file with {other}."
@@ -70,7 +70,7 @@ def _check_task_type(record: Mapping[str, Any], expected: str, location: str) ->
     raise ValueError(f"{location}: `task_type` must be 'ir' or 'sts' (or absent); got {task_type!r}.")
 
 
-def _text(value: Any, field: str, location: str) -> str:
+def text_field(value: Any, field: str, location: str) -> str:
     if not isinstance(value, str) or not value.strip():
         got = "missing" if value is None else repr(value)[:80]
         raise ValueError(f"{location}: `{field}` must be a non-empty string; got {got}.")
@@ -86,21 +86,21 @@ def _text(value: Any, field: str, location: str) -> str:
     return value
 
 
-def _texts(value: Any, field: str, location: str, required: bool) -> list[str]:
+def texts_field(value: Any, field: str, location: str, required: bool) -> list[str]:
     if not isinstance(value, list):
         got = "missing" if value is None else type(value).__name__
         raise ValueError(f"{location}: `{field}` must be a list of strings; got {got}.")
     if required and not value:
         raise ValueError(f"{location}: `{field}` is empty; each record needs at least one.")
-    return [_text(item, f"{field}[{i}]", location) for i, item in enumerate(value)]
+    return [text_field(item, f"{field}[{i}]", location) for i, item in enumerate(value)]
 
 
-def _score(value: Any, field: str, location: str) -> float:
+def score_field(value: Any, field: str, location: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         got = "missing" if value is None else repr(value)
         raise ValueError(f"{location}: `{field}` must be a finite number; got {got}.")
     return float(value)
 
 
-def _describe(source: Any) -> str:
+def describe_source(source: Any) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else f"the given {type(source).__name__}"

@@ -19,7 +19,7 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_options(
+def check_options(
     tasks: Mapping[str, Sequence[str]] | None,
     batch_sizes: Mapping[str, int] | None,
     world_size: int | None,
@@ -50,7 +50,7 @@ def _check_options(
         check_positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
 
 
-def _check_sizes(argument: str, sizes: Mapping[str, int] | None, what: str) -> None:
+def check_sizes(argument: str, sizes: Mapping[str, int] | None, what: str) -> None:
     if sizes is None:
         return
     if not isinstance(sizes, Mapping):
@@ -59,7 +59,7 @@ def _check_sizes(argument: str, sizes: Mapping[str, int] | None, what: str) -> N
         check_positive_int(f"{argument}[{name!r}]", size)
 
 
-def _resolve_against_trainer(name: str, value: int | None, trainer_args: Any, default: int | None) -> int | None:
+def resolve_against_trainer(name: str, value: int | None, trainer_args: Any, default: int | None) -> int | None:
     """``value``, or the trainer's setting when ``value`` is None; refuses a value that differs from the trainer's."""
     trainer_value = getattr(trainer_args, name, None) if trainer_args is not None else None
     if not _is_positive_int(trainer_value):
@@ -80,7 +80,7 @@ def _resolve_against_trainer(name: str, value: int | None, trainer_args: Any, de
     return value
 
 
-def _names_list(dataset_names: Sequence[str] | Mapping[str, Any]) -> list[str]:
+def names_list(dataset_names: Sequence[str] | Mapping[str, Any]) -> list[str]:
     names = list(dataset_names.keys()) if isinstance(dataset_names, Mapping) else list(dataset_names)
     if isinstance(dataset_names, str) or not all(isinstance(name, str) for name in names):
         raise TypeError(f"`dataset_names` must be a list of dataset names or a DatasetDict; got {dataset_names!r}.")
@@ -89,14 +89,14 @@ def _names_list(dataset_names: Sequence[str] | Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _resolve_dataset_names(
+def resolve_dataset_names(
     dataset: ConcatDataset,
     dataset_names: Sequence[str] | Mapping[str, Any] | None,
     explicit_tasks: bool,
 ) -> list[str]:
     num_datasets = len(dataset.datasets)
     if dataset_names is not None:
-        names = _names_list(dataset_names)
+        names = names_list(dataset_names)
         if len(names) != num_datasets:
             raise ValueError(
                 f"`dataset_names` has {len(names)} names but the training data has {num_datasets} datasets; pass "
@@ -143,7 +143,7 @@ def _row_dataset_names(dataset: ConcatDataset) -> list[str | None]:
     return names
 
 
-def _check_task_names(tasks: Mapping[str, Sequence[str]], names: list[str]) -> None:
+def check_task_names(tasks: Mapping[str, Sequence[str]], names: list[str]) -> None:
     assigned = [name for members in tasks.values() for name in members]
     unknown = sorted({name for name in assigned if name not in names})
     if unknown:
@@ -159,11 +159,11 @@ def _check_task_names(tasks: Mapping[str, Sequence[str]], names: list[str]) -> N
         )
 
 
-def _resolve_tasks(
+def resolve_tasks(
     dataset: ConcatDataset, names: list[str], tasks: Mapping[str, Sequence[str]] | None
 ) -> dict[str, str]:
     if tasks is not None:
-        _check_task_names(tasks, names)
+        check_task_names(tasks, names)
         return {name: task for task, members in tasks.items() for name in members}
     inferred = {}
     for name, sub_dataset in zip(names, dataset.datasets):
@@ -176,7 +176,7 @@ def _resolve_tasks(
     return inferred
 
 
-def _resolve_batch_sizes(
+def resolve_batch_sizes(
     task_names: list[str],
     batch_sizes: Mapping[str, int] | None,
     batch_samplers: list[BatchSampler],

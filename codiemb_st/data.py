@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from datasets import Dataset
 
-from codiemb_st._record_fields import _TASK_TYPES, _describe
+from codiemb_st._record_fields import TASK_TYPES, describe_source
 from codiemb_st.record_formats import (  # noqa: F401 (the formats are re-exported from here)
     FORMATS,
     SCORE_FIELDS,
@@ -282,17 +282,17 @@ def dataset_from_records(
             source = list(source)  # read twice: once to infer the task, once to convert
         location, first = next(iter(read_records(source)), (None, None))
         if first is None:
-            raise ValueError(f"No records in {_describe(source)}.")
+            raise ValueError(f"No records in {describe_source(source)}.")
         task = first.get("task_type")
         if task is None:
             task = "sts" if "sentence1" in first or "sentence2" in first else "ir"
-        elif task not in _TASK_TYPES:
+        elif task not in TASK_TYPES:
             # Blame the record's field, not the `task` argument the caller did not pass.
             raise ValueError(
                 f"{location}: `task_type` must be 'ir' or 'sts'; got {task!r}. Fix the field, or pass task='ir' or "
                 "task='sts' to convert every record as that task."
             )
-    elif task not in _TASK_TYPES:
+    elif task not in TASK_TYPES:
         raise ValueError(f"`task` must be 'ir', 'sts' or None; got {task!r}.")
     if task == "ir":
         return ir_dataset_from_records(source, **kwargs)

@@ -40,15 +40,15 @@ from typing import Any
 from datasets import Dataset
 
 from codiemb_st._record_fields import (
-    _check_is_object,
-    _check_task_type,
-    _describe,
-    _numbered_columns,
-    _refuse_unknown,
-    _score,
-    _text,
-    _texts,
-    _warn_unread_keys,
+    check_is_object,
+    check_task_type,
+    describe_source,
+    numbered_columns,
+    refuse_unknown,
+    score_field,
+    text_field,
+    texts_field,
+    warn_unread_keys,
 )
 from codiemb_st.file_io import read_jsonl
 
@@ -119,10 +119,10 @@ def read_records(source: RecordSource) -> Iterator[tuple[str, Mapping[str, Any]]
         if kind is not None:
             for index, record in enumerate(_read_table(path, kind)):
                 location = f"{path} row {index}"
-                yield location, _check_is_object(record, location)
+                yield location, check_is_object(record, location)
             return
         for location, record in read_jsonl(path):
-            yield location, _check_is_object(record, location)
+            yield location, check_is_object(record, location)
         return
     if isinstance(source, Mapping) or not isinstance(source, Iterable):
         raise TypeError(
@@ -130,7 +130,7 @@ def read_records(source: RecordSource) -> Iterator[tuple[str, Mapping[str, Any]]
         )
     for index, record in enumerate(source):
         location = f"row {index}"
-        yield location, _check_is_object(record, location)
+        yield location, check_is_object(record, location)
 
 
 def _read_table(path: Path, kind: str) -> Dataset:
@@ -266,16 +266,16 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
     """
     if isinstance(source, IRRecords):
         return source
-    result = IRRecords(name=_describe(source))
+    result = IRRecords(name=describe_source(source))
     by_key: dict[tuple[str | None, str], dict[str, Any]] = {}
     ignored: set[str] = set()
     warned: set[str] = set()
     first_location = None
     for location, record in read_records(source):
-        _check_task_type(record, "ir", location)
+        check_task_type(record, "ir", location)
         record_format = detect_format(record)
         if record_format is None or (record_format == "unified" and "positives" not in record):
-            error = _refuse_unknown(record, location, _IR_FIELDS, "IR")
+            error = refuse_unknown(record, location, _IR_FIELDS, "IR")
             if record_format is not None:  # sentence1/sentence2: a scored pair
                 error = ValueError(f"{error} (This looks like an STS pair: give the file as STS data.)")
             raise error
@@ -310,9 +310,9 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
                 "FlagEmbedding batches one type at a time: keep one type per file."
             )
         if record_format == "unified":
-            _warn_unread_keys(record, location, warned)
+            warn_unread_keys(record, location, warned)
         used = _IR_USED_FIELDS[record_format] | ({"label"} if isinstance(record.get("label"), list) else set())
-        ignored.update(set(record) - used - _numbered_columns(record))
+        ignored.update(set(record) - used - numbered_columns(record))
         key = (prompt, query)
         if key in by_key:
             merged = by_key[key]
@@ -391,7 +391,7 @@ def _read_scores(
                 f"{location}: `label` has {len(label)} scores for the row's {texts} texts ({len(positives)} "
                 f"positive(s), {len(negatives)} negative(s)); teacher scores need one per text, positives first."
             )
-        scores = [_score(value, f"label[{i}]", location) for i, value in enumerate(label)]
+        scores = [score_field(value, f"label[{i}]", location) for i, value in enumerate(label)]
         return scores[: len(positives)], scores[len(positives) :]
     out = []
     for field_name, texts in zip(SCORE_FIELDS[record_format], (positives, negatives)):
@@ -404,34 +404,34 @@ def _read_scores(
             raise ValueError(
                 f"{location}: `{field_name}` must be a list with one teacher score per text ({len(texts)}); got {got}."
             )
-        out.append([_score(value, f"{field_name}[{i}]", location) for i, value in enumerate(values)])
+        out.append([score_field(value, f"{field_name}[{i}]", location) for i, value in enumerate(values)])
     return out[0], out[1]
 
 
 def _read_unified_ir(record: Mapping[str, Any], location: str) -> tuple[str, list[str], list[str]]:
-    query = _text(record.get("query"), "query", location)
-    positives = _texts(record.get("positives"), "positives", location, required=True)
-    negatives = _texts(record.get("negatives", []), "negatives", location, required=False)
+    query = text_field(record.get("query"), "query", location)
+    positives = texts_field(record.get("positives"), "positives", location, required=True)
+    negatives = texts_field(record.get("negatives", []), "negatives", location, required=False)
     return query, positives, negatives
 
 
 def _read_flag_ir(record: Mapping[str, Any], location: str) -> tuple[str, list[str], list[str]]:
-    query = _text(record.get("query"), "query", location)
-    positives = _texts(record.get("pos"), "pos", location, required=True)
+    query = text_field(record.get("query"), "query", location)
+    positives = texts_field(record.get("pos"), "pos", location, required=True)
     negatives = record.get("neg")
-    negatives = _texts([] if negatives is None else negatives, "neg", location, required=False)
+    negatives = texts_field([] if negatives is None else negatives, "neg", location, required=False)
     return query, positives, negatives
 
 
 def _read_st_ir(record: Mapping[str, Any], location: str) -> tuple[str, list[str], list[str]]:
-    query = _text(record.get("anchor"), "anchor", location)
+    query = text_field(record.get("anchor"), "anchor", location)
 
     def column_texts(kind: str) -> list[str]:
         names = ([kind] if kind in record else []) + sorted(
             (key for key in record if re.fullmatch(rf"{kind}_\d+", key)), key=lambda key: int(key.split("_")[1])
         )
         # A missing value (None) in a numbered column is an absent text (columns of different lengths).
-        return [_text(record[name], name, location) for name in names if record[name] is not None]
+        return [text_field(record[name], name, location) for name in names if record[name] is not None]
 
     positives = column_texts("positive")
     if not positives:
@@ -488,23 +488,23 @@ def read_sts_records(source: RecordSource | STSRecords) -> STSRecords:
     """
     if isinstance(source, STSRecords):
         return source
-    result = STSRecords(name=_describe(source))
+    result = STSRecords(name=describe_source(source))
     extra_positives = 0
     first_location = None
     for location, record in read_records(source):
-        _check_task_type(record, "sts", location)
+        check_task_type(record, "sts", location)
         if "sentence1" in record or "sentence2" in record:
             record_format = "unified"
-            sentence1 = _text(record.get("sentence1"), "sentence1", location)
-            sentence2 = _text(record.get("sentence2"), "sentence2", location)
-            score = _score(record.get("score"), "score", location)
+            sentence1 = text_field(record.get("sentence1"), "sentence1", location)
+            sentence2 = text_field(record.get("sentence2"), "sentence2", location)
+            score = score_field(record.get("score"), "score", location)
         elif "query" in record and ("positives" in record or "pos" in record):
             record_format = "unified" if "positives" in record else "flagembedding"
-            texts_field, scores_field = (
+            texts_name, scores_field = (
                 ("positives", "positive_scores") if "positives" in record else ("pos", "pos_scores")
             )
-            sentence1 = _text(record.get("query"), "query", location)
-            positives = _texts(record.get(texts_field), texts_field, location, required=True)
+            sentence1 = text_field(record.get("query"), "query", location)
+            positives = texts_field(record.get(texts_name), texts_name, location, required=True)
             scores = record.get(scores_field)
             if not isinstance(scores, list) or len(scores) != len(positives):
                 raise ValueError(
@@ -512,7 +512,7 @@ def read_sts_records(source: RecordSource | STSRecords) -> STSRecords:
                     f"positive; got {scores!r} for {len(positives)} positive(s)."
                 )
             sentence2 = positives[0]
-            score = _score(scores[0], f"{scores_field}[0]", location)
+            score = score_field(scores[0], f"{scores_field}[0]", location)
             extra_positives += len(positives) - 1
         else:
             raise ValueError(

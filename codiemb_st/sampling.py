@@ -26,14 +26,14 @@ from codiemb_st._compat import (
     get_world_size,
 )
 from codiemb_st._sampler_options import (
-    _check_options,
-    _check_sizes,
-    _check_task_names,
-    _names_list,
-    _resolve_against_trainer,
-    _resolve_batch_sizes,
-    _resolve_dataset_names,
-    _resolve_tasks,
+    check_options,
+    check_sizes,
+    check_task_names,
+    names_list,
+    resolve_against_trainer,
+    resolve_batch_sizes,
+    resolve_dataset_names,
+    resolve_tasks,
 )
 from codiemb_st.epoch_plan import plan_epoch
 
@@ -156,24 +156,24 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
                 trainer.train()
         """
         super().__init__(dataset, batch_samplers=batch_samplers, generator=generator, seed=seed)
-        _check_options(tasks, batch_sizes, world_size, gradient_accumulation_steps)
-        _check_sizes("dataset_batch_sizes", dataset_batch_sizes, "dataset")
+        check_options(tasks, batch_sizes, world_size, gradient_accumulation_steps)
+        check_sizes("dataset_batch_sizes", dataset_batch_sizes, "dataset")
 
         # The trainer calls the factory with (dataset, batch_samplers, generator, seed) only; its own settings are
         # read from the caller so that a mismatch cannot silently mix datasets within an optimizer step.
         trainer_args = calling_trainer_args()
-        self.gradient_accumulation_steps = _resolve_against_trainer(
+        self.gradient_accumulation_steps = resolve_against_trainer(
             "gradient_accumulation_steps", gradient_accumulation_steps, trainer_args, default=1
         )
         if world_size is not None:  # unset: torch.distributed's world size, as accelerate deals batches by it
-            _resolve_against_trainer("world_size", world_size, trainer_args, default=None)
+            resolve_against_trainer("world_size", world_size, trainer_args, default=None)
         self.world_size = world_size if world_size is not None else get_world_size()
         self.batches_per_step = self.world_size * self.gradient_accumulation_steps
 
-        self.dataset_names = _resolve_dataset_names(dataset, dataset_names, explicit_tasks=tasks is not None)
-        self.dataset_tasks = _resolve_tasks(dataset, self.dataset_names, tasks)
+        self.dataset_names = resolve_dataset_names(dataset, dataset_names, explicit_tasks=tasks is not None)
+        self.dataset_tasks = resolve_tasks(dataset, self.dataset_names, tasks)
         self.task_names = list(dict.fromkeys(self.dataset_tasks.values()))
-        self.task_batch_sizes = _resolve_batch_sizes(self.task_names, batch_sizes, batch_samplers)
+        self.task_batch_sizes = resolve_batch_sizes(self.task_names, batch_sizes, batch_samplers)
         unknown = sorted(set(dataset_batch_sizes or {}) - set(self.dataset_names))
         if unknown:
             raise ValueError(
@@ -228,11 +228,11 @@ class RoundRobinTaskBatchSampler(MultiDatasetDefaultBatchSampler):
         dataloader (or here already, when ``dataset_names`` is given). See :class:`RoundRobinTaskBatchSampler` for
         the options.
         """
-        _check_options(tasks, batch_sizes, world_size, gradient_accumulation_steps)
-        _check_sizes("dataset_batch_sizes", dataset_batch_sizes, "dataset")
+        check_options(tasks, batch_sizes, world_size, gradient_accumulation_steps)
+        check_sizes("dataset_batch_sizes", dataset_batch_sizes, "dataset")
         if dataset_names is not None and tasks is not None:
-            names = _names_list(dataset_names)
-            _check_task_names(tasks, names)
+            names = names_list(dataset_names)
+            check_task_names(tasks, names)
         return functools.partial(
             cls,
             tasks=tasks,

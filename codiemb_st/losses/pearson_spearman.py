@@ -27,11 +27,11 @@ from codiemb_st._compat import (
     is_adaptive_layer_loss_active,
 )
 from codiemb_st.citation import CODIEMB_CITATION
-from codiemb_st.losses import _input_checks, _length_order
-from codiemb_st.losses._hidden_states import (  # noqa: F401 (re-exported: the cocktail merge imports them from here)
-    _FINAL_LAYER_KEYS,
-    _hidden_state_modules,
-    _hidden_states_requested,
+from codiemb_st.losses import _input_checks, length_order
+from codiemb_st.losses.hidden_states import (  # noqa: F401 (re-exported: the cocktail merge imports them from here)
+    FINAL_LAYER_KEYS,
+    hidden_state_modules,
+    hidden_states_requested,
     middle_layer_index,
 )
 from codiemb_st.losses.sts_terms import (  # noqa: F401 (re-exported: the old public import path)
@@ -250,7 +250,7 @@ class PearsonSpearmanLoss(nn.Module):
         self.sort_by_length = sort_by_length
         if model is not None and self.mid_nce_weight > 0:
             # Fail before training starts: the model can expose hidden states and the layer exists.
-            transformer, _ = _hidden_state_modules(model)
+            transformer, _ = hidden_state_modules(model)
             num_layers = getattr(transformer.model.config, "num_hidden_layers", None)
             if isinstance(num_layers, int) and not isinstance(num_layers, bool):
                 self._middle_layer_index(num_layers + 1)
@@ -292,7 +292,7 @@ class PearsonSpearmanLoss(nn.Module):
             ``(final, middle)``: per column, the (batch_size, dim) sentence embeddings and the unnormalised pooled
             middle-layer embeddings.
         """
-        transformer, pooling = _hidden_state_modules(self.model)
+        transformer, pooling = hidden_state_modules(self.model)
         if self._sorts(sentence_features):
             pairs = [self._embed_sorted(features, transformer, pooling) for features in sentence_features]
             return [final for final, _ in pairs], [middle for _, middle in pairs]
@@ -310,22 +310,20 @@ class PearsonSpearmanLoss(nn.Module):
         model = getattr(self.model, "_orig_mod", self.model)
         if isinstance(model, DistributedDataParallel) or is_adaptive_layer_loss_active(self.model):
             return False
-        return all(_length_order.real_lengths(features) is not None for features in sentence_features)
+        return all(length_order.real_lengths(features) is not None for features in sentence_features)
 
     def _embed_sorted(
         self, features: dict[str, Tensor], transformer: Transformer | None = None, pooling: Pooling | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """One column's final (and, given ``transformer`` and ``pooling``, middle-layer) embeddings, computed in
         length-sorted chunks and returned in the column's own row order."""
-        sorted_features, order = _length_order.sort_by_length(features)
-        ranges = _length_order.column_chunks(sorted_features)
+        sorted_features, order = length_order.sort_by_length(features)
+        ranges = length_order.column_chunks(sorted_features)
         if order is None and len(ranges) == 1:  # nothing to gain: the plain call
             chunks = [features]
         else:
-            keep_positions = _length_order.keeps_positions_with_position_ids(self.model)
-            chunks = [
-                _length_order.chunk_feature(sorted_features, begin, end, keep_positions) for begin, end in ranges
-            ]
+            keep_positions = length_order.keeps_positions_with_position_ids(self.model)
+            chunks = [length_order.chunk_feature(sorted_features, begin, end, keep_positions) for begin, end in ranges]
         finals, middles = [], []
         for chunk in chunks:
             if transformer is None:
@@ -334,15 +332,15 @@ class PearsonSpearmanLoss(nn.Module):
                 final, middle = self._embed_with_middle(chunk, transformer, pooling)
                 finals.append(final)
                 middles.append(middle)
-        final = _length_order.restore_order(torch.cat(finals), order)
-        middle = _length_order.restore_order(torch.cat(middles), order) if middles else None
+        final = length_order.restore_order(torch.cat(finals), order)
+        middle = length_order.restore_order(torch.cat(middles), order) if middles else None
         return final, middle
 
     def _embed_with_middle(
         self, features: dict[str, Tensor], transformer: Transformer, pooling: Pooling
     ) -> tuple[Tensor, Tensor]:
         """One forward pass with hidden states: the final embeddings and the pooled middle layer."""
-        with _hidden_states_requested(transformer):
+        with hidden_states_requested(transformer):
             output = self.model(features)
         # Read, not popped: wrappers such as MatryoshkaLoss and AdaptiveLayerLoss cache this very dict and read
         # ``all_layer_embeddings`` from it again on their next call.
@@ -353,7 +351,7 @@ class PearsonSpearmanLoss(nn.Module):
                 f"({type(transformer.model).__name__}) returned none with `output_hidden_states=True`. "
                 "Set `mid_nce_weight=0` to train without the middle-layer InfoNCE term."
             )
-        layer_features = {key: value for key, value in output.items() if key not in _FINAL_LAYER_KEYS}
+        layer_features = {key: value for key, value in output.items() if key not in FINAL_LAYER_KEYS}
         layer_features["token_embeddings"] = hidden_states[self._middle_layer_index(len(hidden_states))]
         return output["sentence_embedding"], pooling(layer_features)["sentence_embedding"]
 

@@ -196,14 +196,14 @@ def example_group_losses(model: SentenceTransformer, examples: ExampleSet, batch
     middle-layer term). Later modules (Dense, Normalize) apply to ``head`` only.
     """
     from codiemb_st.losses import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
-    from codiemb_st.losses._hidden_states import (
-        _FINAL_LAYER_KEYS,
-        _hidden_state_modules,
-        _hidden_states_requested,
+    from codiemb_st.losses.hidden_states import (
+        FINAL_LAYER_KEYS,
+        hidden_state_modules,
+        hidden_states_requested,
     )
-    from codiemb_st.losses._text_identity import hash_columns
+    from codiemb_st.losses.text_identity import hash_columns
 
-    transformer, pooling = _hidden_state_modules(model)
+    transformer, pooling = hidden_state_modules(model)
     prompts = getattr(model, "prompts", None) or {}
     data = examples.dataset
     if examples.task == "ir":
@@ -229,10 +229,10 @@ def example_group_losses(model: SentenceTransformer, examples: ExampleSet, batch
                             texts[start : start + batch_size], prompt=prompt or None
                         ).items()
                     }
-                    with _hidden_states_requested(transformer):
+                    with hidden_states_requested(transformer):
                         output = model(features)
                     hidden_states = output["all_layer_embeddings"]
-                    common = {key: value for key, value in output.items() if key not in _FINAL_LAYER_KEYS}
+                    common = {key: value for key, value in output.items() if key not in FINAL_LAYER_KEYS}
                     for index, hidden in enumerate(hidden_states):
                         pooled = pooling({**common, "token_embeddings": hidden})["sentence_embedding"]
                         if len(per_layer) <= index:

@@ -22,7 +22,7 @@ from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 from tiny_model import build_tiny_model
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
-from codiemb_st.losses._text_identity import hash_texts
+from codiemb_st.losses.text_identity import hash_texts
 
 WORKER = Path(__file__).parents[1] / "dist_gradcache_paths_worker.py"
 

@@ -20,8 +20,8 @@ from tiny_decoder import QUERY_PROMPT, build_tiny_decoder
 from tiny_model import build_tiny_model
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
-from codiemb_st.losses import _length_order
-from codiemb_st.losses._length_order import (
+from codiemb_st.losses import length_order
+from codiemb_st.losses.length_order import (
     chunk_feature,
     keeps_positions_with_position_ids,
     padding_chunks,
@@ -34,7 +34,7 @@ TEMPERATURE = 0.05
 
 @pytest.fixture(autouse=True)
 def small_chunk_overhead(monkeypatch):
-    monkeypatch.setattr(_length_order, "CHUNK_OVERHEAD_TOKENS", 2)
+    monkeypatch.setattr(length_order, "CHUNK_OVERHEAD_TOKENS", 2)
 
 
 def uneven_columns(batch_size: int, num_columns: int, seed: int) -> list[list[str]]:

@@ -20,7 +20,7 @@ from sentence_transformers.sentence_transformer.losses import (
 from tiny_model import build_tiny_model
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
-from codiemb_st.losses._text_identity import hash_texts
+from codiemb_st.losses.text_identity import hash_texts
 
 
 def reference_loss(

@@ -28,7 +28,7 @@ from sentence_transformers.sentence_transformer.losses import (
 from tiny_model import build_tiny_model
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
-from codiemb_st.losses._text_identity import hash_columns
+from codiemb_st.losses.text_identity import hash_columns
 
 ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 

@@ -17,7 +17,7 @@ are ``arange(width)``) that accept ``position_ids``; other left-padded models ke
 Example:
     ::
 
-        from codiemb_st.losses._length_order import chunk_feature, column_chunks, restore_order, sort_by_length
+        from codiemb_st.losses.length_order import chunk_feature, column_chunks, restore_order, sort_by_length
 
         sorted_feature, order = sort_by_length(features)
         parts = [

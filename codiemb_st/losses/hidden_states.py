@@ -13,12 +13,12 @@ from codiemb_st._compat import Pooling, Transformer, unwrap_model
 
 # Keys of a model output that belong to the final layer and must not leak into the middle layer's pooling:
 # ``cls_token_embeddings`` would make CLS pooling return the final layer's CLS vector.
-_FINAL_LAYER_KEYS = frozenset(
+FINAL_LAYER_KEYS = frozenset(
     {"token_embeddings", "sentence_embedding", "cls_token_embeddings", "all_layer_embeddings"}
 )
 
 
-def _hidden_state_modules(model: nn.Module) -> tuple[Transformer, Pooling]:
+def hidden_state_modules(model: nn.Module) -> tuple[Transformer, Pooling]:
     """The Transformer module whose hidden states MidNCE reads and the Pooling module that pools them."""
     modules = list(unwrap_model(model).children())
     transformer_index = next((i for i, module in enumerate(modules) if isinstance(module, Transformer)), None)
@@ -45,7 +45,7 @@ def _hidden_state_modules(model: nn.Module) -> tuple[Transformer, Pooling]:
 
 
 @contextmanager
-def _hidden_states_requested(transformer: Transformer) -> Iterator[None]:
+def hidden_states_requested(transformer: Transformer) -> Iterator[None]:
     """Make the Transformer module return all hidden states for the calls inside the block only.
 
     sentence-transformers' Transformer module stores ``all_layer_embeddings`` only when the model config has
