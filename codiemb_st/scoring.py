@@ -115,6 +115,8 @@ def score_records(
     chunk_size: int = 256,
     progress_file: str | os.PathLike | None = None,
     teacher_id: str = "",
+    cache_dir: str | os.PathLike | None = None,
+    cache_dtype: str = "float32",
     show_progress_bar: bool = True,
 ) -> IRRecords:
     """Add teacher scores to every positive and negative of IR records (replacing scores they had).
@@ -127,6 +129,10 @@ def score_records(
         progress_file: Where finished records are appended (one JSON line each); a run that finds this file for
             the same records and teacher continues from it. ``None``: no resuming.
         teacher_id: Identifies the teacher in the progress file (a restart with another teacher starts over).
+        cache_dir: For a bi-encoder teacher, the embedding cache of :mod:`codiemb_st.mining` (``codiemb-st mine
+            --cache-dir``): queries and texts already embedded by this teacher (same prompt, max_seq_length) are
+            read from it, new ones are added. A cross-encoder scores pairs, which no cache holds: refused.
+        cache_dtype: ``"float32"`` or ``"float16"`` for texts added to the cache.
         show_progress_bar: Show a progress bar over the records.
 
     Returns:
@@ -155,6 +161,11 @@ def score_records(
         raise TypeError(f"`teacher` must be a CrossEncoder or a SentenceTransformer; got {type(teacher).__name__}.")
     check_positive_int("batch_size", batch_size)
     check_positive_int("chunk_size", chunk_size)
+    if cache_dir is not None and isinstance(teacher, CrossEncoder):
+        raise ValueError(
+            "`cache_dir` applies to bi-encoder teachers (their embeddings are cached); a cross-encoder scores each "
+            "(query, text) pair, which no cache holds: drop `cache_dir`."
+        )
     read = read_ir_records(source)
     records = replace(read, records=[dict(record) for record in read.records])
     fingerprint = _records_fingerprint(records, teacher_id)
@@ -173,6 +184,11 @@ def score_records(
         handle = open(path, "a" if done else "w", encoding="utf-8")  # noqa: SIM115 (closed below)
         if not done:
             handle.write(json.dumps({"version": PROGRESS_VERSION, "fingerprint": fingerprint}) + "\n")
+    pair_scores = score_pairs
+    if cache_dir is not None:
+        pair_scores = _cached_pair_scorer(
+            teacher, records, done, cache_dir, cache_dtype, batch_size, show_progress_bar
+        )
     try:
         todo = [index for index in range(len(records.records)) if index not in done]
         with tqdm(total=len(records.records), initial=len(done), desc="Scoring", disable=not show_progress_bar) as bar:
@@ -184,7 +200,7 @@ def score_records(
                     for text in record["positives"] + record["negatives"]:
                         queries.append(record["query"])
                         texts.append(text)
-                scores = score_pairs(teacher, queries, texts, batch_size=batch_size)
+                scores = pair_scores(teacher, queries, texts, batch_size=batch_size)
                 if not all(math.isfinite(score) for score in scores):
                     raise ValueError("The teacher gave a non-finite score (NaN or infinity); check the teacher model.")
                 offset = 0
@@ -209,6 +225,36 @@ def score_records(
         record["positive_scores"] = list(positive_scores)
         record["negative_scores"] = list(negative_scores) if record["negatives"] else None
     return records
+
+
+def _cached_pair_scorer(
+    teacher: SentenceTransformer,
+    records: IRRecords,
+    done: dict[int, Any],
+    cache_dir: str | os.PathLike,
+    cache_dtype: str,
+    batch_size: int,
+    show_progress_bar: bool,
+) -> Any:
+    """A :func:`score_pairs` that reads the teacher's embeddings of every query and text still to score from the
+    mining cache (encoding, through the cache, those it lacks)."""
+    from codiemb_st.mining.cache import embed_texts
+
+    todo = [record for index, record in enumerate(records.records) if index not in done]
+    queries = list(dict.fromkeys(record["query"] for record in todo))
+    texts = list(dict.fromkeys(text for record in todo for text in record["positives"] + record["negatives"]))
+    options = {"batch_size": batch_size, "cache_dir": cache_dir, "cache_dtype": cache_dtype}
+    query_store = embed_texts(teacher, queries, side="query", show_progress_bar=show_progress_bar, **options)
+    text_store = embed_texts(teacher, texts, side="document", show_progress_bar=show_progress_bar, **options)
+    query_row = {query: row for row, query in enumerate(queries)}
+    text_row = {text: row for row, text in enumerate(texts)}
+
+    def scores(_teacher: Any, pair_queries: list[str], pair_texts: list[str], **_: Any) -> list[float]:
+        left = query_store.rows([query_row[query] for query in pair_queries])
+        right = text_store.rows([text_row[text] for text in pair_texts])
+        return (left * right).sum(axis=1).astype(float).tolist()  # normalized embeddings: the cosine
+
+    return scores
 
 
 def _records_fingerprint(records: IRRecords, teacher_id: str) -> str:

@@ -184,3 +184,27 @@ def test_score_killed_part_way_continues_where_it_stopped(cross_encoder_path, tm
     for a, b in zip(got, expected):
         assert a["positive_scores"] == pytest.approx(b["positive_scores"], abs=1e-5)
     assert not progress.exists()
+
+
+def test_a_bi_encoder_teacher_reads_the_mining_cache(tiny_model, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = score_records(RECORDS, tiny_model, cache_dir=cache, show_progress_bar=False)
+    direct = score_records(RECORDS, tiny_model, show_progress_bar=False)
+    for cached, plain in zip(first.records, direct.records):
+        assert cached["positive_scores"] + cached["negative_scores"] == pytest.approx(
+            plain["positive_scores"] + plain["negative_scores"], abs=1e-5
+        )
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded although every text is in the cache")
+
+    monkeypatch.setattr(tiny_model, "encode_query", no_encoding)
+    monkeypatch.setattr(tiny_model, "encode_document", no_encoding)
+    monkeypatch.setattr(tiny_model, "encode", no_encoding)
+    again = score_records(RECORDS, tiny_model, cache_dir=cache, show_progress_bar=False)
+    assert [r["positive_scores"] for r in again.records] == [r["positive_scores"] for r in first.records]
+
+
+def test_a_cross_encoder_teacher_refuses_a_cache(cross_encoder_path, tmp_path):
+    with pytest.raises(ValueError, match="`cache_dir` applies to bi-encoder teachers"):
+        score_records(RECORDS, CrossEncoder(str(cross_encoder_path)), cache_dir=tmp_path / "cache")

@@ -45,6 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--restart", action="store_true", help="ignore the progress of an earlier run and score everything again"
     )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="embedding cache of a bi-encoder teacher, shared with `codiemb-st mine --cache-dir` (default: none)",
+    )
+    parser.add_argument(
+        "--cache-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of embeddings added to the cache",
+    )
 
 
 def progress_path(output: Path) -> Path:
@@ -60,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.teacher).expanduser().exists():
         inputs.append(("--teacher", args.teacher))
     check_output_apart(args.output, "--output", inputs)
+    if args.cache_dir is not None:
+        check_output_apart(args.cache_dir, "--cache-dir", inputs)
     teacher_name, note = resolve_model_folder(args.teacher, "--teacher")
     if note:
         print(f"note: {note}")
@@ -99,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             progress_file=progress,
             teacher_id=teacher_id,
+            cache_dir=args.cache_dir,
+            cache_dtype=args.cache_dtype,
         )
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
