@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from codiemb_st.benchmarking.timing import MethodClock, timed
 from codiemb_st.shared_data import shared_data_path
+from measurement.timing import MethodClock, timed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,13 +69,13 @@ from pathlib import Path
 
 import torch
 
-from codiemb_st.benchmarking.baselines import naive_multi_positive_infonce, official_sts_loss_loop
-from codiemb_st.benchmarking.data import column_features, sample_columns, sts_labels, stsb_test_rows, word_texts
-from codiemb_st.benchmarking.memory import peak_since, reset_peak, saved_activations_bytes
-from codiemb_st.benchmarking.padding import padding_efficiency
-from codiemb_st.benchmarking.tables import is_met, markdown_header, markdown_row, target_verdict
-from codiemb_st.benchmarking.timing import interleaved_medians, interleaved_rounds, ratio_summary
-from codiemb_st.benchmarking.workers import run_worker
+from measurement.baselines import naive_multi_positive_infonce, official_sts_loss_loop
+from measurement.data import column_features, sample_columns, sts_labels, stsb_test_rows, word_texts
+from measurement.memory import peak_since, reset_peak, saved_activations_bytes
+from measurement.padding import padding_efficiency
+from measurement.tables import is_met, markdown_header, markdown_row, target_verdict
+from measurement.timing import interleaved_medians, interleaved_rounds, ratio_summary
+from measurement.workers import run_worker
 
 
 def _default_model_path() -> str:

@@ -48,11 +48,11 @@ import time
 from pathlib import Path
 
 # Standard library only at import time: the parent must stay small (its children's ru_maxrss starts at its RSS).
-from codiemb_st.benchmarking.checkpoints import SIZES, build_checkpoints
-from codiemb_st.benchmarking.memory import peak_rss_mb
-from codiemb_st.benchmarking.tables import markdown_header, markdown_row, ratio_cell
-from codiemb_st.benchmarking.timing import cpu_seconds
-from codiemb_st.benchmarking.workers import run_worker
+from measurement.checkpoints import SIZES, build_checkpoints
+from measurement.memory import peak_rss_mb
+from measurement.tables import markdown_header, markdown_row, ratio_cell
+from measurement.timing import cpu_seconds
+from measurement.workers import run_worker
 
 MODES = (
     "load",

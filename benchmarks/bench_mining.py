@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from measurement.data import synthetic_mining_records
 from measurement.memory import current_rss_mb, peak_rss_mb
 from measurement.workers import run_worker

@@ -39,8 +39,8 @@ from pathlib import Path
 
 from codiemb_st.cli import UsageError
 from codiemb_st.experiments import ExperimentError
-from codiemb_st.experiments.fusion import GRID, SETS
-from codiemb_st.experiments.fusion_study import run_study
+from studies.fusion import GRID, SETS
+from studies.fusion_study import run_study
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,8 +62,8 @@ from pathlib import Path
 
 from codiemb_st.cli import UsageError
 from codiemb_st.experiments import ExperimentError, sample_sts_tasks, split_dev, write_dev_tasks
-from codiemb_st.experiments.reproduction import RUNS, SHARED_EVAL, TRACK_DEFAULTS, make_track, naive_pairs, run_steps
-from codiemb_st.experiments.reproduction_study import claims, run_track
+from studies.reproduction import RUNS, SHARED_EVAL, TRACK_DEFAULTS, make_track, naive_pairs, run_steps
+from studies.reproduction_study import claims, run_track
 
 # The study's building blocks, named here for readers and tests of this command.
 __all__ = ["RUNS", "claims", "main", "naive_pairs", "run_steps", "sample_sts_tasks", "split_dev", "write_dev_tasks"]

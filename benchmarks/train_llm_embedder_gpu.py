@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
-from codiemb_st.benchmarking.llm_embedder import (
+from codiemb_st.recipe import build_task_losses, load_task_datasets, training_arguments, training_prompts
+from measurement.llm_embedder import (
     QUERY_INSTRUCTION,
     SHARDINGS,
     decoder_layers,
@@ -51,7 +52,6 @@ from codiemb_st.benchmarking.llm_embedder import (
     synthetic_task_records,
     tiny_decoder_folder,
 )
-from codiemb_st.recipe import build_task_losses, load_task_datasets, training_arguments, training_prompts
 
 logger = logging.getLogger("train_llm_embedder_gpu")
 

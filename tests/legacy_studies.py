@@ -1,4 +1,5 @@
-"""The study scripts as they were before codiemb_st.experiments (commit ``LEGACY_COMMIT``), loaded from git.
+"""The study scripts as they were before codiemb_st.experiments and benchmarks/studies/ (commit ``LEGACY_COMMIT``, when
+each was one self-contained script), loaded from git.
 
 Tests compare the new result store with the functions that wrote the committed results and caches, so the old
 values are computed by the old code, never hard-coded.

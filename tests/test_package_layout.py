@@ -71,7 +71,9 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_circle_in_the_package():
     graph = _import_graph()
     assert graph["codiemb_st.merging.base"] >= {"codiemb_st.merging.streaming_merge"}
-    families = [f"codiemb_st.merging.{f}" for f in ("soup", "delta_soup", "model_stock", "ties", "spherical", "cocktail")]
+    families = [
+        f"codiemb_st.merging.{f}" for f in ("soup", "delta_soup", "model_stock", "ties", "spherical", "cocktail")
+    ]
     assert all(graph[f] >= {"codiemb_st.merging.base"} for f in families)
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
     # The shared merge math is pure; the streaming I/O knows no method.
@@ -102,6 +104,54 @@ def test_benchmark_scripts_are_thin_and_import_no_sibling():
             if isinstance(node, ast.ImportFrom) and node.module
         }
         assert not imported & (scripts - {path.stem}), f"{path.name} imports another benchmark script"
+
+
+def _imports(path: Path) -> list[tuple[int, str, str | None]]:
+    """``(line, module, name)`` of every import in ``path`` (``name`` is None for ``import module``)."""
+    found: list[tuple[int, str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(node.lineno, node.module, alias.name) for alias in node.names]
+    return found
+
+
+def test_lab_code_lives_with_the_scripts_not_in_the_package():
+    # benchmarks/measurement (measurement helpers) and benchmarks/studies (the concrete studies) are imported by the
+    # scripts and the tests, never by the installed package; they import no script; and, in the underscore rule's
+    # spirit, no underscored module or name crosses a module boundary anywhere in benchmarks/.
+    benchmarks = REPO_ROOT / "benchmarks"
+    lab = {path.parent.name for path in benchmarks.glob("*/__init__.py")}
+    assert lab == {"measurement", "studies"}
+    assert not (PACKAGE / "benchmarking").exists()
+    generic = {
+        "__init__",
+        "errors",
+        "held_out",
+        "seeds",
+        "store",
+        "training",
+    }  # the studies live in benchmarks/studies
+    assert {path.stem for path in (PACKAGE / "experiments").glob("*.py")} == generic
+    package_imports = [(p, m) for p in PACKAGE.rglob("*.py") for _, m, _ in _imports(p) if m.split(".")[0] in lab]
+    assert package_imports == []
+    scripts = {path.stem for path in benchmarks.glob("*.py")}
+    problems = []
+    for path in sorted(benchmarks.rglob("*.py")):
+        inside = path.parent != benchmarks
+        for line, module, name in _imports(path):
+            where = f"{path.relative_to(REPO_ROOT)}:{line}"
+            top = module.split(".")[0]
+            if inside and top in scripts:
+                problems.append(f"{where}: imports the script {module}")
+            if top not in lab | {"codiemb_st"}:
+                continue
+            parts = [*module.split("."), *([name] if name else [])]
+            private = [part for part in parts if part.startswith("_") and not part.startswith("__")]
+            if private:
+                problems.append(f"{where}: {'.'.join(parts)} crosses a module boundary")
+    assert problems == []
 
 
 def test_shipped_files():

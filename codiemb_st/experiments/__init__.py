@@ -1,16 +1,16 @@
-"""Experiments on top of the library: resumable runs, one result store, held-out dev sets, seed pairing, studies.
+"""Experiments on top of the library: resumable runs, one result store, held-out dev sets, seed pairing.
 
-The layer sits above :mod:`codiemb_st.recipe`, :mod:`codiemb_st.evaluation` and :mod:`codiemb_st.merging` and imports
-only from them (nothing in the library imports it). ``benchmarks/reproduce_codiemb.py`` and
-``benchmarks/fusion_study.py`` are its two studies' command lines.
+The generic layer a study is built from. It sits above :mod:`codiemb_st.recipe`, :mod:`codiemb_st.evaluation` and
+:mod:`codiemb_st.merging` and imports only from them (nothing in the library imports it). Its functions take explicit
+arguments, never a command line's namespace. The repository's two concrete studies (the CoDiEmb reproduction and the
+fusion study) live with their scripts in ``benchmarks/studies/`` and are not part of the installed package.
 
 - :mod:`~codiemb_st.experiments.training`: a run folder is reused when finished with the same configuration.
 - :mod:`~codiemb_st.experiments.store`: :func:`record_fingerprint` (how a folder was made), :func:`weights_key`
   (what it holds), evaluation caches and once-only merges.
 - :mod:`~codiemb_st.experiments.held_out`: the dev hold-out of training files and their local dev tasks.
 - :mod:`~codiemb_st.experiments.seeds`: results paired by seed and judged by the one claim rule.
-- :mod:`~codiemb_st.experiments.reproduction` / ``reproduction_study``: the CoDiEmb reproduction.
-- :mod:`~codiemb_st.experiments.fusion` / ``fusion_study``: the merge-rule study.
+- :mod:`~codiemb_st.experiments.errors`: :class:`ExperimentError`, a problem the user can fix.
 
 Example:
     >>> from codiemb_st.experiments import split_dev
@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from codiemb_st.experiments.errors import ExperimentError
 from codiemb_st.experiments.held_out import (
-    FUSION_DEV_SEED,
-    REPRODUCTION_DEV_SEED,
+    DEFAULT_DEV_SEED,
     hold_out,
     read_training_file,
     sample_sts_tasks,
@@ -43,9 +42,8 @@ from codiemb_st.experiments.store import (
 from codiemb_st.experiments.training import count_task_updates, finished_run, load_base, train_to_folder
 
 __all__ = [
-    "FUSION_DEV_SEED",
+    "DEFAULT_DEV_SEED",
     "RECORD_FILES",
-    "REPRODUCTION_DEV_SEED",
     "CachedEvaluator",
     "ExperimentError",
     "cached_json",

@@ -21,14 +21,13 @@ from typing import Any
 from codiemb_st.experiments.errors import ExperimentError
 from codiemb_st.file_io import read_jsonl
 
-#: The reproduction's hold-out seed (benchmarks/reproduce_codiemb.py); the fusion study draws outside it.
-REPRODUCTION_DEV_SEED = "codiemb-dev-split"
-#: The trained fusion study's hold-out seed (benchmarks/fusion_study.py).
-FUSION_DEV_SEED = "codiemb-fusion-dev-split"
+#: The default hold-out seed string (the one ``benchmarks/reproduce_codiemb.py`` holds out with): a study that reads
+#: another's runs passes that study's seed, so that both hold out the same records.
+DEFAULT_DEV_SEED = "codiemb-dev-split"
 
 
 def split_dev(
-    records: list[dict[str, Any]], dev_size: int, name: str, dev_seed: str = REPRODUCTION_DEV_SEED
+    records: list[dict[str, Any]], dev_size: int, name: str, dev_seed: str = DEFAULT_DEV_SEED
 ) -> tuple[list, list]:
     """(train, dev): a fixed seeded hold-out of ``dev_size`` records (at most a fifth of the file).
 
@@ -56,14 +55,12 @@ def read_training_file(path: Path) -> list[dict[str, Any]]:
     from codiemb_st import read_records
 
     if not Path(path).is_file():
-        raise ExperimentError(
-            f"Training file {path} not found (see ../shared/data/train or pass --ir-files/--sts-files)."
-        )
+        raise ExperimentError(f"Training file {path} not found.")
     return [dict(record) for _, record in read_records(path)]
 
 
 def hold_out(
-    paths: Sequence[Path], dev_size: int, dev_seed: str = REPRODUCTION_DEV_SEED, *, seed_by_file_name: bool = False
+    paths: Sequence[Path], dev_size: int, dev_seed: str = DEFAULT_DEV_SEED, *, seed_by_file_name: bool = False
 ) -> tuple[dict[str, list], dict[str, list]]:
     """Read training files and split each with :func:`split_dev`.
 
@@ -72,7 +69,7 @@ def hold_out(
         dev_size: Records held out per file.
         dev_seed: The study's hold-out seed string.
         seed_by_file_name: Seed each file's draw by its file name (``en_stsb.jsonl.gz``, the fusion study's rule)
-            instead of its dataset name (``en_stsb``, the reproduction's).
+            instead of its dataset name (``en_stsb``, the default).
 
     Returns:
         ``({dataset name: training records}, {dataset name: held-out records})``.
@@ -155,8 +152,7 @@ def sample_sts_tasks(tasks: Sequence[str], data_dir: Path, cap: int, folder: Pat
 
 
 __all__ = [
-    "FUSION_DEV_SEED",
-    "REPRODUCTION_DEV_SEED",
+    "DEFAULT_DEV_SEED",
     "hold_out",
     "read_training_file",
     "sample_sts_tasks",

@@ -37,10 +37,16 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codiemb_st.evaluation.aggregates import MEAN_TASK_TYPE, aggregate_main_scores
 from codiemb_st.file_io import write_json_atomic
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from codiemb_st.evaluation import PreparedTask, TaskScore
+    from codiemb_st.merging import MergeMethod
 
 #: The records that say how a folder was made, in digest order (a folder holds some of them).
 RECORD_FILES = ("run_config.json", "train_log.json", "soup_config.json", "study_merge.json", "greedy_soup.json")
@@ -87,7 +93,9 @@ def cached_json(path: Path, key: Any, compute: Callable[[], dict[str, Any]], fie
     return result
 
 
-def merge_once(method: Any, ingredients: Sequence[Path], base: str, output: Path, marker: str, record: Any) -> Any:
+def merge_once(
+    method: MergeMethod, ingredients: Sequence[Path], base: str, output: Path, marker: str, record: Any
+) -> Any:
     """Merge ``ingredients`` into ``output`` with ``method`` unless ``output/marker`` already holds ``record``.
 
     ``record`` should name the method and the ingredients' :func:`record_fingerprint`, so a changed ingredient
@@ -107,7 +115,7 @@ class CachedEvaluator:
     """Scores a model folder on prepared tasks (main scores and their means), cached on disk by :func:`weights_key`.
 
     Args:
-        tasks (list[PreparedTask]): Prepared evaluation tasks (``codiemb_st.evaluation.prepare_task``).
+        tasks: Prepared evaluation tasks (``codiemb_st.evaluation.prepare_task``).
         cache: Folder of the cached records, one ``<weights_key>.json`` each.
         max_seq_length: Tokens at evaluation.
         prompts: Prompts by task type, as ``evaluate_model`` takes them.
@@ -120,7 +128,7 @@ class CachedEvaluator:
 
     def __init__(
         self,
-        tasks,
+        tasks: Sequence[PreparedTask],
         cache: Path,
         max_seq_length: int,
         prompts: dict[str, str] | None = None,
@@ -130,7 +138,7 @@ class CachedEvaluator:
         self.prompts, self.batch_size = prompts, batch_size
         self.primary_metric = MEAN_TASK_TYPE
 
-    def metrics(self, scores) -> dict[str, float]:
+    def metrics(self, scores: Sequence[TaskScore]) -> dict[str, float]:
         """Main scores by task plus their IR, STS and task-type means."""
         metrics = {s.name: s.main_score for s in scores}
         return metrics | aggregate_main_scores(metrics, {s.name: s.type for s in scores})
@@ -160,7 +168,7 @@ class CachedEvaluator:
         gc.collect()
         return metrics
 
-    def __call__(self, model) -> dict[str, float]:
+    def __call__(self, model: SentenceTransformer) -> dict[str, float]:
         """GreedySoup's evaluator interface: a loaded model -> metrics (not cached)."""
         from codiemb_st.evaluation import evaluate_model
 

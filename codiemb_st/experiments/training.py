@@ -19,9 +19,15 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codiemb_st.file_io import write_json_atomic
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+    from torch import nn
+
+    from codiemb_st.recipe import TaskDatasets
 
 
 def finished_run(output: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -35,7 +41,9 @@ def finished_run(output: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def load_base(base: str, max_seq_length: int, freeze_embeddings: bool, device: str | None = None):
+def load_base(
+    base: str, max_seq_length: int, freeze_embeddings: bool, device: str | None = None
+) -> SentenceTransformer:
     """The base SentenceTransformer on ``device`` (default: CUDA when available), with its training length set and,
     with ``freeze_embeddings``, its word-embedding matrix frozen (the deltas then live in the transformer blocks)."""
     import torch
@@ -48,7 +56,7 @@ def load_base(base: str, max_seq_length: int, freeze_embeddings: bool, device: s
     return model
 
 
-def count_task_updates(datasets, losses: dict[str, Any]) -> dict[str, int]:
+def count_task_updates(datasets: TaskDatasets, losses: dict[str, nn.Module]) -> dict[str, int]:
     """``{"ir": n, "sts": m}``, counting the forward passes each task's loss takes from now on (the evidence that a
     budget gave each task the updates it claims)."""
     updates = {"ir": 0, "sts": 0}
@@ -61,10 +69,10 @@ def count_task_updates(datasets, losses: dict[str, Any]) -> dict[str, int]:
 
 
 def train_to_folder(
-    model,
-    datasets,
-    losses: dict[str, Any],
-    training_args,
+    model: SentenceTransformer,
+    datasets: TaskDatasets,
+    losses: dict[str, nn.Module],
+    training_args: SentenceTransformerTrainingArguments,
     output: Path,
     config: dict[str, Any],
     *,

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 
 from codiemb_st import MultiPositiveCachedInfoNCELoss
-from codiemb_st.benchmarking.baselines import naive_multi_positive_infonce
-from codiemb_st.benchmarking.data import column_features, word_texts
+from measurement.baselines import naive_multi_positive_infonce
+from measurement.data import column_features, word_texts
 
 
 def test_naive_multi_positive_baseline_equals_the_cached_loss(tiny_model):

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codiemb_st.benchmarking.data import column_features, sts_labels, synthetic_mining_records, word_texts
-from codiemb_st.benchmarking.timing import MethodClock
+from measurement.data import column_features, sts_labels, synthetic_mining_records, word_texts
+from measurement.timing import MethodClock
 
 
 def test_word_texts_are_seeded_and_distinct():
@@ -45,3 +45,14 @@ def test_method_clock_wraps_and_accumulates():
     clock = MethodClock(owner, "encode")
     assert owner.encode(["x", "y"]) == 2
     assert clock.seconds > 0.0
+
+
+def test_fixed_ranges_are_sentence_transformers_mini_batches():
+    # measurement.padding counts ST's mini-batches without importing its private helper: the two must agree.
+    from sentence_transformers.base.losses.gradcache import _minibatch_ranges
+
+    from measurement.padding import fixed_ranges
+
+    for rows, mini in ((10, 3), (9, 3), (1, 32), (64, 32)):
+        feature = {"input_ids": torch.zeros(rows, 4, dtype=torch.long)}
+        assert fixed_ranges(rows, mini) == _minibatch_ranges(feature, mini)

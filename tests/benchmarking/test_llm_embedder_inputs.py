@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codiemb_st.benchmarking.llm_embedder import (
+from measurement.llm_embedder import (
     SHARDINGS,
     decoder_layers,
     load_decoder_embedder,

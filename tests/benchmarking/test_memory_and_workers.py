@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from codiemb_st.benchmarking.baselines import official_sts_loss_loop
-from codiemb_st.benchmarking.memory import read_status_kib, saved_activations_bytes
-from codiemb_st.benchmarking.workers import last_json_line, run_worker
+from measurement.baselines import official_sts_loss_loop
+from measurement.memory import read_status_kib, saved_activations_bytes
+from measurement.workers import last_json_line, run_worker
 
 
 def test_read_status_field_and_missing_field():

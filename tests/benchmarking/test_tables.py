@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from codiemb_st.benchmarking.tables import markdown_header, markdown_row, ratio_cell, target_verdict
+from measurement.tables import markdown_header, markdown_row, ratio_cell, target_verdict
 
 
 def test_markdown_row_and_header():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from codiemb_st.benchmarking.timing import interleaved_medians, interleaved_rounds, ratio_summary, round_ratios
+from measurement.timing import interleaved_medians, interleaved_rounds, ratio_summary, round_ratios
 
 
 def test_ratios_pair_rounds_not_sorted_values():

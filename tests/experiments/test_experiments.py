@@ -1,5 +1,6 @@
-"""codiemb_st.experiments: the result store's keys equal the ones the old study scripts wrote, the dev hold-out and
-dev tasks are the old ones, the training tail resumes, and the layer's imports flow one way."""
+"""codiemb_st.experiments (the generic layer) and benchmarks/studies/ (the two studies on it): the result store's keys
+equal the ones the old study scripts wrote, the dev hold-out and dev tasks are the old ones, the training tail
+resumes, the layer's imports flow one way, and the committed results regenerate."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from legacy_studies import load_legacy_script
 
 from codiemb_st.evaluation import load_local_task
 from codiemb_st.experiments import (
-    FUSION_DEV_SEED,
+    DEFAULT_DEV_SEED,
     ExperimentError,
     finished_run,
     hold_out,
@@ -26,6 +27,7 @@ from codiemb_st.experiments import (
     write_dev_tasks,
 )
 from codiemb_st.file_io import write_json_atomic
+from studies.fusion import FUSION_DEV_SEED
 
 pytestmark = pytest.mark.study  # end-to-end studies: a quick run skips them (-m 'not study')
 
@@ -76,6 +78,7 @@ def test_dev_hold_out_and_dev_tasks_are_the_old_ones(legacy, tmp_path):
     records = [{"query": f"q{i}", "positives": [f"p{i % 7}"], "negatives": [f"n{i}"]} for i in range(53)]
     for size in (0, 5, 30):
         assert split_dev(records, size, "file") == old_rc.split_dev(records, size, "file")
+        assert split_dev(records, size, "file", DEFAULT_DEV_SEED) == split_dev(records, size, "file")
         fused = old_fusion.split_dev(records, size, "file.jsonl.gz")
         assert split_dev(records, size, "file.jsonl.gz", FUSION_DEV_SEED) == fused
     sts = {"s": [{"sentence1": "a", "sentence2": "b", "score": 1.0}, {"sentence1": "c", "sentence2": "d", "score": 3}]}
@@ -163,6 +166,9 @@ def test_the_library_never_imports_experiments():
     assert library and not [p for p in library if any(m.startswith("codiemb_st.experiments") for m in imports(p))]
     experiments = list((root / "codiemb_st" / "experiments").glob("*.py"))
     assert not [p for p in experiments if any(m.startswith("codiemb_st.cli") for m in imports(p))]
+    # The generic layer knows no study: the studies (benchmarks/studies/) import it, never the reverse.
+    lab = ("studies", "measurement", "argparse")
+    assert not [p for p in experiments if any(m.split(".")[0] in lab for m in imports(p))]
     assert all(len(p.read_text("utf-8").splitlines()) <= 500 for p in experiments)
 
 
@@ -178,7 +184,7 @@ def test_the_committed_fusion_results_are_found():
 
 @pytest.mark.parametrize("folder", FUSION_RESULTS)
 def test_committed_fusion_reports_regenerate_from_their_results(folder):
-    from codiemb_st.experiments.fusion_study import report
+    from studies.fusion_study import report
 
     results = json.loads((RESULTS / "fusion" / folder / "results.json").read_text("utf-8"))
     assert report(results) == (RESULTS / "fusion" / folder / "results.md").read_text("utf-8")
@@ -187,9 +193,9 @@ def test_committed_fusion_reports_regenerate_from_their_results(folder):
 @pytest.mark.parametrize("name", ["en", "zh"])
 def test_committed_reproduction_claims_means_and_report_regenerate_from_their_scores(name):
     # The committed results.json holds every score; the claims (seed pairing and the claim rule), the means over
-    # seeds and the whole results.md must follow from them with the package's code.
-    from codiemb_st.experiments.reproduction import make_track
-    from codiemb_st.experiments.reproduction_study import claims, report, seed_means
+    # seeds and the whole results.md must follow from them with the study's code.
+    from studies.reproduction import make_track
+    from studies.reproduction_study import claims, report, seed_means
 
     summary = json.loads((RESULTS / name / "results.json").read_text("utf-8"))
 

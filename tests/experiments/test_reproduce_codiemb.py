@@ -458,7 +458,7 @@ def test_trained_fusion_study_keeps_checkpoints_and_reuses_the_old_scripts_runs(
     # first by the old script, then by the new one on the same folders: nothing is trained, merged or evaluated again.
     from legacy_studies import load_legacy_script
 
-    import codiemb_st.experiments.fusion as fusion_module
+    import studies.fusion as fusion_module
 
     _, model, files, data = tiny_setup
     old_fusion = load_legacy_script("fusion_study", tmp_path)

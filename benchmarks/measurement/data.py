@@ -5,7 +5,7 @@ The shared data is optional for the library; these readers raise a clear error n
 Example:
     ::
 
-        from codiemb_st.benchmarking.data import sample_columns
+        from measurement.data import sample_columns
 
         columns, scores = sample_columns("en_stsb", batch=64)  # two text columns and their gold scores
 """

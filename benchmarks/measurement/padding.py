@@ -3,7 +3,7 @@
 Example:
     ::
 
-        from codiemb_st.benchmarking.padding import padding_efficiency
+        from measurement.padding import padding_efficiency
 
         print(padding_efficiency(model_path, "en_snli", max_seq_length=128, batch=256, mini=32))
 """
@@ -12,10 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from codiemb_st.benchmarking.data import sample_columns
+from measurement.data import sample_columns
 
 if TYPE_CHECKING:
     import torch
+
+
+def fixed_ranges(rows: int, mini: int) -> list[tuple[int, int]]:
+    """``(begin, end)`` mini-batches of ``mini`` rows in order, as sentence-transformers' GradCache splits a column
+    when no token budget is set (its ``_minibatch_ranges``, private, is not imported here)."""
+    return [(begin, min(begin + mini, rows)) for begin in range(0, rows, mini)]
 
 
 def padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch: int, mini: int) -> dict:
@@ -24,7 +30,6 @@ def padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch
     or, when the column fits in one, the single pass's chunks)."""
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_st._compat import minibatch_ranges
     from codiemb_st.losses import length_order
 
     model = SentenceTransformer(model_path, device="cpu")
@@ -40,10 +45,10 @@ def padding_efficiency(model_path: str, dataset: str, max_seq_length: int, batch
         lengths = feature["attention_mask"].sum(1)
         real += int(lengths.sum())
         embedded["full"] += feature["attention_mask"].numel()
-        embedded["st_mini"] += trimmed(lengths, minibatch_ranges(feature, mini))
+        embedded["st_mini"] += trimmed(lengths, fixed_ranges(len(lengths), mini))
         sorted_feature, _ = length_order.sort_by_length(feature)
         sorted_lengths = sorted_feature["attention_mask"].sum(1)
-        ranges = minibatch_ranges(sorted_feature, mini)
+        ranges = fixed_ranges(len(sorted_lengths), mini)
         if len(ranges) == 1:
             ranges = length_order.column_chunks(sorted_feature)
         embedded["ours"] += trimmed(sorted_lengths, ranges)

@@ -1,7 +1,7 @@
 """Markdown tables of benchmark rows: rows, ratio cells and target verdicts.
 
 Example:
-    >>> from codiemb_st.benchmarking.tables import markdown_row, target_verdict
+    >>> from measurement.tables import markdown_row, target_verdict
     >>> markdown_row(["ours", "1.02x", target_verdict(1.02, 1.05)])
     '| ours | 1.02x | <= 1.05x: met |'
 """

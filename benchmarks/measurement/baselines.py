@@ -3,7 +3,7 @@
 Example:
     ::
 
-        from codiemb_st.benchmarking.baselines import official_sts_loss_loop
+        from measurement.baselines import official_sts_loss_loop
 
         loss = official_sts_loss_loop(scores, labels)  # the CoDiEmb STS loss as released, for timing comparisons
 """

@@ -3,7 +3,7 @@
 Example:
     ::
 
-        from codiemb_st.benchmarking.workers import run_worker
+        from measurement.workers import run_worker
 
         result = run_worker([sys.executable, __file__, "--worker", json.dumps(config)], name="memory")
 """

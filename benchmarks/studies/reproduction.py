@@ -1,10 +1,11 @@
 """The CoDiEmb reproduction's runs: tracks, run kinds, budgets, and one training/merge/evaluation step each.
 
 ``benchmarks/reproduce_codiemb.py`` declares the command line and calls :func:`run_track`
-(:mod:`codiemb_st.experiments.reproduction_study`); this module holds what one run, soup or evaluation is.
+(:mod:`studies.reproduction_study`); this module holds what one run, soup or evaluation is, on top of the library's
+generic layer (:mod:`codiemb_st.experiments`).
 
 Example:
-    >>> from codiemb_st.experiments.reproduction import RUNS, run_steps
+    >>> from studies.reproduction import RUNS, run_steps
     >>> run_steps("codiemb", "equal-updates", 75), run_steps("ir_only", "equal-updates", 75)
     (150, 75)
 """
@@ -19,8 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codiemb_st.experiments.store import cached_json, merge_once, record_fingerprint
-from codiemb_st.experiments.training import count_task_updates, finished_run, load_base, train_to_folder
+from codiemb_st.experiments import (
+    cached_json,
+    count_task_updates,
+    finished_run,
+    load_base,
+    merge_once,
+    record_fingerprint,
+    train_to_folder,
+)
 from codiemb_st.file_io import json_safe
 from codiemb_st.shared_data import find_shared_data
 
@@ -248,7 +256,7 @@ def train_run(run: str, seed: int, track: Track, base: str, data: TrainData, arg
         **dict(spec.sts_options),
     )
     if spec.ir_loss == "mnrl":
-        from codiemb_st._compat import MultipleNegativesRankingLoss
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
         mnrl = MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
         losses.update({name: mnrl for name in datasets.ir})

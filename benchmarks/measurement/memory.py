@@ -3,7 +3,7 @@
 Example:
     ::
 
-        from codiemb_st.benchmarking.memory import peak_since, reset_peak
+        from measurement.memory import peak_since, reset_peak
 
         baseline = reset_peak("cpu")
         step()

@@ -3,7 +3,7 @@
 Example:
     ::
 
-        from codiemb_st.benchmarking.timing import interleaved_medians
+        from measurement.timing import interleaved_medians
 
         medians = interleaved_medians({"baseline": (step_a, 1), "ours": (step_b, 1)}, rounds=5)
         print(f"{medians['ours'] / medians['baseline']:.2f}x")

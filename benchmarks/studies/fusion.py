@@ -1,11 +1,11 @@
 """The fusion study's declarations and steps: ingredient runs, checkpoint sets, the merge grid, and the study that
 holds them (trained here, or read from a reproduction's track folder).
 
-``benchmarks/fusion_study.py`` parses its command line and calls
-:func:`codiemb_st.experiments.fusion_study.run_study`.
+``benchmarks/fusion_study.py`` parses its command line and calls :func:`studies.fusion_study.run_study`; the runs,
+merges and cached evaluations go through the library's generic layer (:mod:`codiemb_st.experiments`).
 
 Example:
-    >>> from codiemb_st.experiments.fusion import GRID, SETS
+    >>> from studies.fusion import GRID, SETS
     >>> SETS["S2_tasks"]
     ['codiemb_s1', 'ir_only', 'sts_only']
 """
@@ -21,10 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from codiemb_st.evaluation.aggregates import aggregate_main_scores
-from codiemb_st.experiments.errors import ExperimentError
-from codiemb_st.experiments.held_out import FUSION_DEV_SEED, REPRODUCTION_DEV_SEED, hold_out, write_dev_tasks
-from codiemb_st.experiments.store import CachedEvaluator, merge_once, record_fingerprint
-from codiemb_st.experiments.training import finished_run, load_base, train_to_folder
+from codiemb_st.experiments import (
+    DEFAULT_DEV_SEED,
+    CachedEvaluator,
+    ExperimentError,
+    finished_run,
+    hold_out,
+    load_base,
+    merge_once,
+    record_fingerprint,
+    train_to_folder,
+    write_dev_tasks,
+)
 from codiemb_st.shared_data import find_shared_data
 
 SHARED_DATA = find_shared_data() or Path("shared/data")
@@ -32,6 +40,9 @@ TRAIN, EVAL = SHARED_DATA / "train", SHARED_DATA / "eval"
 IR_FILES = [TRAIN / "en_scifact.jsonl.gz", TRAIN / "en_snli.jsonl.gz"]
 STS_FILES = [TRAIN / "en_stsb.jsonl.gz"]
 TEST_TASKS = ["STSBenchmark", "SciFact"]
+#: The trained study's hold-out seed; a study of a reproduction's runs holds out with the reproduction's
+#: (:data:`~codiemb_st.experiments.held_out.DEFAULT_DEV_SEED`).
+FUSION_DEV_SEED = "codiemb-fusion-dev-split"
 #: The ingredient runs: kind (which losses/data), seed, learning rate (multiplies --lr), checkpoint fractions kept.
 RUNS: dict[str, dict[str, Any]] = {
     "codiemb_s1": {"kind": "codiemb", "seed": 1, "lr": 1.0, "keep": (1 / 3, 2 / 3)},
@@ -318,8 +329,8 @@ def study_from_reproduction(args, out: Path) -> Study:
     def train_records() -> dict[str, list[dict[str, Any]]]:
         """The reproduction's training records: its files minus its dev hold-out (same rule and sizes)."""
         track, config = summary["track_config"], summary["config"]
-        ir = hold_out(track["ir_files"], config["dev_ir_records"], REPRODUCTION_DEV_SEED)[0]
-        return ir | hold_out(track["sts_files"], config["dev_sts_pairs"], REPRODUCTION_DEV_SEED)[0]
+        ir = hold_out(track["ir_files"], config["dev_ir_records"], DEFAULT_DEV_SEED)[0]
+        return ir | hold_out(track["sts_files"], config["dev_sts_pairs"], DEFAULT_DEV_SEED)[0]
 
     return Study(
         summary["track"],

@@ -6,7 +6,7 @@ the script stays a declaration of what it measures.
 Example:
     ::
 
-        from codiemb_st.benchmarking.llm_embedder import synthetic_task_records, tiny_decoder_folder
+        from measurement.llm_embedder import synthetic_task_records, tiny_decoder_folder
 
         folder = tiny_decoder_folder(Path("/tmp/tiny_decoder"))  # Qwen2, left padding, last-token pooling
         ir_records, sts_pairs = synthetic_task_records(num_queries=64, num_pairs=64, seed=0)

@@ -3,7 +3,7 @@
 ``benchmarks/reproduce_codiemb.py`` parses its command line and calls :func:`run_track` per track.
 
 Example:
-    >>> from codiemb_st.experiments.reproduction_study import run_track  # doctest: +SKIP
+    >>> from studies.reproduction_study import run_track  # doctest: +SKIP
     >>> summary = run_track(make_track("en"), args, "python benchmarks/reproduce_codiemb.py")  # doctest: +SKIP
 """
 
@@ -19,20 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from codiemb_st.evaluation.seed_statistics import RULE, mean_std
-from codiemb_st.experiments.errors import ExperimentError
-from codiemb_st.experiments.held_out import hold_out, sample_sts_tasks, write_dev_tasks
-from codiemb_st.experiments.reproduction import (
-    E5_BUILDER,
-    RUNS,
-    Track,
-    TrainData,
-    evaluate,
-    merge_runs,
-    run_steps,
-    train_run,
-)
+from codiemb_st.experiments import ExperimentError, hold_out, sample_sts_tasks, write_dev_tasks
 from codiemb_st.experiments.seeds import IR, OVERALL, STS, cell, compare, per_seed
 from codiemb_st.file_io import write_json_atomic, write_text_atomic
+from studies.reproduction import E5_BUILDER, RUNS, Track, TrainData, evaluate, merge_runs, run_steps, train_run
 
 CLAIM_MARGIN = 0.01  # claim 2 ("approaches the specialists"): within 1 point (scores are fractions)
 

@@ -3,7 +3,7 @@
 ``benchmarks/fusion_study.py`` parses its command line and calls :func:`run_study`.
 
 Example:
-    >>> from codiemb_st.experiments.fusion_study import run_study  # doctest: +SKIP
+    >>> from studies.fusion_study import run_study  # doctest: +SKIP
     >>> run_study(build_parser().parse_args(["--output-dir", "runs/fusion"]))  # doctest: +SKIP
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from codiemb_st.evaluation.seed_statistics import RULE
-from codiemb_st.experiments.errors import ExperimentError
-from codiemb_st.experiments.fusion import GRID, SETS, make_method, merge, study_from_reproduction, study_from_training
-from codiemb_st.experiments.seeds import IR, OVERALL, STS, paired_record
+from codiemb_st.experiments import ExperimentError, paired_record
+from codiemb_st.experiments.seeds import IR, OVERALL, STS
 from codiemb_st.file_io import json_safe, write_json_atomic, write_text_atomic
+from studies.fusion import GRID, SETS, make_method, merge, study_from_reproduction, study_from_training
 
 
 def run_grid(args) -> list[tuple[str, str, str, dict[str, Any]]]:

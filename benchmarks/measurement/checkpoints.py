@@ -3,7 +3,7 @@
 Example:
     ::
 
-        from codiemb_st.benchmarking.checkpoints import build_checkpoints
+        from measurement.checkpoints import build_checkpoints
 
         build_checkpoints(workdir, num_checkpoints=3, size="minilm")  # workdir/base, workdir/ckpt0..2
 """
