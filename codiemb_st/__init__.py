@@ -15,7 +15,7 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "dataset_from_records": "codiemb_st.data",
     "ir_dataset_from_records": "codiemb_st.data",
-    "read_records": "codiemb_st.data",
+    "read_records": "codiemb_st.record_formats",
     "sts_dataset_from_records": "codiemb_st.data",
     "MTEBEvaluator": "codiemb_st.evaluation",
     "LossColumnCheck": "codiemb_st.losses",
@@ -35,12 +35,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from codiemb_st.data import (
-        dataset_from_records,
-        ir_dataset_from_records,
-        read_records,
-        sts_dataset_from_records,
-    )
+    from codiemb_st.data import dataset_from_records, ir_dataset_from_records, sts_dataset_from_records
     from codiemb_st.evaluation import MTEBEvaluator
     from codiemb_st.losses import LossColumnCheck, MultiPositiveCachedInfoNCELoss, PearsonSpearmanLoss
     from codiemb_st.merging import (
@@ -55,6 +50,7 @@ if TYPE_CHECKING:
         MultiSLERP,
         TaskArithmetic,
     )
+    from codiemb_st.record_formats import read_records
     from codiemb_st.sampling import RoundRobinTaskBatchSampler
 
 

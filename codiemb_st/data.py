@@ -1,8 +1,7 @@
 """Training records -> sentence-transformers column datasets (the converters).
 
 The record formats (``unified``, ``flagembedding``, ``sentence-transformers``), their detection and readers live in
-:mod:`codiemb_st.record_formats` (re-exported here, so ``from codiemb_st.data import read_ir_records`` keeps
-working). sentence-transformers cannot batch variable-length list columns, so an IR record becomes fixed columns
+:mod:`codiemb_st.record_formats`. sentence-transformers cannot batch variable-length list columns, so an IR record becomes fixed columns
 ``anchor, positive_1..positive_P, negative_1..negative_N``: a record with more texts than needed contributes a random
 subset, one with fewer is completed by resampling its own texts with replacement (the official code does the same).
 """
@@ -17,14 +16,10 @@ from typing import Any, Literal
 from datasets import Dataset
 
 from codiemb_st._record_fields import TASK_TYPES, describe_source
-from codiemb_st.record_formats import (  # noqa: F401 (the formats are re-exported from here)
-    FORMATS,
-    SCORE_FIELDS,
-    SYMMETRIC_TYPES,
+from codiemb_st.record_formats import (
     IRRecords,
     RecordSource,
     STSRecords,
-    detect_format,
     read_ir_records,
     read_records,
     read_sts_records,
@@ -355,20 +350,11 @@ def _draw(size: int, count: int, rng: random.Random, stats: _DrawStats) -> list[
 
 
 __all__ = [
-    "FORMATS",
-    "SCORE_FIELDS",
-    "IRRecords",
-    "RecordSource",
-    "STSRecords",
-    "detect_format",
     "MAX_DEFAULT_NEGATIVES",
-    "ir_columns",
-    "read_ir_records",
-    "read_sts_records",
-    "sts_columns",
     "dataset_from_records",
+    "ir_columns",
     "ir_dataset_from_records",
-    "read_records",
     "records_negative_count",
+    "sts_columns",
     "sts_dataset_from_records",
 ]

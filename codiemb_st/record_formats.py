@@ -259,7 +259,7 @@ def read_ir_records(source: RecordSource | IRRecords) -> IRRecords:
     Example:
         ::
 
-            from codiemb_st.data import read_ir_records
+            from codiemb_st.record_formats import read_ir_records
 
             records = read_ir_records("flag_train.jsonl")  # {"query", "pos", "neg"} records
             print(records.format, len(records.records))

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from codiemb_st.data import IRRecords, RecordSource, read_ir_records
+from codiemb_st.record_formats import IRRecords, RecordSource, read_ir_records
 from codiemb_st.validation import check_positive_int
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def score_records(
     """Add teacher scores to every positive and negative of IR records (replacing scores they had).
 
     Args:
-        source: IR records in any format (see :func:`codiemb_st.data.read_ir_records`).
+        source: IR records in any format (see :func:`codiemb_st.record_formats.read_ir_records`).
         teacher: A ``CrossEncoder`` (scores: raw logits) or a ``SentenceTransformer`` (cosine similarities).
         batch_size: Pairs per teacher batch.
         chunk_size: Records scored between two progress saves.

@@ -12,16 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from codiemb_st.data import (
-    SCORE_FIELDS,
-    RecordSource,
-    ir_columns,
-    ir_dataset_from_records,
-    read_ir_records,
-    read_sts_records,
-    records_negative_count,
-    sts_columns,
-)
+from codiemb_st.data import ir_columns, ir_dataset_from_records, records_negative_count, sts_columns
+from codiemb_st.record_formats import SCORE_FIELDS, RecordSource, read_ir_records, read_sts_records
 from codiemb_st.validation import check_non_negative_int, check_positive_int
 
 if TYPE_CHECKING:
@@ -214,7 +206,7 @@ def load_ir_dataset(
     """IR records -> columns; when no record has hard negatives, the file is used with in-batch negatives only.
 
     Args:
-        source: A record file or records in any of the three formats (see :func:`codiemb_st.data.read_ir_records`);
+        source: A record file or records in any of the three formats (see :func:`codiemb_st.record_formats.read_ir_records`);
             record prompts are written in front of the queries (:func:`load_task_datasets` makes them the dataset's
             instruction instead).
         num_positives: P positive columns.

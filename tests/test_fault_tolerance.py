@@ -12,16 +12,15 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from evaluation_fixtures import tiny_eval_argv, write_tiny_tasks
+from kill_harness import kill_when_signalled
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from tiny_model import save_perturbed_tiny_model, save_tiny_model
@@ -166,29 +165,17 @@ def test_merge_killed_mid_write_leaves_inputs_and_no_output_and_the_next_run_cle
     base, checkpoints = merge_inputs
     before = _digest([base, *checkpoints])
     out, signal_file = tmp_path / "merged", tmp_path / "writing"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     argv = [sys.executable, "-c", _KILLED_MERGE, str(base), *map(str, checkpoints), str(out), str(signal_file)]
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while not signal_file.exists():
-            assert child.poll() is None, child.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the merge never started writing"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait(timeout=60)
-    assert child.returncode == -signal.SIGKILL
+    child_pid = kill_when_signalled(argv, signal_file, "started writing")
 
     assert _digest([base, *checkpoints]) == before  # inputs byte-identical
     assert not out.exists()  # nothing complete-looking at the output path
     (partial,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]  # the documented work folder
-    assert partial.name.startswith(f".merged.{child.pid}.")
+    assert partial.name.startswith(f".merged.{child_pid}.")
 
     with caplog.at_level(logging.WARNING, logger="codiemb_st.merging.streaming_merge"):
         DeltaSoup().merge_to_folder(checkpoints, out, base_model=base, show_progress_bar=False)
-    assert f"the unfinished work of a merge (process {child.pid}) that was killed" in caplog.text
+    assert f"the unfinished work of a merge (process {child_pid}) that was killed" in caplog.text
     assert not partial.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     reference = DeltaSoup().merge_to_folder(
         checkpoints, tmp_path / "reference", base_model=base, show_progress_bar=False
@@ -309,29 +296,26 @@ def mine_inputs(tmp_path, tiny_model_path) -> list[str]:
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"{_text(i, 6)}\n" for i in range(40)))
-    return [str(source), "--corpus", str(corpus), "--model", str(tiny_model_path), "--num-negatives", "2", "--no-margin"]
+    return [
+        str(source),
+        "--corpus",
+        str(corpus),
+        "--model",
+        str(tiny_model_path),
+        "--num-negatives",
+        "2",
+        "--no-margin",
+    ]
 
 
 def test_mine_killed_mid_write_leaves_no_output_and_a_rerun_completes(mine_inputs, tmp_path, capsys):
     out, signal_file = tmp_path / "mined" / "pairs_mined.jsonl", tmp_path / "writing"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     source, corpus, model = mine_inputs[0], mine_inputs[2], mine_inputs[4]
     argv = [sys.executable, "-c", _KILLED_MINE, source, corpus, model, str(out), str(signal_file)]
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while not signal_file.exists():
-            assert child.poll() is None, child.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "mining never started writing"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait(timeout=60)
-    assert child.returncode == -signal.SIGKILL
+    child_pid = kill_when_signalled(argv, signal_file, "started writing")
     assert not out.exists()  # the half-written file is the hidden temporary, never the output
     (stale,) = list(out.parent.glob(".pairs_mined.jsonl.*.tmp"))
-    assert stale.name.startswith(f".pairs_mined.jsonl.{child.pid}.")
+    assert stale.name.startswith(f".pairs_mined.jsonl.{child_pid}.")
 
     assert main(["mine", *mine_inputs, "--output", str(out)]) == 0  # the rerun completes and removes the leftover
     assert not stale.exists() and [p.name for p in out.parent.iterdir()] == ["pairs_mined.jsonl"]

@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset
 
 from codiemb_st import ir_dataset_from_records, sts_dataset_from_records
-from codiemb_st.data import read_ir_records, read_sts_records
+from codiemb_st.record_formats import read_ir_records, read_sts_records
 
 UNIFIED = [
     {"query": "q0", "positives": ["p0a", "p0b"], "negatives": ["n0"]},

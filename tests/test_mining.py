@@ -11,8 +11,8 @@ import torch
 from tiny_model import ENGLISH_SENTENCES
 
 from codiemb_st.cli import main
-from codiemb_st.data import read_ir_records
 from codiemb_st.mining import mine_hard_negatives, write_ir_records
+from codiemb_st.record_formats import read_ir_records
 
 # Each query has two positives; the corpus also holds upper-case and re-spaced copies of every sentence, which the
 # tiny model's (lower-casing) tokenizer turns into the same token ids: the loss would call them the same text.

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kill_harness import kill_when_signalled
 from tiny_model import ENGLISH_SENTENCES, build_tiny_model
 
 from codiemb_st.cli import main
@@ -151,20 +150,8 @@ def test_mine_killed_mid_encode_resumes_from_the_cache_with_the_same_output(tiny
     cache, out, signal_file = tmp_path / "cache", tmp_path / "mined.jsonl", tmp_path / "encoding"
     argv = [str(source), "--corpus", str(corpus), "--model", str(tiny_model_path), "--num-negatives", "2"]
     argv += ["--no-margin", "--cache-dir", str(cache), "--cache-shard-size", "4"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", _KILLED_ENCODE, "mine", *argv, "--output", str(out), str(signal_file)]
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while not signal_file.exists():
-            assert child.poll() is None, child.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "mining never started encoding"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait(timeout=60)
-    assert child.returncode == -signal.SIGKILL
+    kill_when_signalled(command, signal_file, "started encoding")
     assert not out.exists()
     written = sorted(cache.rglob("document-*.json"))
     assert len(written) == 3  # three complete shards (of 13), nothing half-written is counted
@@ -196,28 +183,11 @@ def test_mine_killed_mid_encode_resumes_from_the_cache_with_the_same_output(tiny
 @pytest.fixture(scope="module")
 def tiny_cross_encoder(tmp_path_factory):
     """A random tiny BERT cross-encoder (one score a pair), saved and loaded offline."""
-    import torch
     from sentence_transformers import CrossEncoder
-    from tiny_model import build_tokenizer
-    from transformers import BertConfig, BertForSequenceClassification
+    from tiny_model import save_tiny_cross_encoder
 
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    model = BertForSequenceClassification(config)
-    with torch.no_grad():
-        model.classifier.weight.mul_(50)  # spread the scores (a random head scores every pair about alike)
-    path = tmp_path_factory.mktemp("cross_encoder") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # A random head scores every pair about alike: spread the scores.
+    path = save_tiny_cross_encoder(tmp_path_factory.mktemp("cross_encoder") / "model", num_layers=2, head_scale=50)
     return CrossEncoder(str(path), device="cpu")
 
 

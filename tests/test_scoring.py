@@ -4,20 +4,17 @@ records a teacher score (cross-encoder logits or bi-encoder cosines), in the rec
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from kill_harness import kill_when_signalled
 from sentence_transformers import CrossEncoder, SentenceTransformer
 from tiny_model import ENGLISH_SENTENCES, save_tiny_cross_encoder
 
 from codiemb_st.cli import main
-from codiemb_st.data import read_ir_records
+from codiemb_st.record_formats import read_ir_records
 from codiemb_st.scoring import load_teacher, score_records, teacher_kind
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -144,19 +141,8 @@ def test_score_killed_part_way_continues_where_it_stopped(cross_encoder_path, tm
     source = tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in RECORDS))
     out, signal_file = tmp_path / "scored.jsonl", tmp_path / "stalled"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     argv = [sys.executable, "-c", _KILLED_SCORE, str(source), str(cross_encoder_path), str(out), str(signal_file)]
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while not signal_file.exists():
-            assert child.poll() is None, child.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "scoring never reached its third chunk"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait(timeout=60)
+    kill_when_signalled(argv, signal_file, "reached its third chunk")
     assert not out.exists()  # nothing half-written at the output
     progress = tmp_path / ".scored.jsonl.score-progress.jsonl"
     assert len(progress.read_text().splitlines()) == 1 + 6  # the header and the two finished chunks of 3 records

@@ -138,11 +138,14 @@ def save_perturbed_tiny_model(path: str | Path, perturbation_seed: int, scale: f
     return folder
 
 
-def save_tiny_cross_encoder(path: str | Path, seed: int = 0, as_cross_encoder: bool = True) -> Path:
+def save_tiny_cross_encoder(
+    path: str | Path, seed: int = 0, as_cross_encoder: bool = True, num_layers: int = 1, head_scale: float = 1.0
+) -> Path:
     """A random BERT sequence classifier (one label) with the tiny tokenizer: a cross-encoder teacher, offline.
 
     ``as_cross_encoder``: saved by sentence-transformers' ``CrossEncoder`` (its folder says "CrossEncoder"); else as
-    a plain transformers ``BertForSequenceClassification`` folder.
+    a plain transformers ``BertForSequenceClassification`` folder. ``head_scale`` multiplies the classifier's weights
+    (a random head scores every pair about alike).
     """
     from sentence_transformers import CrossEncoder
     from transformers import BertForSequenceClassification
@@ -152,14 +155,17 @@ def save_tiny_cross_encoder(path: str | Path, seed: int = 0, as_cross_encoder: b
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=128,
         num_labels=1,
     )
     path = Path(path)
-    BertForSequenceClassification(config).save_pretrained(path)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(head_scale)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if as_cross_encoder:
         CrossEncoder(str(path), device="cpu").save(str(path))

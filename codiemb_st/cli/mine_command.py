@@ -150,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, device: object) -> int:
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_st.data import read_ir_records
     from codiemb_st.mining import check_records_path, mine_hard_negatives, read_corpus, write_ir_records
     from codiemb_st.mining.distributed import RankContext
+    from codiemb_st.record_formats import read_ir_records
 
     if not args.input.is_file():
         raise UsageError(f"Input file {args.input} not found.")

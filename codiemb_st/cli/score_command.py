@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from codiemb_st.data import read_ir_records
     from codiemb_st.file_io import folder_fingerprint
     from codiemb_st.mining import check_records_path, write_ir_records
+    from codiemb_st.record_formats import read_ir_records
     from codiemb_st.scoring import load_teacher, score_records
 
     try:

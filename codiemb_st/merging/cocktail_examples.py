@@ -56,7 +56,8 @@ def load_example_sets(
         ValueError: A file is not in the records format (naming ``file:line``), or holds fewer than
             :data:`MIN_EXAMPLES` examples (or fewer than ``num_examples``), or STS pairs whose scores are all equal.
     """
-    from codiemb_st.data import dataset_from_records, read_ir_records, read_records
+    from codiemb_st.data import dataset_from_records
+    from codiemb_st.record_formats import read_ir_records, read_records
 
     sets = []
     for path in paths:
@@ -104,7 +105,7 @@ def _task_of(record: dict[str, Any], location: str) -> str:
     """The task of a file from its first record, by :func:`codiemb_st.data.dataset_from_records`'s rule (its
     ``task_type``, else ``sentence1``/``sentence2`` mean STS, else IR in any of the training formats; unified and
     FlagEmbedding STS records need ``task_type: "sts"``), with a clear error for a record of neither kind."""
-    from codiemb_st.data import detect_format
+    from codiemb_st.record_formats import detect_format
 
     task = record.get("task_type")
     if task in ("ir", "sts"):

@@ -44,7 +44,7 @@ def read_corpus(source: str | os.PathLike | Iterable[str]) -> list[str]:
     if path.name.endswith((".txt", ".txt.gz")):
         texts = _read_text_lines(path)
     else:
-        from codiemb_st.data import read_records  # here: datasets is slow to import
+        from codiemb_st.record_formats import read_records  # here: datasets is slow to import
 
         rows = read_jsonl(path) if path.name.endswith((".jsonl", ".jsonl.gz")) else read_records(path)
         texts = []

@@ -27,7 +27,7 @@ from codiemb_st.validation import check_choice, check_finite_float, check_int, c
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    from codiemb_st.data import IRRecords, RecordSource
+    from codiemb_st.record_formats import IRRecords, RecordSource
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def mine_hard_negatives(
     ranked by that score, and the margin and the window apply to it.
 
     Args:
-        source: IR records in any format (see :func:`codiemb_st.data.read_ir_records`).
+        source: IR records in any format (see :func:`codiemb_st.record_formats.read_ir_records`).
         model: Any SentenceTransformer (the base being trained or another). Queries are embedded with
             ``encode_query`` and the corpus with ``encode_document``, so the model's own ``query``/``document``
             prompts are used unless overridden.
@@ -200,7 +200,7 @@ def mine_hard_negatives(
         (and scores), and a :class:`MiningStats`.
 
     Raises:
-        ValueError: On bad records (see :func:`~codiemb_st.data.read_ir_records`), a corpus with fewer than
+        ValueError: On bad records (see :func:`~codiemb_st.record_formats.read_ir_records`), a corpus with fewer than
             ``num_negatives + 1`` texts, a window that cannot hold ``num_negatives``, a model that cannot embed,
             or several ranks without ``cache_dir``.
         TypeError: If ``model`` is not a SentenceTransformer, or ``cross_encoder`` not a CrossEncoder.
@@ -226,7 +226,7 @@ def mine_hard_negatives(
     from tqdm.auto import tqdm
 
     # Imported here: `codiemb-st --help` imports this package for its option choices, and datasets is slow to load.
-    from codiemb_st.data import read_ir_records
+    from codiemb_st.record_formats import read_ir_records
 
     if not isinstance(model, SentenceTransformer):
         raise TypeError(f"`model` must be a SentenceTransformer; got {type(model).__name__}.")

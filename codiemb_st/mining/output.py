@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from codiemb_st.file_io import write_atomic, write_jsonl
 
 if TYPE_CHECKING:
-    from codiemb_st.data import IRRecords
+    from codiemb_st.record_formats import IRRecords
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def record_scores(record: dict[str, Any], kind: str) -> list[float] | None:
     """A record's ``positive_scores`` (``kind="positive"``) or ``negative_scores``, checked against its texts.
 
     Args:
-        record: An IR record dict (:class:`~codiemb_st.data.IRRecords`).
+        record: An IR record dict (:class:`~codiemb_st.record_formats.IRRecords`).
         kind: ``"positive"`` or ``"negative"``.
 
     Returns:
@@ -60,7 +60,7 @@ def record_scores(record: dict[str, Any], kind: str) -> list[float] | None:
 
 
 def ir_records_as_rows(records: IRRecords) -> list[dict[str, Any]]:
-    """The records as rows of their own format (the inverse of :func:`~codiemb_st.data.read_ir_records`).
+    """The records as rows of their own format (the inverse of :func:`~codiemb_st.record_formats.read_ir_records`).
 
     Teacher scores (``positive_scores``/``negative_scores`` of a record) are written in the format's score fields
     (see the module docstring). sentence-transformers rows: one row per positive, ``anchor, positive,

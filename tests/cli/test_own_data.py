@@ -171,7 +171,7 @@ def test_record_and_corpus_encoding_problems_name_the_file(tmp_path, tiny_model_
 
     flag = tmp_path / "flag.jsonl"
     flag.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"], "type": "symetric_sts"}) + "\n")
-    from codiemb_st.data import read_ir_records
+    from codiemb_st.record_formats import read_ir_records
 
     with caplog.at_level(logging.WARNING, logger="codiemb_st.data"):
         read_ir_records(flag)
