@@ -6,9 +6,10 @@ several seeds; claims paired by seed under the project's rule. Variants (each a 
 benchmarks/reproduce_codiemb.py with ``--runs ir_only codiemb`` into its own folder):
 
 - ``plain``:      the official CoDiEmb IR loss (en_snli's own negative);
-- ``distill``:    + distillation from teacher scores (``distillation_weight``; scores of every positive and
-                  negative by ``--teacher``, written into a copy of en_snli with the same records in the same order,
-                  so the dev hold-out is the same);
+- ``distill``:    + distillation from teacher scores (``distillation_weight`` = ``--distill-weight``, 2500: the KL
+                  term is scaled by student_temperature^2 = 0.02^2; scores of every positive and negative by
+                  ``--teacher``, written into a copy of en_snli with the same records in the same order, so the dev
+                  hold-out is the same); ``distill_w1``: the same at weight 1 (the term vanishes: a finding);
 - ``guide``:      + guide-model false-negative masking (``--guide``, margin 0);
 - ``both``:       distillation and the guide;
 - ``directions``: query->doc + query->query + doc->doc (GTE's improved contrastive loss);
@@ -36,7 +37,7 @@ from codiemb_st.evaluation.seed_statistics import RULE, paired_comparison
 from codiemb_st.file_io import write_atomic, write_json_atomic, write_text_atomic
 from codiemb_st.shared_data import find_shared_data
 
-VARIANTS = ("plain", "distill", "guide", "both", "directions", "hardness", "st_baseline")
+VARIANTS = ("plain", "distill", "distill_w1", "guide", "both", "directions", "hardness", "st_baseline")
 TASKS = (
     ("SciFact", "SciFact (test, out of domain)"),
     ("STSBenchmark", "STSBenchmark (test)"),
@@ -80,12 +81,13 @@ def score_file(source: Path, target: Path, teacher_path: str, batch_size: int = 
 
 
 def variant_command(variant: str, args: argparse.Namespace, snli: Path, scored: Path, stsb: Path) -> list[str]:
-    distill = ["--ir-loss-option", "distillation_weight=1"]
+    distill = ["--ir-loss-option", f"distillation_weight={args.distill_weight}"]
     distill += ["--ir-loss-option", f"teacher_temperature={args.teacher_temperature}"]
     guide = ["--guide", str(args.guide)]
     ir_file, runs, extra = {
         "plain": (snli, ["ir_only", "codiemb"], []),
         "distill": (scored, ["ir_only", "codiemb"], distill),
+        "distill_w1": (scored, ["ir_only", "codiemb"], ["--ir-loss-option", "distillation_weight=1", *distill[2:]]),
         "guide": (snli, ["ir_only", "codiemb"], guide),
         "both": (scored, ["ir_only", "codiemb"], distill + guide),
         "directions": (
@@ -119,6 +121,14 @@ def main() -> None:
         type=float,
         default=0.02,
         help="teacher temperature (0.02: a bi-encoder's cosines on the student's scale; ~1 for cross-encoder logits)",
+    )
+    parser.add_argument(
+        "--distill-weight",
+        type=float,
+        default=2500.0,
+        help="distillation weight; the KL term is scaled by student_temperature^2 (DistillKLDivLoss' convention), "
+        "0.02^2 = 1/2500 at the loss's temperature, so 2500 gives it the weight of the InfoNCE term (1 made it "
+        "vanish: the distill_w1 results)",
     )
     parser.add_argument("--guide", default=None, help="guide model folder (a SentenceTransformer)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/teacher_study"))

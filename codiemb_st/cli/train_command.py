@@ -94,8 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--distill-weight",
         type=non_negative_float,
         default=0.0,
-        help="weight of KL(teacher || student) over each query's own candidates; needs teacher scores in the IR "
-        "records (codiemb-st score); 0 = off",
+        help="weight of KL(teacher || student) over each query's own candidates, which is scaled by "
+        "student_temperature^2 as in sentence-transformers' DistillKLDivLoss (0.02^2 = 1/2500 at the default "
+        "temperature: a weight near 1/student_temperature^2 balances it with InfoNCE); needs teacher scores in the "
+        "IR records (codiemb-st score); 0 = off",
     )
     teacher.add_argument(
         "--student-temperature",
