@@ -86,4 +86,4 @@ def test_the_teacher_page_example_runs_as_written(tmp_path, monkeypatch):
     assert all(len(row["positive_scores"]) == 1 and len(row["negative_scores"]) == 2 for row in rows)
     assert namespace["trainer"].state.global_step == 2
     (loss,) = set(namespace["losses"].values())
-    assert loss.get_config_dict()["distillation_weight"] == 1.0 and loss.guide is namespace["teacher"]
+    assert loss.get_config_dict()["distillation_weight"] == 2500.0 and loss.guide is namespace["teacher"]
