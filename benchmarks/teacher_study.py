@@ -42,6 +42,7 @@ TASKS = (
     ("SciFact", "SciFact (test, out of domain)"),
     ("STSBenchmark", "STSBenchmark (test)"),
     ("dev-ir", "dev-ir (en_snli held out, in domain)"),
+    ("dev-en_stsb", "dev-en_stsb (held out, in domain)"),
 )
 
 
