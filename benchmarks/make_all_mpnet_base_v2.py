@@ -11,8 +11,8 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import io
-import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -44,4 +44,6 @@ def build(out_parent: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1] if len(sys.argv) > 1 else "models")))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_parent", type=Path, nargs="?", default=Path("models"), help="folder to unpack into")
+    print(build(parser.parse_args().out_parent))
