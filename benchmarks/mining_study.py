@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codiemb_st.evaluation.seed_statistics import RULE, paired_comparison
+from codiemb_st.evaluation.seed_statistics import RULE, describe_task_comparison
 from codiemb_st.file_io import write_json_atomic, write_text_atomic
 from codiemb_st.shared_data import find_shared_data
 
@@ -157,24 +157,18 @@ def summarize(args: argparse.Namespace) -> None:
                 if task == "dev-ir" and "mined" in (a, b):
                     continue  # another dev set (see the note below the table)
                 if a in results and b in results:
-                    text = _compare(results[a].get(run, {}), results[b].get(run, {}), task)
+                    text = describe_task_comparison(results[a].get(run, {}), results[b].get(run, {}), task)
                     summary["comparisons"][f"{task}:{run}:{a}-{b}"] = text  # type: ignore[index]
                     lines.append(f"- {label}, {run}: {a} vs {b}: {text}")
         # The gap the issue asks about: CoDiEmb - IR-only, per variant (negative = CoDiEmb below IR-only).
         for variant in results:
-            gap = _compare(results[variant].get("codiemb", {}), results[variant].get("ir_only", {}), task)
+            gap = describe_task_comparison(
+                results[variant].get("codiemb", {}), results[variant].get("ir_only", {}), task
+            )
             summary["comparisons"][f"{task}:gap:{variant}"] = gap  # type: ignore[index]
             lines.append(f"- {label}: CoDiEmb - IR-only with {variant} negatives: {gap}")
     write_text_atomic(args.results_dir / "results.md", "\n".join(lines) + "\n")
     write_json_atomic(args.results_dir / "results.json", summary)
-
-
-def _compare(a: dict, b: dict, task: str) -> str:
-    left = {int(seed): scores[task] for seed, scores in a.items() if task in scores}
-    right = {int(seed): scores[task] for seed, scores in b.items() if task in scores}
-    if not set(left) & set(right):
-        return "no paired seeds"
-    return paired_comparison(left, right).describe()
 
 
 if __name__ == "__main__":

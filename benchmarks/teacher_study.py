@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codiemb_st.evaluation.seed_statistics import RULE, paired_comparison
+from codiemb_st.evaluation.seed_statistics import RULE, describe_task_comparison
 from codiemb_st.file_io import write_atomic, write_json_atomic, write_text_atomic
 from codiemb_st.shared_data import find_shared_data
 
@@ -168,14 +168,6 @@ def _scores(args: argparse.Namespace) -> dict[str, dict]:
     return results
 
 
-def _compare(a: dict, b: dict, task: str) -> str:
-    left = {int(seed): scores[task] for seed, scores in a.items() if task in scores}
-    right = {int(seed): scores[task] for seed, scores in b.items() if task in scores}
-    if not set(left) & set(right):
-        return "no paired seeds"
-    return paired_comparison(left, right).describe()
-
-
 def summarize(args: argparse.Namespace) -> None:
     results = _scores(args)
     lines = [
@@ -203,11 +195,13 @@ def summarize(args: argparse.Namespace) -> None:
             for variant in results:
                 if variant in ("plain", "st_baseline") or "plain" not in results:
                     continue
-                text = _compare(results[variant].get(run, {}), results["plain"].get(run, {}), task)
+                text = describe_task_comparison(results[variant].get(run, {}), results["plain"].get(run, {}), task)
                 summary["comparisons"][f"{task}:{run}:{variant}-plain"] = text  # type: ignore[index]
                 lines.append(f"- {label}, {run}: {variant} vs plain: {text}")
         if "st_baseline" in results and "plain" in results:
-            text = _compare(results["plain"].get("codiemb", {}), results["st_baseline"].get("st_baseline", {}), task)
+            text = describe_task_comparison(
+                results["plain"].get("codiemb", {}), results["st_baseline"].get("st_baseline", {}), task
+            )
             summary["comparisons"][f"{task}:codiemb-st_baseline"] = text  # type: ignore[index]
             lines.append(f"- {label}: CoDiEmb (plain) vs the sentence-transformers baseline: {text}")
     write_text_atomic(args.results_dir / "results.md", "\n".join(lines) + "\n")

@@ -96,4 +96,29 @@ def paired_comparison(a: Mapping[int, float], b: Mapping[int, float], *, margin:
     return PairedComparison(seeds, differences, mean, std, margin, verdict)
 
 
-__all__ = ["RULE", "PairedComparison", "mean_std", "paired_comparison"]
+def describe_task_comparison(
+    a: Mapping[str | int, Mapping[str, float]], b: Mapping[str | int, Mapping[str, float]], task: str
+) -> str:
+    """:func:`paired_comparison` of one task between two runs' per-seed score tables, described in one line.
+
+    Args:
+        a: ``{seed: {task: score}}`` of run a (seeds as JSON keys or ints), as a study's ``results.json`` keeps them.
+        b: The same for run b.
+        task: The task to compare.
+
+    Returns:
+        :meth:`PairedComparison.describe`, or ``"no paired seeds"`` when no seed has the task in both runs.
+
+    Example:
+        ::
+
+            describe_task_comparison({"42": {"SciFact": 0.76}}, {"42": {"SciFact": 0.75}}, "SciFact")
+    """
+    left = {int(seed): scores[task] for seed, scores in a.items() if task in scores}
+    right = {int(seed): scores[task] for seed, scores in b.items() if task in scores}
+    if not set(left) & set(right):
+        return "no paired seeds"
+    return paired_comparison(left, right).describe()
+
+
+__all__ = ["RULE", "PairedComparison", "describe_task_comparison", "mean_std", "paired_comparison"]

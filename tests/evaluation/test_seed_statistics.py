@@ -37,3 +37,12 @@ def test_pairing_uses_shared_seeds_only():
     with pytest.raises(ValueError, match="share no seed"):
         paired_comparison({1: 1.0}, {2: 1.0})
     assert "+1.25 ± 0.35 pts over 2 seed(s) -> holds" in result.describe(scale=1.0)
+
+
+def test_describe_task_comparison_pairs_per_seed_tables():
+    from codiemb_st.evaluation.seed_statistics import describe_task_comparison
+
+    a = {"42": {"SciFact": 0.80, "STS": 0.5}, "43": {"SciFact": 0.81}}
+    b = {"42": {"SciFact": 0.77}, "43": {"SciFact": 0.79}, "44": {"SciFact": 0.9}}
+    assert describe_task_comparison(a, b, "SciFact") == "+2.50 ± 0.71 pts over 2 seed(s) -> holds"
+    assert describe_task_comparison(a, b, "STS") == "no paired seeds"
