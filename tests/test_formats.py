@@ -142,14 +142,10 @@ def test_empty_and_unreadable_files(tmp_path):
 
 
 def test_docs_own_data_example_runs_as_written(tmp_path, monkeypatch):
-    import re
+    from docs_examples import run_docs_example
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "your-own-data.md").read_text(encoding="utf-8")
-    match = re.search(r"<!-- own-data-example -->\s*```python\n(.*?)```\s*<!-- /own-data-example -->", text, re.S)
-    assert match, "docs/your-own-data.md has no own-data-example block"
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(match.group(1), "docs/your-own-data.md example", "exec"), namespace)
+    namespace = run_docs_example("your-own-data.md", "own-data-example")
     rows = [json.loads(line) for line in (tmp_path / "pairs_mined.jsonl").read_text().splitlines()]
     assert all(set(row) == {"query", "pos", "neg", "prompt"} and len(row["neg"]) == 2 for row in rows)
     assert all(not set(row["neg"]) & set(row["pos"]) for row in rows)

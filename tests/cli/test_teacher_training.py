@@ -74,14 +74,10 @@ def test_per_dataset_distillation_and_missing_scores_named(tmp_path, tiny_model_
 
 
 def test_the_teacher_page_example_runs_as_written(tmp_path, monkeypatch):
-    import re
+    from docs_examples import run_docs_example
 
-    text = (Path(__file__).resolve().parents[2] / "docs" / "teacher.md").read_text(encoding="utf-8")
-    match = re.search(r"<!-- teacher-example -->\s*```python\n(.*?)```\s*<!-- /teacher-example -->", text, re.S)
-    assert match, "docs/teacher.md has no teacher-example block"
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(match.group(1), "docs/teacher.md example", "exec"), namespace)
+    namespace = run_docs_example("teacher.md", "teacher-example")
     rows = [json.loads(line) for line in (tmp_path / "pairs_scored.jsonl").read_text().splitlines()]
     assert all(len(row["positive_scores"]) == 1 and len(row["negative_scores"]) == 2 for row in rows)
     assert namespace["trainer"].state.global_step == 2
